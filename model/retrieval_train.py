@@ -1,0 +1,181 @@
+"""Training of the retrieval towers: next-item prediction with full softmax.
+
+The item tower produces the vector of every catalogue item each step; the
+user tower reads the vectors of the items seen so far; the logits are the dot
+products with every item vector (input and output item vectors are the same
+tower, i.e. tied). The loss is cross-entropy at every position of every
+training sequence (items[:-2] of each user), early stopping watches NDCG@10 on
+the validation item.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from model.data import LeaveOneOut, left_pad
+from model.metrics import exclude_history, ranking_metrics, target_ranks
+from model.towers import ItemTower, TowerConfig, UserTower
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """Optimisation hyperparameters of the retrieval towers."""
+
+    epochs: int = 300
+    minutes: float = 25.0
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    label_smoothing: float = 0.0
+    patience: int = 10
+    eval_every: int = 2
+    seed: int = 42
+    train_action: int = 4
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Per-item inputs of the item tower for every known item (row 0 = unknown).
+
+    attributes: (N+1, A) int64; text: (N+1, T) float32 or None; has_text: (N+1,) float32 or None
+    """
+
+    attributes: torch.Tensor
+    text: torch.Tensor | None = None
+    has_text: torch.Tensor | None = None
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, config: TowerConfig) -> None:
+        super().__init__()
+        self.item_tower = ItemTower(config)
+        self.user_tower = UserTower(config)
+
+    def catalogue_vectors(self, catalogue: Catalogue) -> torch.Tensor:
+        """(N+1, d) vectors of every known item."""
+        return self.item_tower.catalogue_vectors(catalogue.attributes, catalogue.text, catalogue.has_text)
+
+
+@dataclass
+class TrainingReport:
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    validation: dict[str, float]
+    history: list[dict[str, float]]
+
+
+def training_pairs(train_sequences: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded (inputs, next-item targets), both (U', max_len) int64, one row per user with >= 2 items."""
+    usable = [sequence for sequence in train_sequences if len(sequence) >= 2]
+    return left_pad([s[:-1] for s in usable], max_len), left_pad([s[1:] for s in usable], max_len)
+
+
+def _trim_padding(*batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the leading columns that are padding in every row (they cost time, change nothing)."""
+    used = (batches[0] > 0).any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else batches[0].shape[1] - 1
+    return tuple(batch[:, start:] for batch in batches)
+
+
+@torch.no_grad()
+def full_ranking_metrics(
+    model: RetrievalModel,
+    catalogue: Catalogue,
+    inputs: list[np.ndarray],
+    targets: np.ndarray,
+    max_len: int,
+    train_action: int,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """HR/NDCG@10/20 over all items with the history removed (torch twin of the served path)."""
+    model.eval()
+    vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
+    ranks = []
+    for start in range(0, len(inputs), chunk):
+        histories = inputs[start : start + chunk]
+        items = torch.from_numpy(left_pad(histories, max_len))
+        actions = torch.where(items > 0, train_action, 0)
+        users = model.user_tower(vectors[items], actions)  # (b, d)
+        scores = (users @ vectors.T).numpy()  # (b, N+1)
+        exclude_history(scores, histories)
+        ranks.append(target_ranks(scores, targets[start : start + chunk]))
+    return ranking_metrics(np.concatenate(ranks))
+
+
+def train_retrieval(
+    config: TowerConfig,
+    settings: RetrievalSettings,
+    split: LeaveOneOut,
+    catalogue: Catalogue,
+    progress: bool = True,
+) -> tuple[RetrievalModel, TrainingReport]:
+    """Train both towers; returns the model at its best validation NDCG@10."""
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    model = RetrievalModel(config)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
+    )
+    inputs, targets = (torch.from_numpy(a) for a in training_pairs(split.train, config.max_sequence))
+    started = time.monotonic()
+    deadline = started + 60.0 * settings.minutes
+    best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    best_metrics: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    stale = 0
+    epoch = 0
+    bar = tqdm(range(1, settings.epochs + 1), desc="retrieval", disable=not progress, unit="epoch")
+    for epoch in bar:
+        model.train()
+        order = torch.from_numpy(rng.permutation(len(inputs)))
+        total_loss, total_rows = 0.0, 0
+        for start in range(0, len(order), settings.batch_size):
+            rows = order[start : start + settings.batch_size]
+            batch_inputs, batch_targets = _trim_padding(inputs[rows], targets[rows])
+            vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
+            actions = torch.where(batch_inputs > 0, settings.train_action, 0)
+            hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
+            mask = batch_targets > 0
+            logits = hidden[mask] @ vectors[1:].T  # (M, N): every real position vs every item
+            loss = nn.functional.cross_entropy(
+                logits, batch_targets[mask] - 1, label_smoothing=settings.label_smoothing
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * int(mask.sum())
+            total_rows += int(mask.sum())
+        record = {"epoch": float(epoch), "loss": total_loss / max(total_rows, 1)}
+        out_of_time = time.monotonic() > deadline
+        if epoch % settings.eval_every == 0 or out_of_time or epoch == settings.epochs:
+            metrics = full_ranking_metrics(
+                model, catalogue, split.train, split.valid, config.max_sequence, settings.train_action
+            )
+            record.update({f"valid_{k}": v for k, v in metrics.items()})
+            if metrics["ndcg@10"] > best_score:
+                best_score, best_epoch, best_metrics = metrics["ndcg@10"], epoch, metrics
+                best_state = copy.deepcopy(model.state_dict())
+                stale = 0
+            else:
+                stale += 1
+            bar.set_postfix(loss=f"{record['loss']:.3f}", hr10=f"{metrics['hr@10']:.4f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
+        history.append(record)
+        if out_of_time or stale >= settings.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    report = TrainingReport(
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        seconds=time.monotonic() - started,
+        validation=best_metrics,
+        history=history,
+    )
+    return model, report

@@ -1,0 +1,121 @@
+"""What every agent does around its own logic: batch, decode, dead-letter, retry.
+
+An agent supplies a schema and an ``apply`` function over decoded events. This
+module turns a batch of raw Kafka messages into decoded events and dead letters,
+publishes the dead letters (with the raw bytes and the reason), and applies the
+rest. Store outages are retried with backoff without acknowledging the batch,
+so nothing accepted is lost; an unexpected error on a batch is narrowed down by
+applying its events one at a time, and only the event that still fails is
+dead-lettered with the error.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import faust
+from pydantic import BaseModel
+
+from stream.errors import DecodeError, StoreUnavailableError
+from stream.events import DeadLetter, decode
+from stream.services import Services
+from stream.topics import Topics
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Received(Generic[E]):
+    event: E
+    topic: str
+    partition: int
+    offset: int
+
+
+# apply(received) -> list of (index into received, error) that could not be applied
+ApplyFn = Callable[[list[Received[E]]], Awaitable[list[tuple[int, DecodeError]]]]
+
+
+class DeadLetters:
+    def __init__(self, services: Services, topics: Topics) -> None:
+        self._services = services
+        self._topic = topics.deadletter
+
+    async def send(self, message: faust.types.Message | None, raw: bytes | None, error: DecodeError,
+                   *, topic: str, key: bytes | None = None) -> None:
+        letter = DeadLetter.of(
+            raw,
+            error,
+            topic=topic,
+            partition=message.partition if message else None,
+            offset=message.offset if message else None,
+            key=key if key is not None else (message.key if message else None),
+        )
+        # Waiting for the broker's ack keeps "nothing accepted is lost" true:
+        # the source offset is committed only after this returns.
+        await self._topic.send(key=key or (message.key if message else None), value=letter.to_bytes())
+        self._services.metrics.dead_letters.labels(topic, error.reason).inc()
+
+
+async def process_batch(
+    services: Services,
+    dead_letters: DeadLetters,
+    events: Sequence[faust.EventT],
+    schema: type[E],
+    apply: ApplyFn[E],
+    *,
+    topic_label: str,
+) -> None:
+    settings = services.settings
+    received: list[Received[E]] = []
+    messages = []
+    for event in events:
+        message = event.message
+        try:
+            decoded = decode(schema, message.value, max_bytes=settings.max_event_bytes)
+        except DecodeError as error:
+            await dead_letters.send(message, message.value, error, topic=message.topic)
+            continue
+        received.append(Received(decoded, message.topic, message.partition, message.offset))
+        messages.append(message)
+    services.metrics.batch_size.labels(topic_label).observe(len(events))
+    if not received:
+        return
+    failures = await _apply_with_retry(apply, received)
+    failed = {index for index, _ in failures}
+    for index, error in failures:
+        message = messages[index]
+        await dead_letters.send(message, message.value, error, topic=message.topic)
+    services.metrics.events_processed.labels(topic_label).inc(len(received) - len(failed))
+
+
+async def _apply_with_retry(apply: ApplyFn[E], received: list[Received[E]]) -> list[tuple[int, DecodeError]]:
+    delay = 0.1
+    while True:
+        try:
+            return await apply(received)
+        except StoreUnavailableError as exc:
+            log.warning("store unavailable (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        except Exception:
+            if len(received) == 1:
+                log.exception("event could not be applied; dead-lettering it")
+                return [(0, DecodeError("processing_error", _describe_current_exception()))]
+            log.exception("batch failed; applying its %d events one by one", len(received))
+            failures: list[tuple[int, DecodeError]] = []
+            for index, one in enumerate(received):
+                for _, error in await _apply_with_retry(apply, [one]):
+                    failures.append((index, error))
+            return failures
+
+
+def _describe_current_exception() -> str:
+    import sys
+
+    exc = sys.exc_info()[1]
+    return f"{type(exc).__name__}: {exc}"[:2000]

@@ -1,0 +1,49 @@
+"""events.images -> catalogue photos update item vectors; visual searches are answered."""
+from __future__ import annotations
+
+import asyncio
+
+import faust
+
+from stream.agents.base import DeadLetters, Received, process_batch
+from stream.catalog import apply_catalog_photos, embed_query_image
+from stream.errors import DecodeError
+from stream.events import ImageEvent, RecRequest
+from stream.recommend import recommend
+from stream.services import Services
+from stream.topics import Topics
+
+
+def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> None:
+    settings = services.settings
+
+    async def apply(received: list[Received[ImageEvent]]) -> list[tuple[int, DecodeError]]:
+        photos = [i for i, r in enumerate(received) if r.event.purpose == "catalog_photo"]
+        failures: list[tuple[int, DecodeError]] = []
+        if photos:
+            async with services.write_lock:
+                rejected = await asyncio.to_thread(
+                    apply_catalog_photos, services, [received[i].event for i in photos]
+                )
+            failures += [(photos[r.index], r.error) for r in rejected]
+        for i, r in enumerate(received):
+            event = r.event
+            if event.purpose != "visual_search":
+                continue
+            try:
+                vector = await asyncio.to_thread(embed_query_image, services, event.image)
+            except DecodeError as error:
+                failures.append((i, error))
+                continue
+            request = RecRequest(
+                request_id=event.event_id, user_id=event.user_id or "", k=min(event.k or settings.default_k, settings.max_k),
+                event_time=event.event_time,
+            )
+            response = await asyncio.to_thread(recommend, services, request, path="kafka", image_vector=vector)
+            await topics.responses.send(key=request.user_id.encode(), value=response.to_bytes())
+        return failures
+
+    @app.agent(topics.images, name=f"{settings.app_id}.images")
+    async def image_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(max(1, settings.batch_size // 10), within=settings.batch_within_s):
+            await process_batch(services, dead_letters, events, ImageEvent, apply, topic_label="images")

@@ -1,0 +1,38 @@
+"""events.searches -> search intent in the user's sequence; answers searches that ask (k set)."""
+from __future__ import annotations
+
+import asyncio
+
+import faust
+
+from stream.agents.base import DeadLetters, Received, process_batch
+from stream.errors import DecodeError
+from stream.events import RecRequest, SearchEvent
+from stream.recommend import recommend
+from stream.services import Services
+from stream.topics import Topics
+from stream.users import Delivery, apply_interactions
+
+
+def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> None:
+    settings = services.settings
+
+    async def apply(received: list[Received[SearchEvent]]) -> list[tuple[int, DecodeError]]:
+        deliveries = [Delivery(r.event, r.topic, r.partition, r.offset) for r in received]
+        async with services.write_lock:
+            await asyncio.to_thread(apply_interactions, services, deliveries)
+        for r in received:
+            if r.event.k is None:
+                continue
+            request = RecRequest(
+                request_id=r.event.event_id, user_id=r.event.user_id,
+                k=min(r.event.k, settings.max_k), query=r.event.query, event_time=r.event.event_time,
+            )
+            response = await asyncio.to_thread(recommend, services, request, path="kafka")
+            await topics.responses.send(key=r.event.user_id.encode(), value=response.to_bytes())
+        return []
+
+    @app.agent(topics.searches, name=f"{settings.app_id}.searches")
+    async def search_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            await process_batch(services, dead_letters, events, SearchEvent, apply, topic_label="searches")

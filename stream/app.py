@@ -1,0 +1,105 @@
+"""Builds the Faust app of a worker: topics, agents, HTTP endpoint, health checks."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import faust
+from aiokafka.admin import AIOKafkaAdminClient
+
+from stream.agents import catalog, clicks, images, recommend, searches
+from stream.agents.base import DeadLetters
+from stream.http_api import HealthState, serve_http
+from stream.services import Services
+from stream.settings import Settings
+from stream.topics import Topics
+
+log = logging.getLogger(__name__)
+HEALTH_INTERVAL_S = 1.0
+
+
+def faust_options(settings: Settings) -> dict[str, object]:
+    options: dict[str, object] = dict(
+        broker=[f"kafka://{host}" for host in settings.bootstrap_list],
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1 if settings.embedded_broker else 3,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_commit_every=settings.batch_size,
+        broker_commit_interval=1.0,
+        producer_linger_ms=1,
+        web_enabled=False,
+        stream_wait_empty=True,
+    )
+    if settings.sasl_mechanism:
+        options["broker_credentials"] = faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=settings.kafka_client_options().get("ssl_context"),  # type: ignore[arg-type]
+        )
+    elif settings.security_protocol == "SSL":
+        options["broker_credentials"] = faust.SSLCredentials(
+            settings.kafka_client_options()["ssl_context"]  # type: ignore[arg-type]
+        )
+    return options
+
+
+def create_app(settings: Settings, services: Services) -> faust.App:
+    app = faust.App(settings.app_id, **faust_options(settings))
+    topics = Topics.declare(app, settings)
+    dead_letters = DeadLetters(services, topics)
+    for agent_module in (catalog, clicks, searches, images, recommend):
+        agent_module.attach(app, topics, services, dead_letters)
+    health = HealthState(services)
+
+    @app.task
+    async def start_http() -> None:
+        runner = await serve_http(services, health)
+        log.info("HTTP on http://%s:%d", settings.http_host, settings.http_port)
+        app.http_runner = runner  # type: ignore[attr-defined]
+
+    @app.timer(HEALTH_INTERVAL_S)
+    async def check_health() -> None:
+        ready = bool(app.consumer.assignment()) if app.consumer else False
+        await _check_health(settings, services, health, ready=ready)
+
+    @app.timer(HEALTH_INTERVAL_S)
+    async def lag_gauges() -> None:
+        # The embedded broker's end offsets are wrong (see docs), so lag is
+        # reported as unavailable (-1) there rather than as a wrong number.
+        if settings.embedded_broker:
+            for key in ("clicks", "searches", "images", "catalog", "requests"):
+                services.metrics.consumer_lag.labels(settings.topic(key)).set(-1)
+
+    return app
+
+
+async def _check_health(settings: Settings, services: Services, health: HealthState, *, ready: bool) -> None:
+    broker_ok = store_ok = False
+    details = []
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_list, request_timeout_ms=1500,
+        **settings.kafka_client_options(),
+    )
+    try:
+        await asyncio.wait_for(admin.start(), 3)
+        await asyncio.wait_for(admin.list_topics(), 3)
+        broker_ok = True
+    except Exception as exc:  # any failure means "not reachable" for health
+        details.append(f"broker: {type(exc).__name__}: {exc}")
+    finally:
+        try:
+            await admin.close()
+        except Exception:
+            pass
+    try:
+        await asyncio.to_thread(services.store.count, services.collections.items)
+        store_ok = True
+    except Exception as exc:
+        details.append(f"store: {type(exc).__name__}: {exc}")
+    health.update(broker_ok=broker_ok, store_ok=store_ok, ready=ready and broker_ok,
+                  detail="; ".join(details) or "ok")

@@ -1,0 +1,192 @@
+"""Catalogue writes: items and their photos become named vectors in the store.
+
+One batch of events costs one text-tower call, one image-tower call, one
+item-tower call and one store upsert, whatever its size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.serving import ItemContent
+from stream.errors import DecodeError
+from stream.events import CatalogItem, ImageEvent, ImageRef
+from stream.images import read_image_bytes
+from stream.services import Services
+from stream.store import Point
+
+
+@dataclass
+class Rejected:
+    """An accepted-by-schema event that still could not be applied."""
+
+    index: int
+    error: DecodeError
+
+
+def _load_images(services: Services, refs: list[ImageRef]) -> tuple[np.ndarray, list[DecodeError | None]]:
+    """Decode and embed images; (N, image_dim) with zero rows where one failed."""
+    settings = services.settings
+    pixels: list[np.ndarray] = []
+    errors: list[DecodeError | None] = []
+    for ref in refs:
+        try:
+            data = read_image_bytes(
+                ref,
+                image_root=settings.image_root,
+                allow_http=settings.image_allow_http,
+                max_bytes=settings.max_image_bytes,
+            )
+            pixels.append(services.image_encoder.decode_image(data, settings.max_image_pixels))
+            errors.append(None)
+        except DecodeError as exc:
+            errors.append(exc)
+    vectors = np.zeros((len(refs), services.model.image_dim), np.float32)
+    if pixels:
+        embedded = services.image_encoder.encode_pixels(np.stack(pixels))
+        rows = [i for i, e in enumerate(errors) if e is None]
+        vectors[rows] = embedded
+    return vectors, errors
+
+
+def apply_catalog(services: Services, items: list[CatalogItem]) -> list[Rejected]:
+    """Upsert or delete catalogue items in event order; return those rejected."""
+    # Within a batch the last event for an item wins, as it would one by one.
+    last: dict[str, int] = {item.item_id: i for i, item in enumerate(items)}
+    order = sorted(last.values())
+    deletions = [items[i].item_id for i in order if items[i].op == "delete"]
+    upsert_rows = [i for i in order if items[i].op == "upsert"]
+    rejected: list[Rejected] = []
+    store, collection = services.store, services.collections.items
+    if deletions:
+        store.delete(collection, deletions)
+        services.item_cache.drop(deletions)
+        for item_id in deletions:
+            services.trending.forget(item_id)
+    if not upsert_rows:
+        return rejected
+
+    upserts = [items[i] for i in upsert_rows]
+    image = np.zeros((len(upserts), services.model.image_dim), np.float32)
+    has_image = np.zeros(len(upserts), bool)
+    keep = np.ones(len(upserts), bool)
+    with_image = [n for n, item in enumerate(upserts) if item.image is not None]
+    if with_image:
+        vectors, errors = _load_images(services, [upserts[n].image for n in with_image])  # type: ignore[misc]
+        for n, vector, error in zip(with_image, vectors, errors):
+            if error is None:
+                image[n], has_image[n] = vector, True
+            else:
+                rejected.append(Rejected(upsert_rows[n], error))
+                keep[n] = False
+    # An upsert without a photo keeps the photo the item already has.
+    without = [n for n, item in enumerate(upserts) if item.image is None]
+    if without:
+        existing = store.retrieve(collection, [upserts[n].item_id for n in without], with_vectors=["image"])
+        for n in without:
+            hit = existing.get(upserts[n].item_id)
+            if hit is not None and "image" in hit.vectors:
+                image[n], has_image[n] = hit.vectors["image"], True
+    if not keep.any():
+        return rejected
+    upserts = [item for item, k in zip(upserts, keep) if k]
+    image, has_image = image[keep], has_image[keep]
+    texts = [item.text for item in upserts]
+    has_text = np.array([bool(t) for t in texts])
+    text = services.text_encoder.encode(texts)
+    text[~has_text] = 0.0
+    content = ItemContent(
+        item_ids=[item.item_id for item in upserts],
+        text=text,
+        image=image,
+        has_text=has_text,
+        has_image=has_image,
+        categories=[item.category for item in upserts],
+    )
+    fused = services.model.item_vectors(content)
+    points = []
+    for row, item in enumerate(upserts):
+        vectors = {"fused": fused[row]}
+        if has_text[row]:
+            vectors["text"] = text[row]
+        if has_image[row]:
+            vectors["image"] = image[row]
+        points.append(Point(item.item_id, vectors, item_payload(item, has_image=bool(has_image[row]))))
+    store.upsert(collection, points)
+    _remember(services, points)
+    return rejected
+
+
+def _remember(services: Services, points: list[Point]) -> None:
+    for point in points:
+        services.item_cache.put(point.id, point.vectors, point.payload)
+
+
+def item_payload(item: CatalogItem, *, has_image: bool) -> dict[str, object]:
+    return {
+        "title": item.title,
+        "category": item.category,
+        "price": item.price,
+        "attributes": dict(item.attributes),
+        "created_at": item.event_time,
+        "has_image": has_image,
+        "image_uri": item.image.image_uri if item.image else None,
+    }
+
+
+def apply_catalog_photos(services: Services, events: list[ImageEvent]) -> list[Rejected]:
+    """Set the photo of existing (or new, photo-only) items and refresh their fused vector."""
+    if not events:
+        return []
+    vectors, errors = _load_images(services, [e.image for e in events])
+    rejected = [Rejected(i, e) for i, e in enumerate(errors) if e is not None]
+    good = [i for i, e in enumerate(errors) if e is None]
+    if not good:
+        return rejected
+    # Last photo per item wins.
+    last = {events[i].item_id: i for i in good}
+    rows = sorted(last.values())
+    ids = [events[i].item_id for i in rows]  # type: ignore[misc]
+    store, collection = services.store, services.collections.items
+    existing = store.retrieve(collection, ids, with_vectors=["text"])  # type: ignore[arg-type]
+    text = np.zeros((len(rows), services.model.text_dim), np.float32)
+    has_text = np.zeros(len(rows), bool)
+    for n, item_id in enumerate(ids):
+        hit = existing.get(item_id)  # type: ignore[arg-type]
+        if hit is not None and "text" in hit.vectors:
+            text[n] = hit.vectors["text"]
+            has_text[n] = True
+    image = vectors[rows]
+    content = ItemContent(
+        item_ids=ids,  # type: ignore[arg-type]
+        text=text,
+        image=image,
+        has_text=has_text,
+        has_image=np.ones(len(rows), bool),
+        categories=[(existing[i].payload.get("category", "") if i in existing else "") for i in ids],  # type: ignore[index]
+    )
+    fused = services.model.item_vectors(content)
+    points = []
+    for n, item_id in enumerate(ids):
+        hit = existing.get(item_id)  # type: ignore[arg-type]
+        payload = dict(hit.payload) if hit else {"title": "", "category": "", "price": None,
+                                                  "attributes": {}, "created_at": events[rows[n]].event_time}
+        payload.pop("id", None)
+        payload["has_image"] = True
+        payload["image_uri"] = events[rows[n]].image.image_uri
+        named = {"fused": fused[n], "image": image[n]}
+        if has_text[n]:
+            named["text"] = text[n]
+        points.append(Point(item_id, named, payload))  # type: ignore[arg-type]
+    store.upsert(collection, points)
+    _remember(services, points)
+    return rejected
+
+
+def embed_query_image(services: Services, ref: ImageRef) -> np.ndarray:
+    """A visual-search photo -> its (image_dim,) vector; raises DecodeError if unusable."""
+    vectors, errors = _load_images(services, [ref])
+    if errors[0] is not None:
+        raise errors[0]
+    return vectors[0]

@@ -1,0 +1,127 @@
+"""The HTTP entry point: POST /recommend, GET /health, GET /metrics.
+
+Served by the worker process (the embedded vector store lives there), on
+``STREAMREC_HTTP_HOST:STREAMREC_HTTP_PORT``. Bodies are size-capped and
+validated with the same schema as ``rec.requests``, so both paths rank alike.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from stream.errors import DecodeError
+from stream.events import RecRequest, decode
+from stream.recommend import recommend
+from stream.services import Services
+
+
+def build_http_app(services: Services, health: "HealthState") -> web.Application:
+    settings = services.settings
+    app = web.Application(client_max_size=settings.http_max_body_bytes)
+
+    async def post_recommend(request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "oversize", f"body exceeds {settings.http_max_body_bytes} bytes")
+        try:
+            rec_request = decode(RecRequest, body, max_bytes=settings.http_max_body_bytes)
+        except DecodeError as exc:
+            services.metrics.requests_failed.labels("http").inc()
+            return _error(400, exc.reason, exc.detail)
+        image_vector = None
+        if rec_request.image is not None:
+            from stream.catalog import embed_query_image
+
+            try:
+                image_vector = await asyncio.to_thread(embed_query_image, services, rec_request.image)
+            except DecodeError as exc:
+                return _error(400, exc.reason, exc.detail)
+        response = await asyncio.to_thread(
+            recommend, services, rec_request, path="http", image_vector=image_vector
+        )
+        return web.Response(body=response.to_bytes(), content_type="application/json")
+
+    async def get_health(_: web.Request) -> web.Response:
+        status = health.snapshot()
+        return web.json_response(status, status=200 if status["healthy"] else 503)
+
+    async def get_metrics(_: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(services.metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+    async def get_user(request: web.Request) -> web.Response:
+        user_id = request.match_info["user_id"]
+        hits = await asyncio.to_thread(services.store.retrieve, services.collections.users, [user_id])
+        if user_id not in hits:
+            return _error(404, "unknown_user", f"no state for user {user_id!r}")
+        payload = hits[user_id].payload
+        return web.json_response({"user_id": user_id, "items": payload.get("items", []),
+                                  "actions": payload.get("actions", []),
+                                  "last_event_time": payload.get("last_event_time")})
+
+    async def get_item(request: web.Request) -> web.Response:
+        item_id = request.match_info["item_id"]
+        hits = await asyncio.to_thread(services.store.retrieve, services.collections.items, [item_id], ["fused", "text", "image"])
+        if item_id not in hits:
+            return _error(404, "unknown_item", f"no item {item_id!r}")
+        hit = hits[item_id]
+        return web.json_response({"item_id": item_id, "payload": hit.payload,
+                                  "vectors": sorted(hit.vectors)})
+
+    app.router.add_post("/recommend", post_recommend)
+    app.router.add_get("/users/{user_id}", get_user)
+    app.router.add_get("/items/{item_id}", get_item)
+    app.router.add_get("/health", get_health)
+    app.router.add_get("/metrics", get_metrics)
+    return app
+
+
+def _error(status: int, reason: str, detail: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps({"error": reason, "detail": detail}).encode(),
+        content_type="application/json",
+    )
+
+
+class HealthState:
+    """Whether the worker can reach its broker and store, as /health and a gauge report it."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self.broker_ok = False
+        self.store_ok = False
+        self.checked_at = 0.0
+        self.detail = "starting"
+        self.ready = False  # the agents hold their partitions
+
+    def update(self, *, broker_ok: bool, store_ok: bool, ready: bool, detail: str) -> None:
+        self.broker_ok, self.store_ok, self.ready, self.detail = broker_ok, store_ok, ready, detail
+        self.checked_at = time.time()
+        self._services.metrics.healthy.set(1 if broker_ok and store_ok else 0)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "healthy": self.broker_ok and self.store_ok,
+            "broker": self.broker_ok,
+            "store": self.store_ok,
+            "ready": self.ready,
+            "model_version": self._services.model.version,
+            "checked_at": self.checked_at,
+            "detail": self.detail,
+        }
+
+
+async def serve_http(services: Services, health: HealthState) -> web.AppRunner:
+    runner = web.AppRunner(build_http_app(services, health), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, services.settings.http_host, services.settings.http_port)
+    await site.start()
+    return runner

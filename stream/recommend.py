@@ -1,0 +1,194 @@
+"""Answering a recommendation request: retrieve, score, re-rank, explain.
+
+The same ``recommend`` serves the Kafka agent, the HTTP endpoint and search /
+visual-search events, so every path returns the same ranking for the same state.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.rerank import mmr
+from stream.events import RecommendedItem, RecRequest, RecResponse
+from stream.services import Services
+from stream.item_cache import CachedItem
+from stream.store import Hit, SearchFilter
+from stream.users import QUERY_PREFIX, UserState
+
+TRENDING_CANDIDATES = 50
+COLD_SCAN = 2000  # catalogue items looked at when there is no signal at all
+CANDIDATE_VECTORS = ["fused", "text", "image"]
+
+
+@dataclass
+class Candidate:
+    item_id: str
+    retrieval_score: float
+    source: str  # "personal", "query", "image" or "trending"
+    item: CachedItem | None = None
+
+
+def recommend(
+    services: Services,
+    request: RecRequest,
+    *,
+    path: str,
+    image_vector: np.ndarray | None = None,
+) -> RecResponse:
+    started = time.perf_counter()
+    settings, store, model = services.settings, services.store, services.model
+    users = store.retrieve(services.collections.users, [request.user_id], with_vectors=True)
+    hit = users.get(request.user_id)
+    state = UserState.from_payload(request.user_id, hit.payload) if hit else UserState(request.user_id)
+    user_vector = hit.vectors.get("user") if hit else None
+    seen = {e for e in state.items if not e.startswith(QUERY_PREFIX)}
+    excluded = tuple(seen | set(request.filters.exclude_ids))
+    flt = SearchFilter(
+        categories=tuple(request.filters.categories),
+        exclude_ids=excluded,
+        max_price=request.filters.max_price,
+    )
+    query_vector = text_query = None
+    if request.query:
+        text_query = services.text_encoder.encode([request.query])[0]  # type: ignore[union-attr]
+        query_vector = model.query_vectors(text_query[None, :])[0]
+
+    # --- retrieval ---------------------------------------------------------
+    t0 = time.perf_counter()
+    pool: dict[str, Candidate] = {}
+
+    def add(hits: list[Hit], source: str) -> None:
+        for h in hits:
+            if h.id not in pool or pool[h.id].retrieval_score < h.score:
+                pool[h.id] = Candidate(h.id, h.score, source)
+
+    limit = settings.candidates
+    items = services.collections.items
+    if text_query is not None:
+        add(store.search(items, "text", text_query, limit, flt), "query")
+    if image_vector is not None:
+        add(store.search(items, "image", image_vector, limit, flt), "image")
+    if user_vector is not None and text_query is None and image_vector is None:
+        add(store.search(items, "fused", user_vector, limit, flt), "personal")
+    now = time.time()
+    excluded_set = set(excluded)
+    for item_id, _ in services.trending.top_cached(TRENDING_CANDIDATES, now, exclude=excluded_set):
+        if item_id not in pool:
+            pool[item_id] = Candidate(item_id, 0.0, "trending")
+    if not pool:
+        # No signal at all (cold user, no query, nothing trending yet): offer
+        # catalogue items that pass the filters rather than an empty list.
+        for item_id in itertools.islice(store.scroll_ids(items), COLD_SCAN):
+            if item_id not in excluded_set:
+                pool[item_id] = Candidate(item_id, 0.0, "catalogue")
+    cached = services.item_cache.get_many(
+        list(pool), lambda missing: store.retrieve(items, missing, with_vectors=CANDIDATE_VECTORS)
+    )
+    candidates = []
+    for c in pool.values():
+        c.item = cached.get(c.item_id)
+        # Trending and catalogue items were not found by a filtered search: filter them here.
+        if c.item is not None and (c.source in ("personal", "query", "image") or _passes(c.item.payload, flt)):
+            candidates.append(c)
+    services.metrics.retrieval_latency.observe(time.perf_counter() - t0)
+    if not candidates:
+        return _response(services, request, [], started, path)
+
+    # --- scoring -------------------------------------------------------------
+    t1 = time.perf_counter()
+    fused = _matrix(candidates, "fused", model.fused_dim)
+    text = _matrix(candidates, "text", model.text_dim)
+    image = _matrix(candidates, "image", model.image_dim)
+    context = np.array(
+        [
+            [
+                math.log1p(services.trending.score(c.item_id, now)),
+                max(0.0, now - float(c.item.payload.get("created_at") or now)) / 86400.0,  # type: ignore[union-attr]
+                c.retrieval_score,
+            ]
+            for c in candidates
+        ],
+        np.float32,
+    )
+    personal = user_vector if user_vector is not None else (
+        query_vector if query_vector is not None else np.zeros(model.fused_dim, np.float32)
+    )
+    scores = model.score(personal, text_query, fused, text, image, context)
+    services.metrics.scoring_latency.observe(time.perf_counter() - t1)
+
+    # --- re-ranking and reasons ------------------------------------------------
+    k = min(request.k, settings.max_k, len(candidates))
+    order = mmr(scores.astype(np.float32), fused, k, settings.diversity)
+    explain = _Explainer(services, state)
+    chosen = [
+        RecommendedItem(
+            item_id=candidates[i].item_id,
+            score=round(float(scores[i]), 6),
+            reason=explain.reason(candidates[i], fused[i], text[i], image[i], text_query, request.query),
+            title=str(candidates[i].item.payload.get("title") or ""),  # type: ignore[union-attr]
+        )
+        for i in order
+    ]
+    return _response(services, request, chosen, started, path)
+
+
+def _passes(payload: dict, flt: SearchFilter) -> bool:
+    if flt.categories and payload.get("category") not in flt.categories:
+        return False
+    if flt.max_price is not None and (payload.get("price") or 0.0) > flt.max_price:
+        return False
+    return True
+
+
+def _matrix(candidates: list[Candidate], name: str, dim: int) -> np.ndarray:
+    out = np.zeros((len(candidates), dim), np.float32)
+    for row, c in enumerate(candidates):
+        vector = c.item.vectors.get(name)  # type: ignore[union-attr]
+        if vector is not None:
+            out[row] = vector
+    return out
+
+
+def _response(services: Services, request: RecRequest, items: list[RecommendedItem],
+              started: float, path: str) -> RecResponse:
+    elapsed = time.perf_counter() - started
+    services.metrics.request_latency.labels(path).observe(elapsed)
+    return RecResponse(
+        request_id=request.request_id,
+        user_id=request.user_id,
+        items=items,
+        model_version=services.model.version,
+        served_at=time.time(),
+        latency_ms=round(elapsed * 1000, 3),
+    )
+
+
+class _Explainer:
+    """Short reasons: the recent interaction an item is closest to, or its source."""
+
+    def __init__(self, services: Services, state: UserState) -> None:
+        recent = list(dict.fromkeys(e for e in reversed(state.items) if not e.startswith(QUERY_PREFIX)))[:10]
+        found = services.item_cache.get_many(
+            recent,
+            lambda missing: services.store.retrieve(services.collections.items, missing,
+                                                    with_vectors=CANDIDATE_VECTORS),
+        )
+        self._recent = [(found[e].payload.get("title") or e, found[e].vectors["fused"]) for e in recent
+                        if e in found and "fused" in found[e].vectors]
+
+    def reason(self, candidate: Candidate, fused: np.ndarray, text: np.ndarray, image: np.ndarray,
+               text_query: np.ndarray | None, query: str | None) -> str:
+        if candidate.source == "query" and query:
+            return f"matches your search '{query}'"
+        if candidate.source == "image":
+            return "looks like your photo"
+        if candidate.source == "catalogue":
+            return "from the catalogue (no activity yet to go on)"
+        if candidate.source == "trending" or not self._recent:
+            return "trending now"
+        title, closest = max(self._recent, key=lambda tv: float(tv[1] @ fused))
+        return f"because you viewed '{title}'"

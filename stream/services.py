@@ -1,0 +1,127 @@
+"""What a worker holds while it runs: store, encoders, model, metrics, trending.
+
+Built once per worker process by ``Services.open``; agents and HTTP views get
+it passed in, so there is no state in module globals.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from exporter.metrics import Metrics
+from model.serving import ServingModel
+from stream.errors import ModelLoadError
+from stream.settings import Settings
+from stream.store import CollectionSpec, VectorStore, open_store
+from stream.item_cache import ItemCache
+from stream.trending import Trending
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Collections:
+    items: str
+    users: str
+    queries: str
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: VectorStore
+    text_encoder: object  # model.content.TextEncoder
+    image_encoder: object  # model.content.ImageEncoder
+    model: ServingModel
+    metrics: Metrics
+    trending: Trending
+    collections: Collections
+    started_at: float = field(default_factory=time.time)
+    # Serialises writes to user and item state between agents (clicks and
+    # searches both update users; catalogue and photos both update items).
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    item_cache: ItemCache = field(default_factory=ItemCache)
+
+    @classmethod
+    def open(cls, settings: Settings, registry: CollectorRegistry | None = None) -> "Services":
+        from model.content import ImageEncoder, TextEncoder
+
+        towers_dir = prepare_towers(settings)
+        model = load_serving_model(settings)
+        store = open_store(
+            settings.store_backend,
+            data_dir=settings.store_path,
+            url=settings.qdrant_url,
+            api_key=settings.qdrant_api_key,
+            hnsw_ef=settings.hnsw_ef,
+        )
+        prefix = settings.collection_prefix
+        collections = Collections(
+            items=f"{prefix}items", users=f"{prefix}users", queries=f"{prefix}queries"
+        )
+        store.ensure_collection(
+            CollectionSpec(
+                collections.items,
+                {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
+            )
+        )
+        store.ensure_collection(CollectionSpec(collections.users, {"user": model.fused_dim}))
+        store.ensure_collection(CollectionSpec(collections.queries, {"fused": model.fused_dim}))
+        metrics = Metrics(registry or CollectorRegistry())
+        metrics.model_info.info({"version": model.version})
+        metrics.model_loaded_timestamp.set(time.time())
+        return cls(
+            settings=settings,
+            store=store,
+            text_encoder=TextEncoder.from_dir(towers_dir / "text"),
+            image_encoder=ImageEncoder.from_dir(towers_dir / "image"),
+            model=model,
+            metrics=metrics,
+            trending=Trending(settings.trending_half_life_s),
+            collections=collections,
+        )
+
+    def close(self) -> None:
+        self.store.flush()
+        self.store.close()
+
+
+def prepare_towers(settings: Settings, *, check: bool = False) -> Path:
+    """Export the frozen text and image towers to ONNX once; reuse afterwards.
+
+    Workers skip the check when both towers are exported (importing torch and
+    transformers takes seconds; checksums are verified on load anyway);
+    ``streamrec setup`` passes ``check=True`` to re-export when sources changed.
+    """
+    towers_dir = settings.models_path / "towers"
+    exported = all((towers_dir / name / f"{name}_tower.json").exists() for name in ("text", "image"))
+    if check or not exported:
+        from model.onnx_export import build_towers
+
+        build_towers(towers_dir, text_encoder_path=settings.text_encoder_path)
+    return towers_dir
+
+
+def load_serving_model(settings: Settings) -> ServingModel:
+    """The promoted trained model if the registry has one, else the rule model."""
+    from model.rule_model import RULE_VERSION, RuleModel, build_rule_scorer
+
+    current = settings.models_path / "current"
+    if current.exists():
+        from model.trained import TrainedModel
+
+        try:
+            return TrainedModel(current.resolve(), threads=settings.onnx_threads)
+        except ModelLoadError:
+            log.exception("the promoted model cannot be loaded; serving the rule model")
+    rule_dir = settings.models_path / "rule"
+    config = rule_dir / "config.json"
+    if not config.exists() or json.loads(config.read_text()).get("version") != RULE_VERSION:
+        build_rule_scorer(rule_dir)
+    return RuleModel(rule_dir, threads=settings.onnx_threads)

@@ -1,0 +1,324 @@
+"""The vector-store interface every backend implements, and the checks they share.
+
+A collection holds points keyed by a domain id (an item id, a user id). Each
+point carries any subset of the collection's named vectors and a JSON payload.
+All named vectors use cosine similarity: backends store them unit-normalised,
+so vectors read back have norm 1 and scores are cosine similarities.
+
+Qdrant only accepts integers or UUIDs as point ids, so a domain id is mapped to
+``uuid5(POINT_ID_NAMESPACE, id)`` and kept verbatim in the payload under the
+reserved key ``"id"``. Callers never see that key: it comes back as ``Hit.id``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from stream.errors import ConfigError
+
+# Fixed for the life of the data: changing it orphans every stored point.
+POINT_ID_NAMESPACE = uuid.UUID("7ac7671c-aad0-4a84-8726-9f083a8f9f68")
+
+# Payload key holding the domain id; reserved, so callers may not write it.
+ID_KEY = "id"
+CATEGORY_KEY = "category"
+PRICE_KEY = "price"
+
+# Collection names become directory names for the embedded backend.
+_COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """A collection's name and its named vectors (name -> dimension, cosine)."""
+
+    name: str
+    vectors: dict[str, int]
+
+    def __post_init__(self) -> None:
+        if not _COLLECTION_NAME.match(self.name):
+            raise ConfigError(
+                f"collection name {self.name!r} must be 1-64 letters, digits, '_' or '-'"
+            )
+        if not self.vectors:
+            raise ConfigError(f"collection {self.name!r} needs at least one named vector")
+        for vector_name, dim in self.vectors.items():
+            if not vector_name or not isinstance(dim, int) or dim < 1:
+                raise ConfigError(
+                    f"collection {self.name!r}: vector {vector_name!r} needs a non-empty "
+                    f"name and a positive integer dimension, got {dim!r}"
+                )
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point to write. A vector name left out means the point has no such vector."""
+
+    id: str
+    vectors: dict[str, np.ndarray]
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"point id must be a non-empty string, got {self.id!r}")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One point read back: a search result (score = cosine) or a retrieved record (score 0)."""
+
+    id: str
+    score: float
+    payload: dict[str, Any]
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Conditions a search result must meet; the default filter lets everything through."""
+
+    categories: tuple[str, ...] = ()  # payload "category" must be one of these (empty = any)
+    exclude_ids: tuple[str, ...] = ()  # domain ids to leave out
+    min_price: float | None = None  # payload "price" >= min_price
+    max_price: float | None = None  # payload "price" <= max_price
+
+    @property
+    def is_empty(self) -> bool:
+        return (
+            not self.categories
+            and not self.exclude_ids
+            and self.min_price is None
+            and self.max_price is None
+        )
+
+
+WithVectors = bool | Sequence[str]
+
+
+class VectorStore(ABC):
+    """A few verbs over named-vector collections; see the module docstring for the model.
+
+    Every collection must be opened with ``ensure_collection`` on this store
+    object before other calls name it; otherwise they raise ``ConfigError``.
+    Failures of the backend itself raise ``StoreUnavailableError``; bad
+    arguments (wrong dimension, unknown vector name, zero vector) ``ValueError``.
+    """
+
+    @abstractmethod
+    def ensure_collection(self, spec: CollectionSpec) -> None:
+        """Create the collection or open it; idempotent.
+
+        Raises ``ConfigError`` when it exists with other vector names or dimensions.
+        """
+
+    @abstractmethod
+    def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        """Write points as one batch; each fully replaces any stored point with its id.
+
+        Vectors and payload not given are gone afterwards (use ``update_payload``
+        to change payload only). Written points are searchable on return.
+        """
+
+    @abstractmethod
+    def update_payload(self, collection: str, point_id: str, payload: dict[str, Any]) -> None:
+        """Merge top-level keys into a point's payload; ``KeyError`` if the point is absent."""
+
+    @abstractmethod
+    def update_vectors(
+        self, collection: str, point_id: str, vectors: Mapping[str, np.ndarray]
+    ) -> None:
+        """Replace the named vectors given, keeping the point's other vectors and payload.
+
+        ``KeyError`` if the point is absent. This is how a late image embedding
+        joins an item without rewriting its text vector.
+        """
+
+    @abstractmethod
+    def delete(self, collection: str, ids: Sequence[str]) -> None:
+        """Remove points; ids that are not stored are ignored."""
+
+    @abstractmethod
+    def retrieve(
+        self, collection: str, ids: Sequence[str], with_vectors: WithVectors = False
+    ) -> dict[str, Hit]:
+        """Stored points by id (score 0); ids not stored are absent from the result."""
+
+    @abstractmethod
+    def search(
+        self,
+        collection: str,
+        vector_name: str,
+        vector: np.ndarray,
+        limit: int,
+        flt: SearchFilter | None = None,
+        with_vectors: WithVectors = False,
+        exact: bool = False,
+    ) -> list[Hit]:
+        """Nearest points by cosine on ``vector_name``, best first.
+
+        Only points that have that vector can be returned. ``exact`` skips the
+        ANN index and scores every candidate.
+        """
+
+    @abstractmethod
+    def search_batch(
+        self,
+        collection: str,
+        vector_name: str,
+        vectors: np.ndarray,
+        limit: int,
+        flt: SearchFilter | None = None,
+    ) -> list[list[Hit]]:
+        """``search`` for each row of ``vectors`` (Q, dim), as one request; Q lists back."""
+
+    @abstractmethod
+    def count(self, collection: str) -> int:
+        """Number of points stored (with or without any vector)."""
+
+    @abstractmethod
+    def scroll_ids(self, collection: str) -> Iterator[str]:
+        """Every stored domain id, in no particular order."""
+
+    @abstractmethod
+    def optimize(self, collection: str) -> None:
+        """Build the ANN index over what is stored; blocks until done."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every write so far durable."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the backend; the store is unusable afterwards."""
+
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def point_uuid(domain_id: str) -> uuid.UUID:
+    """The qdrant point id for a domain id (stable across processes and backends)."""
+    return uuid.uuid5(POINT_ID_NAMESPACE, domain_id)
+
+
+def check_vector(spec: CollectionSpec, vector_name: str, vector: Any) -> list[float]:
+    """A vector as a plain float list, after checking name, shape and values.
+
+    Zero and non-finite vectors are refused: cosine is undefined for them and
+    qdrant would store them silently, scoring 0 against everything.
+    """
+    dim = spec.vectors.get(vector_name)
+    if dim is None:
+        raise ValueError(
+            f"collection {spec.name!r} has no vector {vector_name!r}; "
+            f"it has {sorted(spec.vectors)}"
+        )
+    array = np.asarray(vector, dtype=np.float32)
+    if array.shape != (dim,):
+        raise ValueError(
+            f"vector {vector_name!r} of collection {spec.name!r} must have shape ({dim},), "
+            f"got {array.shape}"
+        )
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"vector {vector_name!r} of collection {spec.name!r} is not finite")
+    if not float(np.dot(array, array)) > 0.0:
+        raise ValueError(
+            f"vector {vector_name!r} of collection {spec.name!r} is all zeros; "
+            "leave the name out instead"
+        )
+    return array.tolist()
+
+
+def check_query_matrix(spec: CollectionSpec, vector_name: str, vectors: Any) -> list[list[float]]:
+    """Rows of a (Q, dim) query matrix as float lists, each checked like one vector."""
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ValueError(f"query vectors must be a (Q, dim) matrix, got shape {matrix.shape}")
+    return [check_vector(spec, vector_name, row) for row in matrix]
+
+
+def check_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a caller's payload; the reserved id key may not be written."""
+    if ID_KEY in payload:
+        raise ValueError(f"payload key {ID_KEY!r} is reserved for the point's domain id")
+    return dict(payload)
+
+
+def check_limit(limit: int) -> None:
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+
+
+def stored_payload(point: Point) -> dict[str, Any]:
+    """The payload as stored: the caller's keys plus the domain id."""
+    payload = check_payload(point.payload)
+    payload[ID_KEY] = point.id
+    return payload
+
+
+def wanted_vectors(spec: CollectionSpec, with_vectors: WithVectors) -> bool | list[str]:
+    """``with_vectors`` as a backend argument, after checking the names."""
+    if isinstance(with_vectors, bool):
+        return with_vectors
+    names = list(with_vectors)
+    unknown = [name for name in names if name not in spec.vectors]
+    if unknown:
+        raise ValueError(
+            f"collection {spec.name!r} has no vectors {unknown}; it has {sorted(spec.vectors)}"
+        )
+    return names
+
+
+def to_hit(
+    payload: Mapping[str, Any] | None,
+    score: float,
+    vectors: Mapping[str, Any] | None,
+) -> Hit:
+    """A Hit from a backend record: domain id out of the payload, vectors as float32 arrays."""
+    caller_payload = dict(payload or {})
+    domain_id = caller_payload.pop(ID_KEY, None)
+    if not isinstance(domain_id, str):
+        # Only points written through this interface are expected in a collection.
+        raise ValueError(f"stored point has no string {ID_KEY!r} in its payload: {payload!r}")
+    arrays = {
+        name: np.asarray(values, dtype=np.float32)
+        for name, values in (vectors or {}).items()
+        # Sparse or multi vectors never appear: specs only declare dense ones.
+        if values is not None
+    }
+    return Hit(id=domain_id, score=float(score), payload=caller_payload, vectors=arrays)
+
+
+def check_same_vectors(spec: CollectionSpec, stored: Mapping[str, int]) -> None:
+    """``ConfigError`` unless an existing collection has exactly the spec's vectors."""
+    if dict(stored) != spec.vectors:
+        raise ConfigError(
+            f"collection {spec.name!r} exists with vectors {dict(stored)}, not {spec.vectors}"
+        )
+
+
+def named_vectors(vector: Any) -> Mapping[str, Any] | None:
+    """A record's vectors when they came back as name -> values, else None (not asked)."""
+    return vector if isinstance(vector, dict) else None
+
+
+def check_price_bounds(flt: SearchFilter) -> None:
+    for bound in (flt.min_price, flt.max_price):
+        if bound is not None and not math.isfinite(bound):
+            raise ValueError(f"price bounds must be finite, got {bound!r}")

@@ -1,0 +1,175 @@
+"""User state: the recent-interaction sequence and the user vector, kept in the store.
+
+State lives in the ``users`` collection (vector = user vector, payload = the
+sequence plus what has been applied), not in Faust tables: recovering a table
+from its changelog depends on the broker's end offsets, which the embedded
+broker reports wrongly. The store is written before the consumer offset is
+committed, and every update is idempotent:
+
+* ``applied`` maps ``topic/partition`` to the last offset applied for this user;
+  a redelivered message (same or lower offset) is skipped, and
+* ``recent_ids`` holds the last event ids, so a producer that sends the same
+  event twice (new offset, same ``event_id``) is also applied once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.serving import ACTION_CODE
+from stream.events import ClickEvent, SearchEvent
+from stream.services import Services
+from stream.store import Point
+
+QUERY_PREFIX = "q:"  # sequence entries that are searches point into the queries collection
+ACTION_WEIGHT_FOR_TRENDING = {"view": 0.25, "click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An event with where it came from (for exactly-once application)."""
+
+    event: ClickEvent | SearchEvent
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass
+class UserState:
+    user_id: str
+    items: list[str] = field(default_factory=list)  # oldest first
+    actions: list[int] = field(default_factory=list)
+    applied: dict[str, int] = field(default_factory=dict)
+    recent_ids: list[str] = field(default_factory=list)
+    last_event_time: float = 0.0
+
+    @classmethod
+    def from_payload(cls, user_id: str, payload: dict[str, object]) -> "UserState":
+        return cls(
+            user_id=user_id,
+            items=list(payload.get("items", [])),  # type: ignore[arg-type]
+            actions=list(payload.get("actions", [])),  # type: ignore[arg-type]
+            applied=dict(payload.get("applied", {})),  # type: ignore[arg-type]
+            recent_ids=list(payload.get("recent_ids", [])),  # type: ignore[arg-type]
+            last_event_time=float(payload.get("last_event_time", 0.0)),  # type: ignore[arg-type]
+        )
+
+    def payload(self) -> dict[str, object]:
+        return {
+            "items": self.items,
+            "actions": self.actions,
+            "applied": self.applied,
+            "recent_ids": self.recent_ids,
+            "last_event_time": self.last_event_time,
+            "updated_at": time.time(),
+        }
+
+    def already_applied(self, delivery: Delivery) -> bool:
+        source = f"{delivery.topic}/{delivery.partition}"
+        return delivery.offset <= self.applied.get(source, -1) or delivery.event.event_id in self.recent_ids
+
+    def append(self, delivery: Delivery, entry: str, action: int, max_length: int, window: int) -> None:
+        self.items.append(entry)
+        self.actions.append(action)
+        del self.items[:-max_length], self.actions[:-max_length]
+        self.applied[f"{delivery.topic}/{delivery.partition}"] = delivery.offset
+        if window:
+            self.recent_ids.append(delivery.event.event_id)
+            del self.recent_ids[:-window]
+        self.last_event_time = max(self.last_event_time, delivery.event.event_time)
+
+
+def load_users(services: Services, user_ids: list[str]) -> dict[str, UserState]:
+    hits = services.store.retrieve(services.collections.users, user_ids)
+    return {
+        uid: UserState.from_payload(uid, hits[uid].payload) if uid in hits else UserState(uid)
+        for uid in user_ids
+    }
+
+
+def apply_interactions(services: Services, deliveries: list[Delivery]) -> int:
+    """Apply clicks and searches in order; recompute each touched user's vector once.
+
+    Returns the number of events applied (duplicates excluded).
+    """
+    settings = services.settings
+    user_ids = list(dict.fromkeys(d.event.user_id for d in deliveries))
+    states = load_users(services, user_ids)
+    searches = [d for d in deliveries if isinstance(d.event, SearchEvent)]
+    query_vectors = _store_queries(services, searches, states)
+    touched: set[str] = set()
+    applied = 0
+    now = time.time()
+    for delivery in deliveries:
+        state = states[delivery.event.user_id]
+        if state.already_applied(delivery):
+            kind = "clicks" if isinstance(delivery.event, ClickEvent) else "searches"
+            services.metrics.events_duplicate.labels(kind).inc()
+            continue
+        event = delivery.event
+        if isinstance(event, ClickEvent):
+            entry, action = event.item_id, ACTION_CODE[event.action]
+            services.trending.add(event.item_id, ACTION_WEIGHT_FOR_TRENDING[event.action], now)
+        else:
+            entry, action = QUERY_PREFIX + event.event_id, ACTION_CODE["search"]
+        state.append(delivery, entry, action, settings.user_sequence_length, settings.dedup_window)
+        touched.add(state.user_id)
+        applied += 1
+    if touched:
+        changed = [states[uid] for uid in user_ids if uid in touched]
+        vectors = user_vectors(services, changed, query_vectors)
+        services.store.upsert(
+            services.collections.users,
+            # A user whose interactions are all with items not yet in the
+            # catalogue has no vector yet (only the sequence) and is served as cold.
+            [Point(s.user_id, {"user": v} if np.any(v) else {}, s.payload())
+             for s, v in zip(changed, vectors)],
+        )
+        finished = time.time()
+        for state in changed:
+            services.metrics.freshness.observe(max(0.0, finished - state.last_event_time))
+    return applied
+
+
+def _store_queries(services: Services, searches: list[Delivery], states: dict[str, UserState]) -> dict[str, np.ndarray]:
+    """Embed new search queries once and keep their item-space vectors by entry id."""
+    fresh = [d for d in searches if not states[d.event.user_id].already_applied(d)]
+    if not fresh:
+        return {}
+    text = services.text_encoder.encode([d.event.query for d in fresh])  # type: ignore[union-attr]
+    vectors = services.model.query_vectors(text)
+    entries = {QUERY_PREFIX + d.event.event_id: v for d, v in zip(fresh, vectors)}
+    services.store.upsert(
+        services.collections.queries,
+        [Point(entry, {"fused": v}, {"query": d.event.query, "user_id": d.event.user_id})  # type: ignore[union-attr]
+         for (entry, v), d in zip(entries.items(), fresh)],
+    )
+    return entries
+
+
+def user_vectors(services: Services, states: list[UserState], known: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """One model call for all ``states``: (B, fused_dim)."""
+    model = services.model
+    length = min(model.max_sequence, services.settings.user_sequence_length)
+    entries = {e for s in states for e in s.items[-length:]}
+    vectors = dict(known or {})
+    item_ids = [e for e in entries if e not in vectors and not e.startswith(QUERY_PREFIX)]
+    query_ids = [e for e in entries if e not in vectors and e.startswith(QUERY_PREFIX)]
+    for collection, ids in ((services.collections.items, item_ids), (services.collections.queries, query_ids)):
+        if ids:
+            hits = services.store.retrieve(collection, ids, with_vectors=["fused"])
+            vectors.update({k: h.vectors["fused"] for k, h in hits.items() if "fused" in h.vectors})
+    sequences = np.zeros((len(states), length, model.fused_dim), np.float32)  # (B, L, d), left-padded
+    actions = np.zeros((len(states), length), np.int64)  # (B, L), 0 = padding
+    for b, state in enumerate(states):
+        recent = list(zip(state.items, state.actions))[-length:]
+        offset = length - len(recent)
+        for pos, (entry, action) in enumerate(recent):
+            vector = vectors.get(entry)
+            if vector is not None:  # an item not (yet) in the catalogue stays padding
+                sequences[b, offset + pos] = vector
+                actions[b, offset + pos] = action
+    return model.user_vectors(sequences, actions)
