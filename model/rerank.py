@@ -25,17 +25,17 @@ def mmr(relevance: np.ndarray, item_vectors: np.ndarray, k: int, trade_off: floa
     scaled = (relevance - relevance.min()) / spread if spread > 0 else np.zeros(n)
     norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
     unit = item_vectors / np.maximum(norms, 1e-12)
-    similarity = unit @ unit.T  # (N, N) cosine
 
+    # Similarities are computed one chosen row at a time: k matrix-vector
+    # products (k*N*d) instead of the full N x N matrix (N*N*d).
     chosen: list[int] = []
-    max_similarity = np.full(n, -np.inf)
+    max_similarity = np.zeros(n)
     available = np.ones(n, dtype=bool)
     for step in range(k):
-        redundancy = np.where(np.isfinite(max_similarity), max_similarity, 0.0) if step else np.zeros(n)
-        gain = trade_off * scaled - (1.0 - trade_off) * redundancy
-        gain[~available] = -np.inf
+        gain = trade_off * scaled - (1.0 - trade_off) * max_similarity if step else trade_off * scaled
+        gain = np.where(available, gain, -np.inf)
         best = int(np.argmax(gain))
         chosen.append(best)
         available[best] = False
-        max_similarity = np.maximum(max_similarity, similarity[best])
+        max_similarity = np.maximum(max_similarity, unit @ unit[best]) if step else unit @ unit[best]
     return np.asarray(chosen, dtype=np.int64)

@@ -37,16 +37,20 @@ class RetrievalSettings:
     eval_every: int = 2
     seed: int = 42
     train_action: int = 4
+    negatives: int = 0  # 0 = full softmax; else that many shared uniform negatives per step
 
 
 @dataclass(frozen=True)
 class Catalogue:
     """Per-item inputs of the item tower for every known item (row 0 = unknown).
 
-    attributes: (N+1, A) int64; text: (N+1, T) float32 or None; has_text: (N+1,) float32 or None
+    attributes: (N+1, A) int64; attribute_mixing: its sparse mean matrix
+    (``towers.attribute_mixing``); text: (N+1, T) float32 or None;
+    has_text: (N+1,) float32 or None
     """
 
     attributes: torch.Tensor
+    attribute_mixing: torch.Tensor
     text: torch.Tensor | None = None
     has_text: torch.Tensor | None = None
 
@@ -59,7 +63,7 @@ class RetrievalModel(nn.Module):
 
     def catalogue_vectors(self, catalogue: Catalogue) -> torch.Tensor:
         """(N+1, d) vectors of every known item."""
-        return self.item_tower.catalogue_vectors(catalogue.attributes, catalogue.text, catalogue.has_text)
+        return self.item_tower.catalogue_vectors(catalogue.attribute_mixing, catalogue.text, catalogue.has_text)
 
 
 @dataclass
@@ -75,6 +79,43 @@ def training_pairs(train_sequences: list[np.ndarray], max_len: int) -> tuple[np.
     """Left-padded (inputs, next-item targets), both (U', max_len) int64, one row per user with >= 2 items."""
     usable = [sequence for sequence in train_sequences if len(sequence) >= 2]
     return left_pad([s[:-1] for s in usable], max_len), left_pad([s[1:] for s in usable], max_len)
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random batches of users with similar sequence lengths.
+
+    Rows are shuffled, then sorted by length within windows of 50 batches, so a
+    batch rarely pads short sequences up to one long one; batch order is shuffled.
+    """
+    order = rng.permutation(len(lengths))
+    window = 50 * batch_size
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)  # type: ignore[arg-type]
+    return batches
+
+
+def next_item_loss(
+    hidden: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, settings: RetrievalSettings
+) -> torch.Tensor:
+    """Cross-entropy of the next item: hidden (M, d), targets (M,) in 1..N, vectors (N+1, d).
+
+    Full softmax over all N items, or over the target plus ``settings.negatives``
+    uniformly drawn items shared by the batch (a draw equal to the target is masked).
+    """
+    if settings.negatives <= 0:
+        logits = hidden @ vectors[1:].T  # (M, N)
+        return nn.functional.cross_entropy(logits, targets - 1, label_smoothing=settings.label_smoothing)
+    negatives = torch.randint(1, vectors.shape[0], (settings.negatives,))
+    positive = (hidden * vectors[targets]).sum(dim=-1, keepdim=True)  # (M, 1)
+    sampled = hidden @ vectors[negatives].T  # (M, K)
+    sampled = sampled.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), -1e9)
+    logits = torch.cat([positive, sampled], dim=1)
+    labels = torch.zeros(len(targets), dtype=torch.long)
+    return nn.functional.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
 
 
 def _trim_padding(*batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -124,6 +165,7 @@ def train_retrieval(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
     )
     inputs, targets = (torch.from_numpy(a) for a in training_pairs(split.train, config.max_sequence))
+    lengths = (inputs > 0).sum(dim=1).numpy()
     started = time.monotonic()
     deadline = started + 60.0 * settings.minutes
     best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
@@ -134,19 +176,14 @@ def train_retrieval(
     bar = tqdm(range(1, settings.epochs + 1), desc="retrieval", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
-        order = torch.from_numpy(rng.permutation(len(inputs)))
         total_loss, total_rows = 0.0, 0
-        for start in range(0, len(order), settings.batch_size):
-            rows = order[start : start + settings.batch_size]
-            batch_inputs, batch_targets = _trim_padding(inputs[rows], targets[rows])
+        for rows in length_bucketed_batches(lengths, settings.batch_size, rng):
+            batch_inputs, batch_targets = _trim_padding(inputs[torch.from_numpy(rows)], targets[torch.from_numpy(rows)])
             vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
             actions = torch.where(batch_inputs > 0, settings.train_action, 0)
             hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
             mask = batch_targets > 0
-            logits = hidden[mask] @ vectors[1:].T  # (M, N): every real position vs every item
-            loss = nn.functional.cross_entropy(
-                logits, batch_targets[mask] - 1, label_smoothing=settings.label_smoothing
-            )
+            loss = next_item_loss(hidden[mask], batch_targets[mask], vectors, settings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -86,19 +86,35 @@ class ItemTower(nn.Module):
 
     def catalogue_vectors(
         self,
-        attributes: torch.Tensor,
+        attribute_mixing: torch.Tensor,
         text: torch.Tensor | None = None,
         has_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Vectors of every known item (index 0..n_items), for training.
 
-        Same maths as ``forward`` for items without images (training data has
-        none); skipping the all-zero image matmul keeps each step cheap.
+        attribute_mixing: sparse (N+1, n_attributes+1), row i = mean weights of
+        item i's attributes (see ``attribute_mixing``). Same maths as
+        ``forward`` for items without images (training data has none); the
+        sparse product and skipping the all-zero image matmul keep steps cheap.
         """
-        vectors = self.item_embedding.weight + self.attribute_vectors(attributes)
+        vectors = self.item_embedding.weight + torch.sparse.mm(attribute_mixing, self.attribute_embedding.weight)
         if text is not None and has_text is not None:
             vectors = vectors + self.text_projection(text) * has_text.unsqueeze(-1)
         return vectors
+
+
+def attribute_mixing(attributes: torch.Tensor, n_attributes: int) -> torch.Tensor:
+    """Sparse (N, n_attributes+1) matrix whose product with the attribute table is the mean.
+
+    attributes: (N, A) int64, 0 = empty slot.
+    """
+    rows, slots = (attributes > 0).nonzero(as_tuple=True)
+    columns = attributes[rows, slots]
+    counts = (attributes > 0).sum(dim=1).clamp(min=1).to(torch.float32)
+    values = 1.0 / counts[rows]
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, columns]), values, (attributes.shape[0], n_attributes + 1), check_invariants=True
+    ).coalesce()
 
 
 class CausalSelfAttention(nn.Module):

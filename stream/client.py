@@ -52,6 +52,8 @@ class EventPublisher:
             bootstrap_servers=settings.bootstrap_list,
             linger_ms=linger_ms,
             max_batch_size=1 << 20,
+            # Room for big (e.g. image-carrying) events; the broker's own limit still applies.
+            max_request_size=32 << 20,
             **settings.kafka_client_options(),
         )
 

@@ -194,6 +194,8 @@ class DeadLetter(BaseModel):
     reason: str
     detail: str
     raw_b64: str
+    raw_size: int = 0
+    raw_truncated: bool = False
     dead_lettered_at: float
 
     @classmethod
@@ -206,7 +208,12 @@ class DeadLetter(BaseModel):
         partition: int | None = None,
         offset: int | None = None,
         key: bytes | None = None,
+        max_raw_bytes: int = 262_144,
     ) -> "DeadLetter":
+        raw = raw or b""
+        # An oversize message would not fit in the dead-letter topic whole:
+        # keep its head and say so.
+        kept = raw[:max_raw_bytes]
         return cls(
             source_topic=topic,
             partition=partition,
@@ -214,7 +221,9 @@ class DeadLetter(BaseModel):
             key_b64=base64.b64encode(key).decode() if key else None,
             reason=error.reason,
             detail=error.detail[:2000],
-            raw_b64=base64.b64encode(raw or b"").decode(),
+            raw_b64=base64.b64encode(kept).decode(),
+            raw_size=len(raw),
+            raw_truncated=len(kept) < len(raw),
             dead_lettered_at=time.time(),
         )
 

@@ -69,11 +69,11 @@ def recommend(
     limit = settings.candidates
     items = services.collections.items
     if text_query is not None:
-        add(store.search(items, "text", text_query, limit, flt), "query")
+        add(store.search(items, "text", text_query, limit, flt, with_payload=False), "query")
     if image_vector is not None:
-        add(store.search(items, "image", image_vector, limit, flt), "image")
+        add(store.search(items, "image", image_vector, limit, flt, with_payload=False), "image")
     if user_vector is not None and text_query is None and image_vector is None:
-        add(store.search(items, "fused", user_vector, limit, flt), "personal")
+        add(store.search(items, "fused", user_vector, limit, flt, with_payload=False), "personal")
     now = time.time()
     excluded_set = set(excluded)
     for item_id, _ in services.trending.top_cached(TRENDING_CANDIDATES, now, exclude=excluded_set):

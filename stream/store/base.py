@@ -162,11 +162,14 @@ class VectorStore(ABC):
         flt: SearchFilter | None = None,
         with_vectors: WithVectors = False,
         exact: bool = False,
+        with_payload: bool = True,
     ) -> list[Hit]:
         """Nearest points by cosine on ``vector_name``, best first.
 
         Only points that have that vector can be returned. ``exact`` skips the
-        ANN index and scores every candidate.
+        ANN index and scores every candidate. ``with_payload=False`` returns
+        ids and scores only (empty payloads): the cheap form for candidate
+        retrieval.
         """
 
     @abstractmethod

@@ -207,10 +207,11 @@ class EdgeStore(VectorStore):
         flt: SearchFilter | None = None,
         with_vectors: WithVectors = False,
         exact: bool = False,
+        with_payload: bool = True,
     ) -> list[Hit]:
         spec, shard = self._shard(collection)
         query = check_vector(spec, vector_name, vector)
-        request = self._request(spec, vector_name, query, limit, flt, with_vectors, exact)
+        request = self._request(spec, vector_name, query, limit, flt, with_vectors, exact, with_payload)
         points = _guard(f"search {collection!r}", lambda: shard.query(request))
         return [to_hit(p.payload, p.score, named_vectors(p.vector)) for p in points]
 
@@ -241,13 +242,14 @@ class EdgeStore(VectorStore):
         flt: SearchFilter | None,
         with_vectors: WithVectors,
         exact: bool,
+        with_payload: bool = True,
     ) -> qe.QueryRequest:
         check_limit(limit)
         return qe.QueryRequest(
             limit=limit,
             query=qe.Query.Nearest(query, using=vector_name),
             filter=_edge_filter(flt),
-            with_payload=True,
+            with_payload=True if with_payload else [ID_KEY],
             with_vector=wanted_vectors(spec, with_vectors),
             params=qe.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact),
         )

@@ -220,6 +220,7 @@ class RemoteStore(VectorStore):
         flt: SearchFilter | None = None,
         with_vectors: WithVectors = False,
         exact: bool = False,
+        with_payload: bool = True,
     ) -> list[Hit]:
         spec = self._spec(collection)
         query = check_vector(spec, vector_name, vector)
@@ -234,7 +235,7 @@ class RemoteStore(VectorStore):
                 using=vector_name,
                 limit=limit,
                 query_filter=query_filter,
-                with_payload=True,
+                with_payload=True if with_payload else [ID_KEY],
                 with_vectors=vectors,
                 search_params=self._search_params(exact),
             ),
