@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     # --- serving ----------------------------------------------------------
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
-    http_max_body_bytes: int = Field(65_536, ge=1024)
+    http_max_body_bytes: int = Field(
+        4_194_304, ge=1024, description="Largest accepted HTTP body (inline photos for visual search)."
+    )
     metrics_port: int = Field(9108, ge=0, le=65535)
     candidates: int = Field(500, ge=1, le=10_000)
     default_k: int = Field(10, ge=1, le=1000)

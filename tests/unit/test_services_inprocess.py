@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from model.content import ImageEncoder, TextEncoder
 from stream.catalog import apply_catalog
 from stream.events import CatalogItem, ClickEvent, ImageRef, RecRequest, RequestFilters, SearchEvent
 from stream.recommend import recommend
@@ -108,8 +109,32 @@ class World:
         return set(self.services.store.scroll_ids(self.services.collections.items))
 
 
+@pytest.fixture(scope="module")
+def shared_encoders() -> Iterator[None]:
+    """Load each exported tower once per module instead of once per test.
+
+    The encoders are stateless ONNX sessions, so every ``Services.open`` below
+    still gets the real objects; only the half-second load is shared.
+    """
+    loaded: dict[tuple[type, Path], object] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for encoder in (TextEncoder, ImageEncoder):
+            load = encoder.from_dir
+
+            def from_dir(model_dir: Path, *, load=load, encoder=encoder, **options: object) -> object:
+                key = (encoder, Path(model_dir).resolve())
+                if key not in loaded:
+                    loaded[key] = load(model_dir, **options)
+                return loaded[key]
+
+            patch.setattr(encoder, "from_dir", from_dir)
+        yield
+
+
 @pytest.fixture
-def world(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+def world(
+    models_dir: Path, shared_encoders: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[World]:
     for name in list(os.environ):
         if name.startswith("STREAMREC_"):
             monkeypatch.delenv(name)
