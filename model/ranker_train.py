@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.data import LeaveOneOut, left_pad
+from model.data import left_pad
 from model.metrics import exclude_history, ndcg, top_k
 from model.retrieval_train import Catalogue, RetrievalModel
 from model.serving import CONTEXT_FEATURES
@@ -114,33 +114,143 @@ def retrieve(
     )
 
 
-def _ranker_rows(
-    lists: CandidateLists, vectors: np.ndarray, negatives: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Positive + sampled hard negatives per user -> (user rows, items, context, labels, user index)."""
+@dataclass(frozen=True)
+class RankerInputs:
+    """Static per-item inputs of the ranker: vectors (N+1, d), text (N+1, T) or None."""
+
+    vectors: np.ndarray
+    text: np.ndarray | None
+    config: TowerConfig
+
+    def batch(
+        self, users: np.ndarray, items: np.ndarray, context: np.ndarray
+    ) -> tuple[torch.Tensor, ...]:
+        """Rows (R, d) users, (R,) items, (R, C) context -> the ranker's six inputs."""
+        rows = len(items)
+        text = (
+            self.text[items]
+            if self.text is not None
+            else np.zeros((rows, self.config.text_dim), np.float32)
+        )
+        return (
+            torch.from_numpy(users),
+            torch.from_numpy(self.vectors[items]),
+            torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32)),
+            torch.zeros(rows, self.config.image_dim),
+            torch.zeros(rows, self.config.text_dim),
+            torch.from_numpy(context),
+        )
+
+
+def training_rows(
+    lists: CandidateLists, negatives: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The target + ``negatives`` hard candidates per user.
+
+    Returns (R,) user row, (R,) item, (R, C) context, (R,) label. The target
+    counts as a positive even when retrieval missed it (see ``target_contexts``).
+    """
     user_rows, items, contexts, labels = [], [], [], []
-    for row in range(len(lists.targets)):
-        target = lists.targets[row]
+    for row, target in enumerate(lists.targets):
         hard = lists.candidates[row]
         pool = np.flatnonzero(hard != target)
         picked = rng.choice(pool, size=min(negatives, len(pool)), replace=False)
-        target_slot = np.flatnonzero(hard == target)
-        if len(target_slot):
-            target_context = lists.context[row, target_slot[0]]
-        else:
-            # Target outside the top K: its context with its own retrieval score.
-            score = float(lists.users[row] @ vectors[target])
-            target_context = lists.context[row, 0].copy()
-            target_context[list(CONTEXT_FEATURES).index("retrieval_score")] = score
-            target_context[0] = lists.context[row, 0, 0] * 0 + np.log1p(0.0)  # replaced below
-        items.append(np.concatenate([[target], hard[picked]]))
-        contexts.append(np.concatenate([target_context[None], lists.context[row, picked]]))
-        labels.append(np.concatenate([[1.0], np.zeros(len(picked))]))
         user_rows.append(np.full(len(picked) + 1, row))
+        items.append(np.concatenate([[target], hard[picked]]))
+        labels.append(np.concatenate([[1.0], np.zeros(len(picked))]))
+        # The target's context row is a placeholder the caller fills in.
+        contexts.append(np.concatenate([np.zeros_like(lists.context[row, :1]), lists.context[row, picked]]))
     return (
         np.concatenate(user_rows),
         np.concatenate(items),
-        np.concatenate(contexts).astype(np.float32),
+        np.concatenate(contexts),
         np.concatenate(labels).astype(np.float32),
-        np.concatenate(user_rows),
+    )
+
+
+def target_contexts(
+    lists: CandidateLists, inputs: RankerInputs, item_context: ItemContext, request_times: np.ndarray | None
+) -> np.ndarray:
+    """(U, C) context of each user's target item, whether or not retrieval found it."""
+    scores = np.einsum("ud,ud->u", lists.users, inputs.vectors[lists.targets]).astype(np.float32)
+    times = request_times if request_times is not None else None
+    return item_context.features(lists.targets[:, None], scores[:, None], times)[:, 0]
+
+
+@torch.no_grad()
+def rerank_ranks(ranker: Ranker, lists: CandidateLists, inputs: RankerInputs, blend: float) -> np.ndarray:
+    """0-based rank of each target after re-ranking its top K (K or more when absent)."""
+    ranker.blend.fill_(blend)
+    users, k = lists.candidates.shape
+    rows = np.repeat(np.arange(users), k)
+    logits = ranker.logits(
+        *inputs.batch(lists.users[rows], lists.candidates.reshape(-1), lists.context.reshape(users * k, -1))
+    ).numpy().reshape(users, k)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    reranked = np.take_along_axis(lists.candidates, order, axis=1)
+    hits = reranked == lists.targets[:, None]
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), k).astype(np.int64)
+
+
+def train_ranker(
+    config: TowerConfig,
+    settings: RankerSettings,
+    lists: CandidateLists,
+    inputs: RankerInputs,
+    item_context: ItemContext,
+    request_times: np.ndarray | None,
+    progress: bool = True,
+) -> tuple[Ranker, dict[str, float]]:
+    """Fit the ranker on most users' validation step; pick its blend on the rest."""
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    order = rng.permutation(len(lists.targets))
+    n_holdout = max(1, int(settings.holdout_share * len(order)))
+    fit_users, holdout_users = np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+    fit, holdout = _subset(lists, fit_users), _subset(lists, holdout_users)
+    target_context = target_contexts(fit, inputs, item_context, _take(request_times, fit_users))
+
+    ranker = Ranker(config)
+    all_context = fit.context.reshape(-1, fit.context.shape[-1])
+    ranker.context_mean.copy_(torch.from_numpy(all_context.mean(axis=0)))
+    ranker.context_scale.copy_(torch.from_numpy(all_context.std(axis=0) + 1e-3))
+    optimizer = torch.optim.AdamW(ranker.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    loss_function = nn.BCEWithLogitsLoss()
+    for _ in tqdm(range(settings.epochs), desc="ranker", disable=not progress, unit="epoch"):
+        ranker.train()
+        user_rows, items, contexts, labels = training_rows(fit, settings.negatives, rng)
+        positives = labels > 0
+        contexts[positives] = target_context[user_rows[positives]]
+        shuffled = rng.permutation(len(items))
+        for start in range(0, len(shuffled), settings.batch_size):
+            rows = shuffled[start : start + settings.batch_size]
+            logits = ranker.logits(*inputs.batch(fit.users[user_rows[rows]], items[rows], contexts[rows]))
+            loss = loss_function(logits, torch.from_numpy(labels[rows]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    ranker.eval()
+    holdout_ndcg = {blend: ndcg(rerank_ranks(ranker, holdout, inputs, blend), 10) for blend in BLENDS}
+    # Ties go to the smaller blend: no correction unless it earns its place.
+    best_blend = max(BLENDS, key=lambda blend: (round(holdout_ndcg[blend], 6), -blend))
+    if float(ranker.score_weight.detach()) <= 0.0:
+        best_blend = 0.0  # a non-positive score weight would invert retrieval; never serve that
+        ranker.score_weight.data.fill_(1.0)
+    ranker.blend.fill_(best_blend)
+    report = {f"holdout_ndcg@10_blend_{blend}": value for blend, value in holdout_ndcg.items()}
+    report["blend"] = best_blend
+    return ranker, report
+
+
+def _take(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if values is None else values[rows]
+
+
+def _subset(lists: CandidateLists, rows: np.ndarray) -> CandidateLists:
+    return CandidateLists(
+        users=lists.users[rows],
+        candidates=lists.candidates[rows],
+        scores=lists.scores[rows],
+        context=lists.context[rows],
+        targets=lists.targets[rows],
     )

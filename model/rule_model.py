@@ -10,6 +10,7 @@ the serving path is the same one a trained ranker uses.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -121,7 +122,7 @@ class RuleModel:
         # so they are stored and retrievable by id-based paths.
         empty = ~(content.has_text | content.has_image)
         for row in np.flatnonzero(empty):
-            seed = int.from_bytes(content.item_ids[row].encode()[:8].ljust(8, b"\0"), "little")
+            seed = int.from_bytes(hashlib.sha256(content.item_ids[row].encode()).digest()[:8], "little")
             fused[row] = np.random.default_rng(seed).standard_normal(self.fused_dim)
         return _normalise(fused)
 
@@ -146,17 +147,17 @@ class RuleModel:
         context: np.ndarray,
     ) -> np.ndarray:
         query = query_vector if query_vector is not None else np.zeros(self.text_dim, np.float32)
-        (probability,) = self._session.run(
-            None,
-            {
-                "user": user_vector.astype(np.float32),
-                "query": query.astype(np.float32),
-                "cand_fused": candidate_fused.astype(np.float32),
-                "cand_text": candidate_text.astype(np.float32),
-                "cand_image": candidate_image.astype(np.float32),
-                "context": context.astype(np.float32),
-            },
-        )
+        inputs = {
+            "user": user_vector,
+            "query": query,
+            "cand_fused": candidate_fused,
+            "cand_text": candidate_text,
+            "cand_image": candidate_image,
+            "context": context,
+        }
+        # No copies for inputs that are already contiguous float32 (the usual case).
+        feed = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in inputs.items()}
+        (probability,) = self._session.run(None, feed)
         return probability
 
 

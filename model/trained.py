@@ -51,6 +51,7 @@ class TrainedModel:
             self.item_ids[index] = item_id
         self.stored_attributes: np.ndarray = stored["attributes"].astype(np.int64)  # (N+1, A)
         self.popularity: np.ndarray = stored["popularity"]  # (N+1,) training interactions per item
+        self.last_seen: np.ndarray | None = stored.get("last_seen")  # (N+1,) seconds, data with times only
         self.stored_text: np.ndarray | None = stored.get("text")  # (N+1, T) or absent
         self.stored_has_text: np.ndarray | None = stored.get("has_text")
         suffix = ".int8.onnx" if int8 else ".onnx"

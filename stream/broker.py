@@ -106,6 +106,22 @@ async def wait_for_broker(
     client_options: dict[str, object] | None = None,
 ) -> None:
     """Return once the broker answers a metadata request; raise after ``timeout_s``."""
+    # Refused connections are expected while the broker starts: keep them out of the log.
+    client_log = logging.getLogger("aiokafka")
+    previous = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    try:
+        await _poll_broker(bootstrap, timeout_s, process, client_options)
+    finally:
+        client_log.setLevel(previous)
+
+
+async def _poll_broker(
+    bootstrap: str,
+    timeout_s: float,
+    process: subprocess.Popen[bytes] | None,
+    client_options: dict[str, object] | None,
+) -> None:
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
     while time.monotonic() < deadline:

@@ -73,13 +73,22 @@ def _cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     return train_main(args.rest)
 
 
-def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    name, rest = args.benchmark, args.rest
-    if name == "quality":
-        from model.quality_bench import main as quality_main
+def _benchmarks() -> dict[str, str]:
+    import pkgutil
 
-        return quality_main(rest)
-    raise ConfigError(f"unknown benchmark {name!r}; choose one of: quality")
+    import stream.bench
+
+    found = {m.name: f"stream.bench.{m.name}" for m in pkgutil.iter_modules(stream.bench.__path__)}
+    return {"quality": "model.quality_bench", **found}
+
+
+def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    import importlib
+
+    benchmarks = _benchmarks()
+    if args.benchmark not in benchmarks:
+        raise ConfigError(f"unknown benchmark {args.benchmark!r}; choose one of: {', '.join(sorted(benchmarks))}")
+    return int(importlib.import_module(benchmarks[args.benchmark]).main(args.rest) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train the fused model (see streamrec train -h)", add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
-    bench = sub.add_parser("bench", help="benchmarks: quality")
+    bench = sub.add_parser("bench", help="benchmarks (streamrec bench NAME -h): quality, ingest, crash, ...")
     bench.add_argument("benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser

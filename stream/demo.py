@@ -74,9 +74,10 @@ def _show(title: str, response: RecResponse, n: int = 5) -> None:
 async def _replay_and_show(settings: Settings, stack: LocalStack, *, users: int, max_events: int) -> None:
     catalogue = movielens.catalog_events()
     ratings = movielens.ratings()
-    active = [u for u, _ in Counter(r.user_id for r in ratings).most_common(users)]
-    chosen = set(active)
+    chosen = {u for u, _ in Counter(r.user_id for r in ratings).most_common(users)}
     replay = [r for r in ratings if r.user_id in chosen][:max_events]
+    # The users shown are those with the most history in what was replayed.
+    active = [u for u, _ in Counter(r.user_id for r in replay).most_common()]
     titles = {item.item_id: item.title for item in catalogue}
 
     async with EventPublisher(settings) as publisher:

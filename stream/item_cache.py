@@ -1,10 +1,13 @@
-"""Item vectors and payloads close to the request path.
+"""Item vectors and payloads close to the request path, in contiguous matrices.
 
 Fetching 500 candidates' named vectors from the store on every request costs
 more than everything else a request does (the vectors cross into Python as
-lists). The worker therefore keeps what it has written or read in memory,
-keyed by item id, and asks the store only for ids it does not hold or holds
-for longer than ``ttl_s`` (another worker may have updated them).
+lists), and so does assembling per-candidate rows into matrices. The worker
+therefore keeps every item it has written or read in one matrix per named
+vector (row = item), so a request gathers its candidates with one fancy index
+per vector. Rows older than ``ttl_s`` are re-read from the store (another worker
+may have updated them); with the in-process store there is no other writer and
+the TTL can be infinite.
 """
 from __future__ import annotations
 
@@ -19,46 +22,86 @@ from stream.store import Hit
 
 
 @dataclass(frozen=True)
-class CachedItem:
-    vectors: dict[str, np.ndarray]
-    payload: dict[str, Any]
-    cached_at: float
+class Gathered:
+    """Candidates found in the cache, aligned row by row."""
+
+    item_ids: list[str]
+    vectors: dict[str, np.ndarray]  # name -> (n, dim); zero rows where an item lacks that vector
+    present: dict[str, np.ndarray]  # name -> (n,) bool
+    payloads: list[dict[str, Any]]
 
 
 class ItemCache:
-    def __init__(self, ttl_s: float = 30.0, max_items: int = 2_000_000) -> None:
+    def __init__(self, dims: dict[str, int], ttl_s: float = float("inf"), capacity: int = 1024) -> None:
+        self.dims = dict(dims)
         self.ttl_s = ttl_s
-        self.max_items = max_items
-        self._items: dict[str, CachedItem] = {}
+        self._rows: dict[str, int] = {}
+        self._free: list[int] = []
+        self._vectors = {name: np.zeros((capacity, dim), np.float32) for name, dim in dims.items()}
+        self._present = {name: np.zeros(capacity, bool) for name in dims}
+        self._payloads: list[dict[str, Any] | None] = [None] * capacity
+        self._stamp = np.zeros(capacity, np.float64)
+
+    def _grow(self) -> None:
+        old = len(self._payloads)
+        new = old * 2
+        for name in self.dims:
+            grown = np.zeros((new, self.dims[name]), np.float32)
+            grown[:old] = self._vectors[name]
+            self._vectors[name] = grown
+            present = np.zeros(new, bool)
+            present[:old] = self._present[name]
+            self._present[name] = present
+        stamp = np.zeros(new, np.float64)
+        stamp[:old] = self._stamp
+        self._stamp = stamp
+        self._payloads.extend([None] * (new - old))
+        self._free.extend(range(new - 1, old - 1, -1))
 
     def put(self, item_id: str, vectors: dict[str, np.ndarray], payload: dict[str, Any]) -> None:
-        if len(self._items) >= self.max_items and item_id not in self._items:
-            self._items.pop(next(iter(self._items)))  # oldest insertion first
-        self._items[item_id] = CachedItem(vectors, payload, time.monotonic())
+        row = self._rows.get(item_id)
+        if row is None:
+            if not self._free:
+                if len(self._rows) < len(self._payloads):
+                    self._free.extend(range(len(self._payloads) - 1, len(self._rows) - 1, -1))
+                else:
+                    self._grow()
+            row = self._free.pop()
+            self._rows[item_id] = row
+        for name in self.dims:
+            vector = vectors.get(name)
+            self._present[name][row] = vector is not None
+            self._vectors[name][row] = vector if vector is not None else 0.0
+        self._payloads[row] = {k: v for k, v in payload.items() if k != "id"}
+        self._stamp[row] = time.monotonic()
 
     def drop(self, item_ids: Sequence[str]) -> None:
         for item_id in item_ids:
-            self._items.pop(item_id, None)
+            row = self._rows.pop(item_id, None)
+            if row is not None:
+                self._payloads[row] = None
+                for name in self.dims:
+                    self._present[name][row] = False
+                self._free.append(row)
 
-    def get_many(
-        self, item_ids: Sequence[str], fetch: Callable[[list[str]], dict[str, Hit]]
-    ) -> dict[str, CachedItem]:
-        """Cached items for ``item_ids``; ``fetch`` loads the missing or stale ones."""
+    def gather(self, item_ids: Sequence[str], fetch: Callable[[list[str]], dict[str, Hit]]) -> Gathered:
+        """Rows for ``item_ids`` (in order, unknown ids left out); ``fetch`` loads missing or stale ones."""
         now = time.monotonic()
-        found: dict[str, CachedItem] = {}
-        missing: list[str] = []
-        for item_id in item_ids:
-            entry = self._items.get(item_id)
-            if entry is not None and now - entry.cached_at < self.ttl_s:
-                found[item_id] = entry
-            else:
-                missing.append(item_id)
+        missing = [
+            i for i in item_ids
+            if (row := self._rows.get(i)) is None or now - self._stamp[row] >= self.ttl_s
+        ]
         if missing:
             for item_id, hit in fetch(missing).items():
-                payload = {k: v for k, v in hit.payload.items() if k != "id"}
-                self.put(item_id, hit.vectors, payload)
-                found[item_id] = self._items[item_id]
-        return found
+                self.put(item_id, hit.vectors, hit.payload)
+        found = [i for i in item_ids if i in self._rows]
+        rows = np.fromiter((self._rows[i] for i in found), np.int64, len(found))
+        return Gathered(
+            item_ids=found,
+            vectors={name: self._vectors[name][rows] for name in self.dims},
+            present={name: self._present[name][rows] for name in self.dims},
+            payloads=[self._payloads[r] for r in rows],  # type: ignore[misc]
+        )
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._rows)

@@ -15,7 +15,7 @@ import numpy as np
 from model.rerank import mmr
 from stream.events import RecommendedItem, RecRequest, RecResponse
 from stream.services import Services
-from stream.item_cache import CachedItem
+from stream.item_cache import Gathered
 from stream.store import Hit, SearchFilter
 from stream.users import QUERY_PREFIX, UserState
 
@@ -28,8 +28,7 @@ CANDIDATE_VECTORS = ["fused", "text", "image"]
 class Candidate:
     item_id: str
     retrieval_score: float
-    source: str  # "personal", "query", "image" or "trending"
-    item: CachedItem | None = None
+    source: str  # "personal", "query", "image", "trending" or "catalogue"
 
 
 def recommend(
@@ -79,41 +78,31 @@ def recommend(
     for item_id, _ in services.trending.top_cached(TRENDING_CANDIDATES, now, exclude=excluded_set):
         if item_id not in pool:
             pool[item_id] = Candidate(item_id, 0.0, "trending")
-    if not pool:
-        # No signal at all (cold user, no query, nothing trending yet): offer
-        # catalogue items that pass the filters rather than an empty list.
+    gathered = _gather(services, pool, flt)
+    if len(gathered.item_ids) < request.k and not (text_query is not None or image_vector is not None):
+        # Too little signal (cold user, nothing trending that passes the
+        # filters): fill up with catalogue items that pass them.
         for item_id in itertools.islice(store.scroll_ids(items), COLD_SCAN):
-            if item_id not in excluded_set:
+            if item_id not in excluded_set and item_id not in pool:
                 pool[item_id] = Candidate(item_id, 0.0, "catalogue")
-    cached = services.item_cache.get_many(
-        list(pool), lambda missing: store.retrieve(items, missing, with_vectors=CANDIDATE_VECTORS)
-    )
-    candidates = []
-    for c in pool.values():
-        c.item = cached.get(c.item_id)
-        # Trending and catalogue items were not found by a filtered search: filter them here.
-        if c.item is not None and (c.source in ("personal", "query", "image") or _passes(c.item.payload, flt)):
-            candidates.append(c)
+        gathered = _gather(services, pool, flt)
     services.metrics.retrieval_latency.observe(time.perf_counter() - t0)
-    if not candidates:
+    if not gathered.item_ids:
         return _response(services, request, [], started, path)
+    candidates = [pool[i] for i in gathered.item_ids]
 
     # --- scoring -------------------------------------------------------------
     t1 = time.perf_counter()
-    fused = _matrix(candidates, "fused", model.fused_dim)
-    text = _matrix(candidates, "text", model.text_dim)
-    image = _matrix(candidates, "image", model.image_dim)
-    context = np.array(
+    fused, text, image = (gathered.vectors[name] for name in ("fused", "text", "image"))
+    created = np.array([float(p.get("created_at") or now) for p in gathered.payloads])
+    context = np.stack(
         [
-            [
-                math.log1p(services.trending.score(c.item_id, now)),
-                max(0.0, now - float(c.item.payload.get("created_at") or now)) / 86400.0,  # type: ignore[union-attr]
-                c.retrieval_score,
-            ]
-            for c in candidates
+            np.log1p([services.trending.score(i, now) for i in gathered.item_ids]),
+            np.maximum(0.0, now - created) / 86400.0,
+            [c.retrieval_score for c in candidates],
         ],
-        np.float32,
-    )
+        axis=1,
+    ).astype(np.float32)
     personal = user_vector if user_vector is not None else (
         query_vector if query_vector is not None else np.zeros(model.fused_dim, np.float32)
     )
@@ -128,29 +117,44 @@ def recommend(
         RecommendedItem(
             item_id=candidates[i].item_id,
             score=round(float(scores[i]), 6),
-            reason=explain.reason(candidates[i], fused[i], text[i], image[i], text_query, request.query),
-            title=str(candidates[i].item.payload.get("title") or ""),  # type: ignore[union-attr]
+            reason=explain.reason(candidates[i], fused[i], request.query),
+            title=str(gathered.payloads[i].get("title") or ""),
         )
         for i in order
     ]
     return _response(services, request, chosen, started, path)
 
 
+def _gather(services: Services, pool: dict[str, Candidate], flt: SearchFilter) -> Gathered:
+    """Candidate rows from the item cache; trending and catalogue candidates were
+    not found by a filtered search, so the filters are applied to them here."""
+    gathered = services.item_cache.gather(
+        list(pool),
+        lambda missing: services.store.retrieve(services.collections.items, missing, with_vectors=CANDIDATE_VECTORS),
+    )
+    keep = [
+        n for n, item_id in enumerate(gathered.item_ids)
+        if pool[item_id].source in ("personal", "query", "image") or _passes(gathered.payloads[n], flt)
+    ]
+    if len(keep) == len(gathered.item_ids):
+        return gathered
+    return Gathered(
+        item_ids=[gathered.item_ids[n] for n in keep],
+        vectors={name: m[keep] for name, m in gathered.vectors.items()},
+        present={name: m[keep] for name, m in gathered.present.items()},
+        payloads=[gathered.payloads[n] for n in keep],
+    )
+
+
 def _passes(payload: dict, flt: SearchFilter) -> bool:
     if flt.categories and payload.get("category") not in flt.categories:
         return False
-    if flt.max_price is not None and (payload.get("price") or 0.0) > flt.max_price:
-        return False
+    if flt.max_price is not None:
+        price = payload.get("price")
+        # An item without a price cannot be shown under a price cap (as the store's filter does).
+        if price is None or price > flt.max_price:
+            return False
     return True
-
-
-def _matrix(candidates: list[Candidate], name: str, dim: int) -> np.ndarray:
-    out = np.zeros((len(candidates), dim), np.float32)
-    for row, c in enumerate(candidates):
-        vector = c.item.vectors.get(name)  # type: ignore[union-attr]
-        if vector is not None:
-            out[row] = vector
-    return out
 
 
 def _response(services: Services, request: RecRequest, items: list[RecommendedItem],
@@ -172,23 +176,22 @@ class _Explainer:
 
     def __init__(self, services: Services, state: UserState) -> None:
         recent = list(dict.fromkeys(e for e in reversed(state.items) if not e.startswith(QUERY_PREFIX)))[:10]
-        found = services.item_cache.get_many(
+        found = services.item_cache.gather(
             recent,
             lambda missing: services.store.retrieve(services.collections.items, missing,
                                                     with_vectors=CANDIDATE_VECTORS),
         )
-        self._recent = [(found[e].payload.get("title") or e, found[e].vectors["fused"]) for e in recent
-                        if e in found and "fused" in found[e].vectors]
+        self._titles = [str(p.get("title") or i) for i, p in zip(found.item_ids, found.payloads)]
+        self._vectors = found.vectors["fused"]  # (R, fused_dim)
 
-    def reason(self, candidate: Candidate, fused: np.ndarray, text: np.ndarray, image: np.ndarray,
-               text_query: np.ndarray | None, query: str | None) -> str:
+    def reason(self, candidate: Candidate, fused: np.ndarray, query: str | None) -> str:
         if candidate.source == "query" and query:
             return f"matches your search '{query}'"
         if candidate.source == "image":
             return "looks like your photo"
         if candidate.source == "catalogue":
             return "from the catalogue (no activity yet to go on)"
-        if candidate.source == "trending" or not self._recent:
+        if candidate.source == "trending" or not self._titles:
             return "trending now"
-        title, closest = max(self._recent, key=lambda tv: float(tv[1] @ fused))
-        return f"because you viewed '{title}'"
+        closest = int(np.argmax(self._vectors @ fused))
+        return f"because you viewed '{self._titles[closest]}'"

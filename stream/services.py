@@ -42,11 +42,11 @@ class Services:
     metrics: Metrics
     trending: Trending
     collections: Collections
+    item_cache: ItemCache
     started_at: float = field(default_factory=time.time)
     # Serialises writes to user and item state between agents (clicks and
     # searches both update users; catalogue and photos both update items).
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    item_cache: ItemCache = field(default_factory=ItemCache)
 
     @classmethod
     def open(cls, settings: Settings, registry: CollectorRegistry | None = None) -> "Services":
@@ -85,6 +85,11 @@ class Services:
             metrics=metrics,
             trending=Trending(settings.trending_half_life_s),
             collections=collections,
+            item_cache=ItemCache(
+                {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
+                # The in-process store has no other writer; a shared server may.
+                ttl_s=float("inf") if settings.store_backend == "edge" else settings.item_cache_ttl_s,
+            ),
         )
 
     def close(self) -> None:

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = None
     hnsw_ef: int = Field(256, ge=8, le=4096)
     collection_prefix: str = ""
+    item_cache_ttl_s: float = Field(
+        30.0, gt=0, description="With a shared Qdrant server: how long cached item vectors are trusted."
+    )
 
     # --- models -----------------------------------------------------------
     model_dir: Path | None = Field(
@@ -188,6 +191,9 @@ class Settings(BaseSettings):
         return options
 
 
+SECRET_FIELDS = frozenset({"sasl_password", "qdrant_api_key"})
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read and validate settings; a bad value raises ``ConfigError`` naming it."""
     try:
@@ -195,7 +201,12 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"]) or "settings"
-            variable = f"STREAMREC_{field.upper()}" if error["loc"] else "settings"
-            lines.append(f"  {variable}: {error['msg']} (got {error.get('input')!r})")
+            if error["loc"]:
+                field = ".".join(str(part) for part in error["loc"])
+                shown = "***" if field in SECRET_FIELDS else repr(error.get("input"))
+                lines.append(f"  STREAMREC_{field.upper()}: {error['msg']} (got {shown})")
+            else:
+                # A rule across fields: its message names the variables; the
+                # input (every setting, secrets included) is left out.
+                lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -59,7 +59,11 @@ class Trending:
         pool = 4 * n + 64
         if self._cache is None or now - self._cache[0] > max_age_s or self._cache[1] < pool:
             self._cache = (now, pool, self.top(pool, now))
-        return [(k, v) for k, v in self._cache[2] if k not in exclude][:n]
+        ranked = [(k, v) for k, v in self._cache[2] if k not in exclude][:n]
+        if len(ranked) < n and len(self._cache[2]) == pool:
+            # More exclusions than the cached pool covers: rank everything once.
+            return self.top(n, now, exclude)
+        return ranked
 
     def forget(self, item_id: str) -> None:
         self._stored.pop(item_id, None)

@@ -18,8 +18,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import yaml
@@ -115,6 +115,8 @@ _RULE_SERIES = [
     {"series": 'streamrec_deadletter_total{topic="events.clicks",reason="bad_json"}', "values": "0+120x30"},
     {"series": 'streamrec_deadletter_total{topic="catalog.items",reason="wrong_type"}', "values": "0+30x30"},
     {"series": 'streamrec_deadletter_total{topic="events.images",reason="processing_error"}', "values": "0+1x30"},
+    # A series born at its first increment (5m) and never increasing again.
+    {"series": 'streamrec_deadletter_total{topic="events.searches",reason="processing_error"}', "values": "_x5 1x25"},
     # -1 is "unknown" and must never alert; 20k is real lag.
     {"series": 'streamrec_consumer_lag_events{topic="events.clicks"}', "values": "-1x30"},
     {"series": 'streamrec_consumer_lag_events{topic="events.images"}', "values": "20000x30"},
@@ -184,7 +186,8 @@ def test_alert_rules_fire_on_synthetic_series(tmp_path: Path) -> None:
         "evaluation_interval": "1m",
         "tests": [
             {"interval": "1m", "input_series": _RULE_SERIES,
-             "alert_rule_test": early + [firing(n, "30m", labels) for n, labels in _EXPECTED_AT_30M.items()]},
+             "alert_rule_test": early + [firing(n, "30m", labels) for n, labels in _EXPECTED_AT_30M.items()]
+             + [firing("StreamrecProcessingErrors", "10m", [{"topic": "events.images"}, {"topic": "events.searches"}])]},
             staleness,
         ],
     }
@@ -267,7 +270,7 @@ def test_compose_file_is_valid_and_complete() -> None:
     assert {"kafka-1", "kafka-init", "qdrant", "worker", "finetuner", "prometheus", "grafana"} <= set(services)
     for name, service in services.items():
         if name != "kafka-init":  # a one-shot; others wait for it to complete
-            assert "healthcheck" in service or name.startswith("kafka-"), f"{name} has no healthcheck"
+            assert service["healthcheck"]["test"], f"{name} has no healthcheck"
         for dependency, condition in service.get("depends_on", {}).items():
             assert condition["condition"] in ("service_healthy", "service_completed_successfully")
             assert dependency in services
@@ -303,20 +306,25 @@ def test_dockerfile_installs_cpu_torch_first_then_the_project_then_runs_setup() 
 # --- live: a real Prometheus scraping a real worker under traffic ----------------
 
 class Prometheus:
-    def __init__(self, config: dict, folder: Path) -> None:
+    """The Prometheus binary on a free loopback port, with its data and log in ``folder``."""
+
+    def __init__(self, binary: str, config: dict, folder: Path) -> None:
+        self.binary = binary
         self.folder = folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.process: subprocess.Popen[bytes] | None = None
+        self.log: BinaryIO | None = None
 
     def __enter__(self) -> "Prometheus":
-        log = open(self.folder / "prometheus.log", "ab")
+        self.log = open(self.folder / "prometheus.log", "ab")
         self.process = subprocess.Popen(
-            [_tool("prometheus"), f"--config.file={self.folder / 'prometheus.yml'}",
+            [self.binary, f"--config.file={self.folder / 'prometheus.yml'}",
              f"--storage.tsdb.path={self.folder / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}",
              "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT,
         )
         wait_until(self._ready, 60, "Prometheus ready")
         return self
@@ -329,6 +337,8 @@ class Prometheus:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.log:
+            self.log.close()
 
     def _ready(self) -> bool:
         assert self.process is not None and self.process.poll() is None, "Prometheus exited; see its log"
@@ -394,13 +404,19 @@ def _empty_panels(prometheus: Prometheus, queries: list[PanelQuery]) -> list[Pan
     return [q for q in queries if not prometheus.query(q.expr)]
 
 
+@pytest.fixture
+def prometheus_binary() -> str:
+    return _tool("prometheus")
+
+
 @pytest.mark.integration
 def test_live_worker_feeds_every_panel_rule_and_the_status_command(
-    settings: Settings, stack: LocalStack, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    prometheus_binary: str, settings: Settings, stack: LocalStack, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     queries = _all_panel_queries()
     rules: list[AlertRule] = alert_rules(ALERTS)
-    with Prometheus(_test_prometheus_config(settings), tmp_path) as prometheus:
+    with Prometheus(prometheus_binary, _test_prometheus_config(settings), tmp_path / "prometheus") as prometheus:
         wait_until(lambda: bool(prometheus.query(f'up{{job="{WORKER_JOB}"}} == 1')), 60, "worker scraped")
         _send_traffic(settings, stack)
 
@@ -449,5 +465,6 @@ def test_live_worker_feeds_every_panel_rule_and_the_status_command(
     assert "lag" in out and "unavailable on the embedded broker" in out
     assert re.search(r"requests\s+p50 \d+\.\d ms  p99 \d+\.\d ms", out), out
     assert "bad_json" in out and "not_object" in out
-    version = stack.worker.health()["model_version"]  # type: ignore[index]
-    assert f"model         {version}" in out or re.search(rf"model\s+{re.escape(str(version))}", out)
+    health = stack.worker.health()
+    assert health is not None
+    assert re.search(rf"model\s+{re.escape(str(health['model_version']))} \(loaded ", out), out

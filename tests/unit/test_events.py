@@ -312,7 +312,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
     max_leaves=25,
 )
 
@@ -325,7 +327,8 @@ def assert_decodes_or_reports(schema: type[BaseModel], raw: bytes) -> None:
         return
     assert isinstance(record, schema)
     # Whatever decodes also survives its own serialisation.
-    assert isinstance(decode(schema, record.to_bytes(), max_bytes=MAX_BYTES), schema)  # type: ignore[attr-defined]
+    raw_again = record.to_bytes()  # type: ignore[attr-defined]
+    assert isinstance(decode(schema, raw_again, max_bytes=MAX_BYTES), schema)
 
 
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

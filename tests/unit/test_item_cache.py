@@ -52,98 +52,82 @@ def vectors(value: float) -> dict[str, np.ndarray]:
     return {"fused": np.full(4, value, np.float32)}
 
 
+DIMS = {"fused": 4, "image": 3}
+
+
 def test_fetch_is_called_only_for_missing_ids(clock: Clock) -> None:
-    cache = ItemCache(ttl_s=30.0)
+    cache = ItemCache(DIMS, ttl_s=30.0)
     store = Store(["a", "b", "c"])
     cache.put("a", vectors(9.0), {"title": "cached A"})
-    found = cache.get_many(["a", "b", "c"], store.fetch)
+    found = cache.gather(["a", "b", "c"], store.fetch)
     assert store.requests == [["b", "c"]]
-    assert found["a"].payload == {"title": "cached A"}  # the cached copy, not the store's
-    assert found["b"].payload == {"title": "B"}  # the reserved "id" key is not kept
-    assert set(found) == {"a", "b", "c"}
+    assert found.item_ids == ["a", "b", "c"]
+    assert found.payloads[0] == {"title": "cached A"}
+    np.testing.assert_array_equal(found.vectors["fused"][:, 0], [9.0, 1.0, 2.0])
+    # Everything is cached now: no second fetch.
+    cache.gather(["c", "a"], store.fetch)
+    assert store.requests == [["b", "c"]]
 
 
-def test_a_second_read_does_not_fetch(clock: Clock) -> None:
-    cache = ItemCache(ttl_s=30.0)
+def test_rows_come_back_in_request_order_and_unknown_ids_are_left_out(clock: Clock) -> None:
+    cache = ItemCache(DIMS)
     store = Store(["a", "b"])
-    cache.get_many(["a", "b"], store.fetch)
-    clock.now += 29.0
-    cache.get_many(["b", "a"], store.fetch)
-    assert store.requests == [["a", "b"]]
+    found = cache.gather(["b", "zzz", "a"], store.fetch)
+    assert found.item_ids == ["b", "a"]
+    np.testing.assert_array_equal(found.vectors["fused"][:, 0], [1.0, 0.0])
 
 
-def test_nothing_missing_means_no_fetch_at_all(clock: Clock) -> None:
-    cache = ItemCache()
-    cache.put("a", vectors(1.0), {})
-
-    def refuse(item_ids: list[str]) -> dict[str, Hit]:
-        raise AssertionError(f"fetch called for {item_ids}")
-
-    assert set(cache.get_many(["a"], refuse)) == {"a"}
-    assert cache.get_many([], refuse) == {}
+def test_missing_named_vectors_are_zero_rows_marked_absent(clock: Clock) -> None:
+    cache = ItemCache(DIMS)
+    cache.put("a", {"fused": np.ones(4, np.float32)}, {})
+    cache.put("b", {"fused": np.ones(4, np.float32), "image": np.full(3, 2.0, np.float32)}, {})
+    found = cache.gather(["a", "b"], Store([]).fetch)
+    np.testing.assert_array_equal(found.present["image"], [False, True])
+    np.testing.assert_array_equal(found.vectors["image"][0], np.zeros(3))
 
 
-def test_ttl_expiry_triggers_a_fetch(clock: Clock) -> None:
-    cache = ItemCache(ttl_s=30.0)
-    store = Store(["a", "b"])
-    cache.put("a", vectors(9.0), {"title": "stale A"})
-    cache.put("b", vectors(9.0), {"title": "stale B"})
-    clock.now += 20.0
-    cache.put("b", vectors(8.0), {"title": "fresh B"})  # re-put restarts b's clock
-    clock.now += 15.0
-    found = cache.get_many(["a", "b"], store.fetch)
-    assert store.requests == [["a"]]
-    assert found["a"].payload == {"title": "A"}
-    assert found["b"].payload == {"title": "fresh B"}
-    assert found["a"].cached_at == clock.now
-
-
-def test_ids_the_store_lacks_are_left_out(clock: Clock) -> None:
-    cache = ItemCache()
+def test_stale_rows_are_fetched_again_after_the_ttl(clock: Clock) -> None:
+    cache = ItemCache(DIMS, ttl_s=30.0)
     store = Store(["a"])
-    found = cache.get_many(["a", "ghost"], store.fetch)
-    assert set(found) == {"a"}
-    assert len(cache) == 1
-    cache.get_many(["ghost"], store.fetch)
-    assert store.requests == [["a", "ghost"], ["ghost"]]  # a miss is asked for again
+    cache.gather(["a"], store.fetch)
+    clock.now += 29.0
+    cache.gather(["a"], store.fetch)
+    assert store.requests == [["a"]]
+    clock.now += 2.0
+    cache.gather(["a"], store.fetch)
+    assert store.requests == [["a"], ["a"]]
 
 
-def test_put_and_drop(clock: Clock) -> None:
-    cache = ItemCache()
-    cache.put("a", vectors(1.0), {"title": "A"})
-    cache.put("a", vectors(2.0), {"title": "A2"})
-    assert len(cache) == 1
-    store = Store([])
-    assert cache.get_many(["a"], store.fetch)["a"].payload == {"title": "A2"}
-    cache.drop(["a", "never-cached"])
+def test_an_infinite_ttl_never_refetches(clock: Clock) -> None:
+    cache = ItemCache(DIMS)
+    store = Store(["a"])
+    cache.gather(["a"], store.fetch)
+    clock.now += 10**9
+    cache.gather(["a"], store.fetch)
+    assert store.requests == [["a"]]
+
+
+def test_put_replaces_and_drop_forgets(clock: Clock) -> None:
+    cache = ItemCache(DIMS)
+    cache.put("a", vectors(1.0), {"title": "old"})
+    cache.put("a", vectors(2.0), {"title": "new", "id": "a"})
+    found = cache.gather(["a"], Store([]).fetch)
+    assert found.payloads == [{"title": "new"}]  # the store's id key is not a payload field
+    assert found.vectors["fused"][0, 0] == 2.0
+    cache.drop(["a"])
     assert len(cache) == 0
-    assert cache.get_many(["a"], store.fetch) == {}
-    assert store.requests == [["a"]]
+    assert cache.gather(["a"], Store([]).fetch).item_ids == []
 
 
-def test_max_items_evicts_the_oldest_insertion(clock: Clock) -> None:
-    cache = ItemCache(max_items=3)
-    for item_id in "abcd":
-        cache.put(item_id, vectors(1.0), {})
-    assert len(cache) == 3
-    store = Store([])
-    found = cache.get_many(["a", "b", "c", "d"], store.fetch)
-    assert set(found) == {"b", "c", "d"}
-    assert store.requests == [["a"]]
-
-
-def test_re_putting_a_cached_item_at_capacity_evicts_nothing(clock: Clock) -> None:
-    cache = ItemCache(max_items=2)
-    cache.put("a", vectors(1.0), {})
-    cache.put("b", vectors(1.0), {})
-    cache.put("a", vectors(2.0), {})
-    assert len(cache) == 2
-    assert set(cache.get_many(["a", "b"], Store([]).fetch)) == {"a", "b"}
-
-
-def test_fetching_more_than_max_items_still_returns_them_all(clock: Clock) -> None:
-    cache = ItemCache(max_items=2)
-    store = Store(["a", "b", "c", "d"])
-    found = cache.get_many(["a", "b", "c", "d"], store.fetch)
-    assert set(found) == {"a", "b", "c", "d"}
-    assert len(cache) == 2
+def test_growth_keeps_every_row(clock: Clock) -> None:
+    cache = ItemCache(DIMS, capacity=2)
+    for n in range(50):
+        cache.put(f"i{n}", vectors(float(n)), {"n": n})
+    cache.drop([f"i{n}" for n in range(0, 50, 2)])
+    for n in range(50, 60):
+        cache.put(f"i{n}", vectors(float(n)), {"n": n})
+    ids = [f"i{n}" for n in range(1, 60, 2)] + [f"i{n}" for n in range(50, 60)]
+    found = cache.gather(ids, Store([]).fetch)
+    assert found.item_ids == ids
+    np.testing.assert_array_equal(found.vectors["fused"][:, 0], [float(i[1:]) for i in ids])
+    assert [p["n"] for p in found.payloads] == [int(i[1:]) for i in ids]

@@ -113,11 +113,6 @@ def test_items_without_content_get_finite_deterministic_unit_vectors(model: Rule
     assert float(vectors[0] @ vectors[1]) < 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fallback vector is seeded from the first 8 bytes of the id only, so ids with a common "
-    "8-byte prefix collide",
-)
 def test_items_without_content_get_distinct_vectors_per_id(model: RuleModel) -> None:
     items = content(["product-0001", "product-0002"], has_text=[False] * 2, has_image=[False] * 2)
     vectors = model.item_vectors(items)

@@ -24,6 +24,7 @@ from stream.events import CatalogItem, ClickEvent, ImageRef, RecRequest, Request
 from stream.recommend import recommend
 from stream.services import Services
 from stream.settings import load_settings
+from stream.store import SearchFilter
 from stream.users import Delivery, apply_interactions
 
 T0 = 1_700_000_000.0
@@ -87,7 +88,8 @@ class World:
         return self.delivery(event)
 
     def search(self, user_id: str, query: str) -> Delivery:
-        return self.delivery(SearchEvent(event_id=self.event_id(), event_time=T0, user_id=user_id, query=query))
+        event = SearchEvent(event_id=self.event_id(), event_time=T0, user_id=user_id, query=query)
+        return self.delivery(event)
 
     def recommend(self, user_id: str, k: int = 100, **request: object) -> list[tuple[str, str]]:
         response = recommend(
@@ -330,7 +332,8 @@ def test_category_and_price_filters_hold(world: World, user_id: str) -> None:
     assert books and all(CATEGORY[i] == "books" for i in books), books
     cheap = ids(world.recommend(user_id, filters=RequestFilters(max_price=50.0)))
     assert cheap and all(PRICE[i] <= 50.0 for i in cheap), cheap
-    both = ids(world.recommend(user_id, filters=RequestFilters(categories=["tents", "shoes"], max_price=100.0)))
+    outdoor = RequestFilters(categories=["tents", "shoes"], max_price=100.0)
+    both = ids(world.recommend(user_id, filters=outdoor))
     assert both and all(CATEGORY[i] in ("tents", "shoes") and PRICE[i] <= 100.0 for i in both), both
     assert ids(world.recommend(user_id, filters=RequestFilters(categories=["garden"]))) == []
 
@@ -373,3 +376,27 @@ def test_a_personal_user_is_served_close_to_what_they_did(world: World) -> None:
     served = world.recommend("hiker", k=2)
     assert all(CATEGORY[item_id] == "tents" for item_id, _ in served), served
     assert all(reason.startswith("because you viewed") for _, reason in served), served
+
+
+def test_a_cold_user_with_a_filter_gets_matching_items_whatever_is_trending(world: World) -> None:
+    world.catalogue()
+    apply_interactions(world.services, [world.click("runner", "shoe-1"), world.click("runner", "shoe-2")])
+    books = ids(world.recommend("newcomer", filters=RequestFilters(categories=["books"])))
+    assert books and all(CATEGORY[i] == "books" for i in books), books
+
+
+def test_an_item_without_a_price_never_passes_a_price_cap(world: World) -> None:
+    world.catalogue()
+    unpriced = CatalogItem(event_id=world.event_id(), event_time=T0, item_id="tent-5",
+                           title="Tent of unknown price", category="tents")
+    assert apply_catalog(world.services, [unpriced]) == []
+    cheap = RequestFilters(max_price=50.0)
+    # What the store's filter means by max_price: an unpriced item does not pass.
+    store, items = world.services.store, world.services.collections.items
+    tent_5 = store.retrieve(items, ["tent-5"], with_vectors=["fused"])["tent-5"]
+    found = store.search(items, "fused", tent_5.vectors["fused"], 20, SearchFilter(max_price=50.0))
+    assert found and "tent-5" not in [hit.id for hit in found]
+    # recommend must mean the same, whichever way a candidate was found.
+    apply_interactions(world.services, [world.click("fan", "tent-5", "purchase")])
+    served = ids(world.recommend("newcomer", filters=cheap))
+    assert served and "tent-5" not in served, served

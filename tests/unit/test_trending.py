@@ -91,10 +91,6 @@ def test_top_cached_applies_exclusions_to_the_cached_ranking() -> None:
     assert [item for item, _ in top] == ["b", "d", "e"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="top_cached keeps 4n+64 items, so more exclusions than that empty the answer while top() does not",
-)
 def test_top_cached_fills_n_even_with_many_exclusions() -> None:
     trending = Trending(HOUR)
     for rank in range(400):

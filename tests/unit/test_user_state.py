@@ -12,10 +12,14 @@ TOPIC = "events.clicks"
 
 
 def click(event_id: str, item_id: str, at: float = T0, action: str = "click") -> ClickEvent:
-    return ClickEvent(event_id=event_id, event_time=at, user_id="u1", item_id=item_id, action=action)  # type: ignore[arg-type]
+    return ClickEvent(
+        event_id=event_id, event_time=at, user_id="u1", item_id=item_id, action=action  # type: ignore[arg-type]
+    )
 
 
-def delivery(event: ClickEvent | SearchEvent, offset: int, partition: int = 0, topic: str = TOPIC) -> Delivery:
+def delivery(
+    event: ClickEvent | SearchEvent, offset: int, partition: int = 0, topic: str = TOPIC
+) -> Delivery:
     return Delivery(event, topic, partition, offset)
 
 
@@ -45,7 +49,10 @@ def test_actions_travel_with_their_items() -> None:
     state = UserState("u1")
     apply(state, delivery(click("e0", "a", action="view"), 0))
     apply(state, delivery(click("e1", "b", action="purchase"), 1))
-    assert list(zip(state.items, state.actions)) == [("a", ACTION_CODE["view"]), ("b", ACTION_CODE["purchase"])]
+    assert list(zip(state.items, state.actions)) == [
+        ("a", ACTION_CODE["view"]),
+        ("b", ACTION_CODE["purchase"]),
+    ]
 
 
 def test_append_bounds_the_sequence_to_the_most_recent() -> None:

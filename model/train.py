@@ -1,0 +1,235 @@
+"""``streamrec train``: fit the towers and the ranker, export them, publish an artefact.
+
+    streamrec train --data FILE --format s3rec|ml100k --out DIR
+                    [--epochs N] [--minutes M] [--threads T]
+
+Steps: leave-one-out split; retrieval towers with early stopping on the
+validation item; ranker on the validation step (``model.ranker_train``); ONNX
+export with parity checks; test metrics through the exported networks; all
+files written to a staging directory that is renamed into place at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.artefact import new_version, publish, staging_directory, utc_now, write_manifest
+from model.data import FORMATS, InteractionData, LeaveOneOut, item_counts, leave_one_out, load_interactions
+from model.export_fused import Networks, export_all
+from model.ranker_train import ItemContext, RankerInputs, RankerSettings, retrieve, train_ranker
+from model.retrieval_train import Catalogue, RetrievalModel, RetrievalSettings, train_retrieval
+from model.serving import ACTION_CODE, ACTIONS
+from model.towers import TowerConfig, attribute_mixing
+from stream.errors import StreamrecError
+
+IMAGE_ENCODER_NAME = "efficientnet-lite0 (ImageNet features, 1280-d)"
+# What one interaction of each source format means to the action vocabulary.
+FORMAT_ACTION = {"s3rec": "purchase", "ml100k": "view"}
+# Share of the time budget kept for the ranker, export and test evaluation.
+RESERVED_SHARE = 0.12
+# Tuned on the Amazon files; see the project README for the runs behind them.
+DEFAULT_TOWER = {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.5}
+DEFAULT_RETRIEVAL = RetrievalSettings()
+
+
+def embed_titles(titles: list[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(N+1, 384) unit text vectors of the titles with the frozen text tower, (N+1,) has_text."""
+    from model.text_tower import MAX_TEXT_TOKENS, load_text_tower
+
+    tower, tokenizer = load_text_tower()
+    vectors = np.zeros((len(titles), tower.dim), dtype=np.float32)
+    present = np.asarray([bool(title.strip()) for title in titles])
+    rows = np.flatnonzero(present)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            tokens = tokenizer(
+                [titles[i] for i in chunk], padding=True, truncation=True,
+                max_length=MAX_TEXT_TOKENS, return_tensors="pt",
+            )
+            vectors[chunk] = tower(tokens["input_ids"], tokens["attention_mask"]).numpy()
+    return vectors, present
+
+
+def item_last_seen(data: InteractionData, split: LeaveOneOut) -> np.ndarray | None:
+    """(N+1,) latest training-interaction time per item (0 when never seen), if times exist."""
+    if data.timestamps is None:
+        return None
+    last_seen = np.zeros(data.n_items + 1, dtype=np.float64)
+    for user, train in zip(split.users, split.train):
+        times = data.timestamps[user][: len(train)]
+        np.maximum.at(last_seen, train, times)
+    return last_seen
+
+
+def _training_times(data: InteractionData, split: LeaveOneOut, offset: int) -> np.ndarray | None:
+    if data.timestamps is None:
+        return None
+    return np.asarray([data.timestamps[u][-offset] for u in split.users], dtype=np.float64)
+
+
+def share_action_embedding(model: RetrievalModel, trained_code: int) -> None:
+    """Give every real action the embedding the data taught one of them.
+
+    The training data has a single interaction kind; until fine-tuning on the
+    stream teaches the difference, all kinds (and searches) read the same.
+    """
+    with torch.no_grad():
+        table = model.user_tower.action_embedding.weight  # (len(ACTIONS), d)
+        table[1:] = table[trained_code]
+        table[ACTION_CODE["pad"]] = 0.0
+
+
+def _item_features(
+    data: InteractionData, split: LeaveOneOut, text: np.ndarray | None, has_text: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    features = {"attributes": data.attributes, "popularity": item_counts(split.train, data.n_items)}
+    if text is not None and has_text is not None:
+        features.update(text=text, has_text=has_text)
+    last_seen = item_last_seen(data, split)
+    if last_seen is not None:
+        features["last_seen"] = last_seen
+    return features
+
+
+def train_artefact(
+    data: InteractionData,
+    data_format: str,
+    data_path: Path | None,
+    out: Path,
+    tower_overrides: dict[str, Any] | None = None,
+    retrieval: RetrievalSettings = DEFAULT_RETRIEVAL,
+    ranker: RankerSettings = RankerSettings(),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train, export and publish one artefact at ``out``; returns its manifest."""
+    from model.evaluate import evaluate_trained
+    from model.trained import TrainedModel
+
+    started = time.monotonic()
+    split = leave_one_out(data)
+    text, has_text = embed_titles(data.titles) if data.titles is not None else (None, None)
+    attributes = torch.from_numpy(data.attributes)
+    catalogue = Catalogue(
+        attributes=attributes,
+        attribute_mixing=attribute_mixing(attributes, data.n_attributes),
+        text=None if text is None else torch.from_numpy(text),
+        has_text=None if has_text is None else torch.from_numpy(has_text.astype(np.float32)),
+    )
+    config = TowerConfig(
+        n_items=data.n_items,
+        n_attributes=data.n_attributes,
+        max_attributes=data.attributes.shape[1],
+        **{**DEFAULT_TOWER, **(tower_overrides or {})},
+    )
+    train_action = ACTION_CODE[FORMAT_ACTION[data_format]]
+    retrieval = replace(retrieval, train_action=train_action, minutes=retrieval.minutes * (1 - RESERVED_SHARE))
+    model, report = train_retrieval(config, retrieval, split, catalogue, progress=progress)
+    share_action_embedding(model, train_action)
+
+    item_context = ItemContext(item_counts(split.train, data.n_items), item_last_seen(data, split))
+    valid_times = _training_times(data, split, offset=3)
+    lists = retrieve(model, catalogue, split.train, split.valid, item_context, valid_times, config,
+                     train_action, ranker.candidates)
+    with torch.no_grad():
+        vectors = model.catalogue_vectors(catalogue).numpy()
+    inputs = RankerInputs(vectors=vectors, text=text, config=config)
+    fitted_ranker, ranker_report = train_ranker(config, ranker, lists, inputs, item_context, valid_times, progress)
+    train_seconds = time.monotonic() - started
+
+    networks = Networks(config, model.item_tower, model.user_tower, fitted_ranker)
+    staging = staging_directory(out)
+    parity = export_all(networks, staging)
+    torch.save(networks.state_dicts(), staging / "weights.pt")
+    (staging / "config.json").write_text(json.dumps({
+        "tower": config.to_dict(),
+        "retrieval": asdict(retrieval),
+        "ranker": asdict(ranker),
+        "train_action": train_action,
+        "actions": list(ACTIONS),
+        "encoders": {"text": "sentence-transformers/all-MiniLM-L6-v2", "image": IMAGE_ENCODER_NAME},
+    }, indent=2) + "\n")
+    (staging / "id_maps.json").write_text(json.dumps({
+        "items": data.item_index(),
+        "attributes": {name: i + 1 for i, name in enumerate(data.attribute_names)},
+    }))
+    np.savez_compressed(staging / "item_features.npz", **_item_features(data, split, text, has_text))
+    manifest: dict[str, Any] = {
+        "version": new_version(data.name),
+        "parent": None,
+        "created_at": utc_now(),
+        "data": {
+            "dataset": data.name,
+            "format": data_format,
+            "path": None if data_path is None else str(data_path),
+            "users": len(data.sequences),
+            "items": data.n_items,
+            "interactions": int(sum(len(s) for s in data.sequences)),
+            "window": "leave-one-out: items[:-2] of each user train the towers, items[-2] the ranker",
+        },
+        "train_seconds": round(train_seconds, 1),
+        "metrics": {
+            "best_epoch": report.best_epoch,
+            "epochs_run": report.epochs_run,
+            "valid_retrieval": report.validation,
+            "ranker": ranker_report,
+            "onnx_parity_max_abs_diff": parity,
+        },
+    }
+    write_manifest(staging, manifest)
+    served = TrainedModel(staging)
+    test = evaluate_trained(served, data, split, "test", "full")
+    manifest["metrics"]["test_full"] = {**test.metrics, **test.extra}
+    manifest = write_manifest(staging, manifest)
+    publish(staging, out)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamrec train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="interaction file (optional for ml100k: the recbole copy)")
+    parser.add_argument("--format", choices=FORMATS, default="s3rec", dest="data_format")
+    parser.add_argument("--out", type=Path, required=True, help="artefact directory to create or replace")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_RETRIEVAL.epochs, help="most retrieval epochs")
+    parser.add_argument("--minutes", type=float, default=DEFAULT_RETRIEVAL.minutes, help="wall-clock budget")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=DEFAULT_RETRIEVAL.seed)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        data = load_interactions(args.data_format, args.data)
+        retrieval = replace(DEFAULT_RETRIEVAL, epochs=args.epochs, minutes=args.minutes, seed=args.seed)
+        manifest = train_artefact(data, args.data_format, args.data, args.out, retrieval=retrieval,
+                                  progress=not args.quiet)
+    except StreamrecError as error:
+        print(f"streamrec train: {error}", file=sys.stderr)
+        return 2
+    test = manifest["metrics"]["test_full"]
+    print(json.dumps({
+        "artefact": str(args.out),
+        "version": manifest["version"],
+        "train_seconds": manifest["train_seconds"],
+        "best_epoch": manifest["metrics"]["best_epoch"],
+        "valid_ndcg@10": manifest["metrics"]["valid_retrieval"].get("ndcg@10"),
+        "test_hr@10": test["hr@10"],
+        "test_ndcg@10": test["ndcg@10"],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
