@@ -156,67 +156,78 @@ def _health_line(health: dict[str, object] | None, second: Scrape) -> tuple[str,
 
 def summarize(first: Scrape, second: Scrape, health: dict[str, object] | None) -> tuple[list[tuple[str, str]], bool]:
     """Rows of (heading, text) describing the worker, and whether it is healthy."""
-    elapsed = second.taken_at - first.taken_at
-    rows: list[tuple[str, str]] = []
     health_text, healthy = _health_line(health, second)
-    rows.append(("health", health_text))
+    rows = [("health", health_text), *_model_rows(second), *_throughput_rows(first, second),
+            *_latency_rows(first, second), _lag_row(second), _dead_letter_row(first, second)]
+    f50, f99, scope = _window_quantiles(first, second, "streamrec_freshness_seconds")
+    rows.append(("freshness", f"p99 {_ms(f99)}  p50 {_ms(f50)}  ({scope})"))
+    rows.append(_drift_row(second))
+    rows.append(("window", f"{second.taken_at - first.taken_at:.1f} s between scrapes"))
+    return rows, healthy
 
+
+def _model_rows(second: Scrape) -> list[tuple[str, str]]:
     versions = [labels.get("version", "?") for labels, _ in second.values("streamrec_model_info")]
     model = ", ".join(versions) or "unknown"
     if second.has("streamrec_model_loaded_timestamp_seconds"):
         loaded = second.total("streamrec_model_loaded_timestamp_seconds")
         model += f" (loaded {_duration(time.time() - loaded)} ago)"
-    rows.append(("model", model))
+    rows = [("model", model)]
     if second.has("streamrec_catalog_items"):
         rows.append(("catalogue", f"{int(second.total('streamrec_catalog_items')):,} items"))
+    return rows
 
+
+def _throughput_rows(first: Scrape, second: Scrape) -> list[tuple[str, str]]:
     events = counter_rates(first, second, "streamrec_events_processed_total", "topic")
-    rows.append(("events/s", "  ".join(f"{t} {r:,.1f}" for (t,), r in sorted(events.items()))
-                 or "no events applied yet"))
+    rows = [("events/s", "  ".join(f"{t} {r:,.1f}" for (t,), r in sorted(events.items()))
+             or "no events applied yet")]
     duplicates = counter_rates(first, second, "streamrec_events_duplicate_total", "topic")
     if duplicates:
         rows.append(("duplicates/s", "  ".join(f"{t} {r:,.1f}" for (t,), r in sorted(duplicates.items()))))
+    return rows
 
+
+def _latency_rows(first: Scrape, second: Scrape) -> list[tuple[str, str]]:
     p50, p99, scope = _window_quantiles(first, second, "streamrec_request_latency_seconds")
     per_path = counter_rates(first, second, "streamrec_request_latency_seconds_count", "path")
     paths = ", ".join(f"{p} {r:.1f}/s" for (p,), r in sorted(per_path.items()))
-    rows.append(("requests", f"p50 {_ms(p50)}  p99 {_ms(p99)}  ({scope}{'; ' + paths if paths else ''})"))
+    rows = [("requests", f"p50 {_ms(p50)}  p99 {_ms(p99)}  ({scope}{'; ' + paths if paths else ''})")]
     for stage in ("retrieval", "scoring"):
         s50, s99, _ = _window_quantiles(first, second, f"streamrec_{stage}_latency_seconds")
         if s50 is not None:
             rows.append((f"  {stage}", f"p50 {_ms(s50)}  p99 {_ms(s99)}"))
     failed = second.by_label("streamrec_requests_failed_total", "path")
     if failed:
-        failed_rates = counter_rates(first, second, "streamrec_requests_failed_total", "path")
-        rows.append(("failed", "  ".join(f"{p} {failed_rates.get((p,), 0.0):.1f}/s ({int(n)} total)"
+        rates = counter_rates(first, second, "streamrec_requests_failed_total", "path")
+        rows.append(("failed", "  ".join(f"{p} {rates.get((p,), 0.0):.1f}/s ({int(n)} total)"
                                          for (p,), n in sorted(failed.items()))))
+    return rows
 
+
+def _lag_row(second: Scrape) -> tuple[str, str]:
     lag = second.by_label("streamrec_consumer_lag_events", "topic")
     if not lag:
-        rows.append(("lag", "not reported"))
-    elif all(value < 0 for value in lag.values()):
-        rows.append(("lag", "unavailable on the embedded broker"))
-    else:
-        rows.append(("lag", "  ".join(f"{t} {'n/a' if v < 0 else f'{int(v):,}'}"
-                                      for (t,), v in sorted(lag.items()))))
+        return "lag", "not reported"
+    if all(value < 0 for value in lag.values()):
+        return "lag", "unavailable on the embedded broker"
+    return "lag", "  ".join(f"{t} {'n/a' if v < 0 else f'{int(v):,}'}" for (t,), v in sorted(lag.items()))
 
+
+def _dead_letter_row(first: Scrape, second: Scrape) -> tuple[str, str]:
     letters = second.by_label("streamrec_deadletter_total", "topic", "reason")
-    letter_rates = counter_rates(first, second, "streamrec_deadletter_total", "topic", "reason")
-    rows.append(("dead letters", "  ".join(
-        f"{t} {r} {letter_rates.get((t, r), 0.0):.1f}/s ({int(n)} total)"
-        for (t, r), n in sorted(letters.items())) or "none"))
+    rates = counter_rates(first, second, "streamrec_deadletter_total", "topic", "reason")
+    return "dead letters", "  ".join(
+        f"{t} {r} {rates.get((t, r), 0.0):.1f}/s ({int(n)} total)"
+        for (t, r), n in sorted(letters.items())) or "none"
 
-    f50, f99, scope = _window_quantiles(first, second, "streamrec_freshness_seconds")
-    rows.append(("freshness", f"p99 {_ms(f99)}  p50 {_ms(f50)}  ({scope})"))
 
+def _drift_row(second: Scrape) -> tuple[str, str]:
     drift = [(name.removeprefix("streamrec_drift_"), labels, value)
              for name, series in sorted(second.samples.items()) if name.startswith("streamrec_drift_")
              for labels, value in series]
-    rows.append(("drift", "  ".join(
-        f"{name}{_label_text(labels)} {value:.3g}" for name, labels, value in drift)
-        or "no drift gauges exported"))
-    rows.append(("window", f"{elapsed:.1f} s between scrapes"))
-    return rows, healthy
+    text = "  ".join(f"{name}{_label_text(labels)} {value:.3g}" for name, labels, value in drift)
+    return "drift", text or "no drift gauges exported"
 
 
 def _label_text(labels: Labels) -> str:
@@ -244,11 +255,13 @@ def fetch_health(url: str, timeout_s: float) -> dict[str, object] | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as reply:
             return json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
+    except urllib.error.HTTPError as exc:  # a 503 still says which dependency is down
         try:
             return json.loads(exc.read())
         except ValueError:
             return None
+        finally:
+            exc.close()
     except (OSError, ValueError):
         return None
 
@@ -263,7 +276,8 @@ def default_metrics_url() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamrec status", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="streamrec status", description="A one-screen summary of a running worker, from its /metrics.")
     parser.add_argument("--url", help="the worker's /metrics URL (default: from STREAMREC_HTTP_HOST/PORT)")
     parser.add_argument("--health-url", help="the worker's /health URL (default: beside --url)")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes")

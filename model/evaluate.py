@@ -94,16 +94,25 @@ def evaluate_popularity(
         order = np.lexsort((candidates, -scores), axis=1)[:, :SWEEP_POOL]
         top = np.take_along_axis(candidates, order, axis=1)
         return Evaluation(ranking_metrics(ranks), ranks, top, np.take_along_axis(scores, order, axis=1), space)
-    ranks, tops, relevance = [], [], []
-    for start in range(0, len(inputs), CHUNK):
-        histories = inputs[start : start + CHUNK]
-        scores = exclude_history(np.tile(counts, (len(histories), 1)), histories)
-        ranks.append(target_ranks(scores, targets[start : start + CHUNK]))
-        best = top_k(scores, SWEEP_POOL)
-        tops.append(best)
-        relevance.append(np.take_along_axis(scores, best, axis=1))
-    all_ranks = np.concatenate(ranks)
-    return Evaluation(ranking_metrics(all_ranks), all_ranks, np.concatenate(tops), np.concatenate(relevance), space)
+    # One global order serves every user: rank = global position minus the
+    # history items ahead of the target (no (U, N) score matrix needed).
+    order = np.lexsort((np.arange(len(counts)), -counts))
+    order = order[order != 0]
+    position = np.empty(len(counts), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    ranks = np.zeros(len(targets), dtype=np.int64)
+    width = min(SWEEP_POOL, data.n_items)
+    top = np.zeros((len(targets), width), dtype=np.int64)  # 0 pads lists of tiny catalogues
+    for row, (history, target) in enumerate(zip(inputs, targets)):
+        seen = set(history.tolist())
+        if target in seen:
+            ranks[row] = MISSED
+        else:
+            ranks[row] = position[target] - sum(1 for item in seen if position[item] < position[target])
+        kept = [item for item in order[: width + len(seen)].tolist() if item not in seen][:width]
+        top[row, : len(kept)] = kept
+    relevance = counts[top]
+    return Evaluation(ranking_metrics(ranks), ranks, top, relevance, space)
 
 
 def _final_order(probabilities: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:

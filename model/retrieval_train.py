@@ -10,6 +10,7 @@ the validation item.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ class RetrievalSettings:
     seed: int = 42
     train_action: int = 4
     negatives: int = 0  # 0 = full softmax; else that many shared uniform negatives per step
+    schedule: str = "cosine"  # or "constant"
+    warmup_share: float = 0.03
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,18 @@ class TrainingReport:
 
 
 def training_pairs(train_sequences: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded (inputs, next-item targets), both (U', max_len) int64, one row per user with >= 2 items."""
-    usable = [sequence for sequence in train_sequences if len(sequence) >= 2]
-    return left_pad([s[:-1] for s in usable], max_len), left_pad([s[1:] for s in usable], max_len)
+    """Left-padded (inputs, next-item targets), both (R, max_len) int64.
+
+    A sequence longer than ``max_len`` + 1 is cut into windows ending every
+    ``max_len`` steps back from its end, so every transition is trained once.
+    """
+    inputs, targets = [], []
+    for sequence in train_sequences:
+        for end in range(len(sequence) - 1, 0, -max_len):
+            start = max(0, end - max_len)
+            inputs.append(sequence[start:end])
+            targets.append(sequence[start + 1 : end + 1])
+    return left_pad(inputs, max_len), left_pad(targets, max_len)
 
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -116,6 +128,17 @@ def next_item_loss(
     logits = torch.cat([positive, sampled], dim=1)
     labels = torch.zeros(len(targets), dtype=torch.long)
     return nn.functional.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
+
+
+def learning_rate_factor(settings: RetrievalSettings, progress: float) -> float:
+    """Linear warm-up, then cosine decay to zero at ``progress`` 1 (epochs or time, whichever ends first)."""
+    if settings.schedule == "constant":
+        return 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < settings.warmup_share:
+        return max(progress / settings.warmup_share, 0.01)
+    remaining = (progress - settings.warmup_share) / (1.0 - settings.warmup_share)
+    return 0.5 * (1.0 + math.cos(math.pi * remaining))
 
 
 def _trim_padding(*batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -177,7 +200,14 @@ def train_retrieval(
     for epoch in bar:
         model.train()
         total_loss, total_rows = 0.0, 0
-        for rows in length_bucketed_batches(lengths, settings.batch_size, rng):
+        batches = length_bucketed_batches(lengths, settings.batch_size, rng)
+        for step, rows in enumerate(batches):
+            done = max(
+                (epoch - 1 + step / len(batches)) / settings.epochs,
+                (time.monotonic() - started) / (60.0 * settings.minutes),
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = settings.learning_rate * learning_rate_factor(settings, done)
             batch_inputs, batch_targets = _trim_padding(inputs[torch.from_numpy(rows)], targets[torch.from_numpy(rows)])
             vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
             actions = torch.where(batch_inputs > 0, settings.train_action, 0)

@@ -189,12 +189,14 @@ class UserTower(nn.Module):
         """(B, L, d) item vectors, (B, L) action codes -> (B, L, d) state after each item."""
         length = item_vectors.shape[1]
         valid = actions > 0  # (B, L)
-        positions = torch.arange(length, device=actions.device) + (self.max_sequence - length)
-        x = item_vectors * self.input_scale + self.position_embedding(positions) + self.action_embedding(actions)
+        steps = torch.arange(length, device=actions.device)
+        # Left padding: the newest item always sits at position max_sequence - 1.
+        positions = self.position_embedding(steps + (self.max_sequence - length))  # (L, d)
+        x = item_vectors * self.input_scale + positions + self.action_embedding(actions)
         # Padding is zeroed rather than masked out of the keys alone; see ``allowed``.
         x = self.input_dropout(x) * valid.unsqueeze(-1).to(x.dtype)
-        causal = torch.ones(length, length, dtype=torch.bool, device=actions.device).tril()
-        diagonal = torch.eye(length, dtype=torch.bool, device=actions.device)
+        causal = steps.unsqueeze(1) >= steps.unsqueeze(0)  # (L, L) query i sees keys j <= i
+        diagonal = steps.unsqueeze(1) == steps.unsqueeze(0)
         # (B, 1, L, L): attend to earlier real items, and always to yourself so
         # that padded rows are never fully masked (the NaN trap of fused kernels).
         allowed = (causal & valid[:, None, :]) | diagonal

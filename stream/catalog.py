@@ -25,10 +25,10 @@ class Rejected:
     error: DecodeError
 
 
-def _load_images(services: Services, refs: list[ImageRef]) -> tuple[np.ndarray, list[DecodeError | None]]:
-    """Decode and embed images; (N, image_dim) with zero rows where one failed."""
+def _decode_images(services: Services, refs: list[ImageRef]) -> tuple[list[np.ndarray | None], list[DecodeError | None]]:
+    """Read and decode images: a (3, S, S) tensor or the error, per reference."""
     settings = services.settings
-    pixels: list[np.ndarray] = []
+    pixels: list[np.ndarray | None] = []
     errors: list[DecodeError | None] = []
     for ref in refs:
         try:
@@ -41,23 +41,40 @@ def _load_images(services: Services, refs: list[ImageRef]) -> tuple[np.ndarray, 
             pixels.append(services.image_encoder.decode_image(data, settings.max_image_pixels))
             errors.append(None)
         except DecodeError as exc:
+            pixels.append(None)
             errors.append(exc)
-    vectors = np.zeros((len(refs), services.model.image_dim), np.float32)
-    if pixels:
-        embedded = services.image_encoder.encode_pixels(np.stack(pixels))
-        rows = [i for i, e in enumerate(errors) if e is None]
-        vectors[rows] = embedded
-    return vectors, errors
+    return pixels, errors
+
+
+def _embed(services: Services, pixels: list[np.ndarray | None]) -> np.ndarray:
+    """(N, image_dim) image vectors, zero rows where there are no pixels."""
+    vectors = np.zeros((len(pixels), services.model.image_dim), np.float32)
+    rows = [i for i, p in enumerate(pixels) if p is not None]
+    if rows:
+        vectors[rows] = services.image_encoder.encode_pixels(np.stack([pixels[i] for i in rows]))
+    return vectors
+
+
+def _load_images(services: Services, refs: list[ImageRef]) -> tuple[np.ndarray, list[DecodeError | None]]:
+    """Decode and embed images; (N, image_dim) with zero rows where one failed."""
+    pixels, errors = _decode_images(services, refs)
+    return _embed(services, pixels), errors
 
 
 def apply_catalog(services: Services, items: list[CatalogItem]) -> list[Rejected]:
     """Upsert or delete catalogue items in event order; return those rejected."""
-    # Within a batch the last event for an item wins, as it would one by one.
-    last: dict[str, int] = {item.item_id: i for i, item in enumerate(items)}
+    # Every photo is checked, superseded or not: one by one, an upsert with an
+    # unusable photo would be rejected and the item keep its previous event, so
+    # a batch rejects it too and the last *usable* event for an item wins.
+    photo_rows = [i for i, item in enumerate(items) if item.op == "upsert" and item.image is not None]
+    photo_pixels, photo_errors = _decode_images(services, [items[i].image for i in photo_rows])  # type: ignore[misc]
+    rejected = [Rejected(i, error) for i, error in zip(photo_rows, photo_errors) if error is not None]
+    pixels_by_row = dict(zip(photo_rows, photo_pixels))
+    failed = {r.index for r in rejected}
+    last: dict[str, int] = {item.item_id: i for i, item in enumerate(items) if i not in failed}
     order = sorted(last.values())
     deletions = [items[i].item_id for i in order if items[i].op == "delete"]
     upsert_rows = [i for i in order if items[i].op == "upsert"]
-    rejected: list[Rejected] = []
     store, collection = services.store, services.collections.items
     if deletions:
         store.delete(collection, deletions)
@@ -69,17 +86,10 @@ def apply_catalog(services: Services, items: list[CatalogItem]) -> list[Rejected
 
     upserts = [items[i] for i in upsert_rows]
     image = np.zeros((len(upserts), services.model.image_dim), np.float32)
-    has_image = np.zeros(len(upserts), bool)
-    keep = np.ones(len(upserts), bool)
-    with_image = [n for n, item in enumerate(upserts) if item.image is not None]
-    if with_image:
-        vectors, errors = _load_images(services, [upserts[n].image for n in with_image])  # type: ignore[misc]
-        for n, vector, error in zip(with_image, vectors, errors):
-            if error is None:
-                image[n], has_image[n] = vector, True
-            else:
-                rejected.append(Rejected(upsert_rows[n], error))
-                keep[n] = False
+    has_image = np.array([item.image is not None for item in upserts])
+    if has_image.any():
+        # Only the winners' photos are embedded: (n_with_photo, image_dim).
+        image[has_image] = _embed(services, [pixels_by_row[row] for row, h in zip(upsert_rows, has_image) if h])
     # An upsert without a photo keeps the photo the item already has.
     without = [n for n, item in enumerate(upserts) if item.image is None]
     if without:
@@ -88,10 +98,6 @@ def apply_catalog(services: Services, items: list[CatalogItem]) -> list[Rejected
             hit = existing.get(upserts[n].item_id)
             if hit is not None and "image" in hit.vectors:
                 image[n], has_image[n] = hit.vectors["image"], True
-    if not keep.any():
-        return rejected
-    upserts = [item for item, k in zip(upserts, keep) if k]
-    image, has_image = image[keep], has_image[keep]
     texts = [item.text for item in upserts]
     has_text = np.array([bool(t) for t in texts])
     text = services.text_encoder.encode(texts)

@@ -131,9 +131,15 @@ COMMANDS = {
 }
 
 
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so child processes (broker, worker) are stopped too.
+    signal.signal(signal.SIGTERM, _raise_exit)
     try:
         settings = load_settings()
         return COMMANDS[args.command](settings, args)

@@ -86,6 +86,7 @@ class ResponseListener:
             bootstrap_servers=settings.bootstrap_list,
             group_id=None,
             enable_auto_commit=False,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
             **settings.kafka_client_options(),
         )
         self._waiters: dict[str, asyncio.Future[RecResponse]] = {}
@@ -117,7 +118,7 @@ class ResponseListener:
 
     async def _run(self) -> None:
         while True:
-            batches = await self._consumer.getmany(timeout_ms=200)
+            batches = await self._consumer.getmany(timeout_ms=100)
             for records in batches.values():
                 for record in records:
                     response = RecResponse.model_validate_json(record.value)

@@ -64,7 +64,11 @@ def build_http_app(services: Services, health: "HealthState") -> web.Application
         payload = hits[user_id].payload
         return web.json_response({"user_id": user_id, "items": payload.get("items", []),
                                   "actions": payload.get("actions", []),
-                                  "last_event_time": payload.get("last_event_time")})
+                                  "last_event_time": payload.get("last_event_time"),
+                                  # Where this user's state stands in each topic/partition,
+                                  # so clients can wait for their own writes.
+                                  "applied": payload.get("applied", {}),
+                                  "applied_count": payload.get("applied_count", 0)})
 
     async def get_item(request: web.Request) -> web.Response:
         item_id = request.match_info["item_id"]

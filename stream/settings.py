@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     rebalance_timeout_s: float = Field(10.0, gt=0)
 
+    fetch_max_wait_ms: int = Field(
+        5, ge=1, le=10_000, description="Longest wait of a consumer fetch with no data."
+    )
+
     app_id: str = Field("streamrec", min_length=1, description="Consumer group / app id.")
 
     # --- worker -----------------------------------------------------------

@@ -129,8 +129,12 @@ class LocalStack:
         if self.start_broker:
             port = int(self.settings.bootstrap_list[0].rpartition(":")[2])
             self.broker = EmbeddedBroker(port, log_path=self.log_dir / "broker.log").start()
-        asyncio.run(ensure_topics(self.settings))
-        self.worker.start().wait_ready()
+        try:
+            asyncio.run(ensure_topics(self.settings))
+            self.worker.start().wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

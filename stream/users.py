@@ -10,6 +10,14 @@ committed, and every update is idempotent:
   a redelivered message (same or lower offset) is skipped, and
 * ``recent_ids`` holds the last event ids, so a producer that sends the same
   event twice (new offset, same ``event_id``) is also applied once.
+
+Offsets only order one incarnation of a log. The embedded broker keeps its log
+in memory, so after a broker restart a partition starts again at offset 0 and
+the old offsets would hide every new event. ``applied_time`` keeps the newest
+event time applied per ``topic/partition``: a message at an old offset is a
+redelivery only if it is also no newer than that (a redelivered event was
+applied, so its time cannot exceed it); a newer one comes from a new log and
+is applied. ``applied_count`` counts applied events (for exactness checks).
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ class UserState:
     applied: dict[str, int] = field(default_factory=dict)
     recent_ids: list[str] = field(default_factory=list)
     last_event_time: float = 0.0
+    applied_time: dict[str, float] = field(default_factory=dict)
+    applied_count: int = 0
 
     @classmethod
     def from_payload(cls, user_id: str, payload: dict[str, object]) -> "UserState":
@@ -55,6 +65,8 @@ class UserState:
             applied=dict(payload.get("applied", {})),  # type: ignore[arg-type]
             recent_ids=list(payload.get("recent_ids", [])),  # type: ignore[arg-type]
             last_event_time=float(payload.get("last_event_time", 0.0)),  # type: ignore[arg-type]
+            applied_time=dict(payload.get("applied_time", {})),  # type: ignore[arg-type]
+            applied_count=int(payload.get("applied_count", 0)),  # type: ignore[call-overload]
         )
 
     def payload(self) -> dict[str, object]:
@@ -64,18 +76,27 @@ class UserState:
             "applied": self.applied,
             "recent_ids": self.recent_ids,
             "last_event_time": self.last_event_time,
+            "applied_time": self.applied_time,
+            "applied_count": self.applied_count,
             "updated_at": time.time(),
         }
 
     def already_applied(self, delivery: Delivery) -> bool:
         source = f"{delivery.topic}/{delivery.partition}"
-        return delivery.offset <= self.applied.get(source, -1) or delivery.event.event_id in self.recent_ids
+        if delivery.event.event_id in self.recent_ids:
+            return True
+        # A state written before applied_time existed has no entry: offsets alone decide.
+        newest = self.applied_time.get(source, float("inf"))
+        return delivery.offset <= self.applied.get(source, -1) and delivery.event.event_time <= newest
 
     def append(self, delivery: Delivery, entry: str, action: int, max_length: int, window: int) -> None:
         self.items.append(entry)
         self.actions.append(action)
         del self.items[:-max_length], self.actions[:-max_length]
-        self.applied[f"{delivery.topic}/{delivery.partition}"] = delivery.offset
+        source = f"{delivery.topic}/{delivery.partition}"
+        self.applied[source] = delivery.offset
+        self.applied_time[source] = max(self.applied_time.get(source, 0.0), delivery.event.event_time)
+        self.applied_count += 1
         if window:
             self.recent_ids.append(delivery.event.event_id)
             del self.recent_ids[:-window]

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import faust
 from pydantic import BaseModel
@@ -40,13 +40,24 @@ class Received(Generic[E]):
 ApplyFn = Callable[[list[Received[E]]], Awaitable[list[tuple[int, DecodeError]]]]
 
 
-class DeadLetters:
-    def __init__(self, services: Services, topics: Topics) -> None:
-        self._services = services
-        self._topic = topics.deadletter
+# publish(key, value) -> a future that resolves when the broker has the message
+Publish = Callable[[bytes | None, bytes], Awaitable[Awaitable[object]]]
 
-    async def send(self, message: faust.types.Message | None, raw: bytes | None, error: DecodeError,
+
+class DeadLetters:
+    """Publishes dead letters through whichever producer the caller uses."""
+
+    def __init__(self, services: Services, publish: Publish) -> None:
+        self._services = services
+        self._publish = publish
+
+    @classmethod
+    def via_faust(cls, services: Services, topics: Topics) -> "DeadLetters":
+        return cls(services, lambda key, value: topics.deadletter.send(key=key, value=value))
+
+    async def send(self, message: Any | None, raw: bytes | None, error: DecodeError,
                    *, topic: str, key: bytes | None = None) -> None:
+        """``message`` is a faust Message or an aiokafka ConsumerRecord (same fields)."""
         letter = DeadLetter.of(
             raw,
             error,
@@ -57,7 +68,8 @@ class DeadLetters:
         )
         # Waiting for the broker's ack keeps "nothing accepted is lost" true:
         # the source offset is committed only after this returns.
-        await self._topic.send(key=key or (message.key if message else None), value=letter.to_bytes())
+        sent = await self._publish(key or (message.key if message else None), letter.to_bytes())
+        await sent
         self._services.metrics.dead_letters.labels(topic, error.reason).inc()
 
 

@@ -354,7 +354,8 @@ class Prometheus:
             with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as reply:
                 return json.loads(reply.read())
         except urllib.error.HTTPError as exc:  # 400/422 carry the PromQL error as JSON
-            return json.loads(exc.read())
+            with exc:
+                return json.loads(exc.read())
 
     def query(self, expr: str) -> list[dict]:
         answer = self.api("query", query=expr)
@@ -397,6 +398,7 @@ def _send_traffic(settings: Settings, stack: LocalStack) -> None:
         headers={"Content-Type": "application/json"}, method="POST")
     with pytest.raises(urllib.error.HTTPError) as rejected:
         urllib.request.urlopen(request, timeout=5)
+    rejected.value.close()
     assert rejected.value.code == 400
 
 
