@@ -10,12 +10,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 from stream.agents import catalog, clicks, images, recommend, searches
 from stream.agents.base import DeadLetters
 from stream.http_api import HealthState, serve_http
+from stream.lag import LAG_TOPICS, measure_lag
 from stream.services import Services
 from stream.settings import Settings
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 1.0
+LAG_INTERVAL_S = 10.0
 
 
 def faust_options(settings: Settings) -> dict[str, object]:
@@ -23,7 +25,7 @@ def faust_options(settings: Settings) -> dict[str, object]:
         broker=[f"kafka://{host}" for host in settings.bootstrap_list],
         store="memory://",
         topic_partitions=settings.partitions,
-        topic_replication_factor=1 if settings.embedded_broker else 3,
+        topic_replication_factor=settings.replication_factor,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
@@ -94,13 +96,20 @@ def create_app(settings: Settings, services: Services) -> faust.App:
         ready = bool(app.consumer.assignment()) and requests_ready.is_set()
         await _check_health(settings, services, health, ready=ready)
 
-    @app.timer(HEALTH_INTERVAL_S)
+    @app.timer(LAG_INTERVAL_S)
     async def lag_gauges() -> None:
         # The embedded broker's end offsets are wrong (see docs), so lag is
         # reported as unavailable (-1) there rather than as a wrong number.
         if settings.embedded_broker:
-            for key in ("clicks", "searches", "images", "catalog", "requests"):
-                services.metrics.consumer_lag.labels(settings.topic(key)).set(-1)
+            lag = {settings.topic(key): -1 for key in LAG_TOPICS}
+        else:
+            try:
+                lag = await measure_lag(settings)
+            except Exception as exc:  # lag is advisory; the health check reports the broker
+                log.warning("consumer lag unavailable: %s", exc)
+                lag = {settings.topic(key): -1 for key in LAG_TOPICS}
+        for topic, behind in lag.items():
+            services.metrics.consumer_lag.labels(topic).set(behind)
 
     return app
 

@@ -51,7 +51,7 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
         url = f"tcp://127.0.0.1:{self.port}"
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(
             [
                 str(tansu_binary()),
@@ -68,6 +68,8 @@ class EmbeddedBroker:
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
             start_new_session=True,
         )
+        if self.log_path:
+            out.close()  # the child holds its own descriptor
         asyncio.run(wait_for_broker(self.bootstrap, timeout_s, process=self._process))
         log.info("embedded broker listening on %s (pid %d)", self.bootstrap, self._process.pid)
         return self
@@ -164,7 +166,8 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None) -> l
         try:
             await admin.create_topics(
                 [
-                    NewTopic(name=n, num_partitions=settings.partitions, replication_factor=1)
+                    NewTopic(name=n, num_partitions=settings.partitions,
+                             replication_factor=settings.replication_factor)
                     for n in missing
                 ]
             )

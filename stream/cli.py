@@ -67,6 +67,12 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, users=args.users, events=args.events)
 
 
+def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from exporter.status import main as status_main
+
+    return status_main(args.rest)
+
+
 def _cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from model.train import main as train_main
 
@@ -112,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--users", type=int, default=300, help="users to replay")
     demo.add_argument("--events", type=int, default=20000, help="click events to replay at most")
 
+    status = sub.add_parser("status", help="one-screen summary of a running worker (see streamrec status -h)",
+                            add_help=False)
+    status.add_argument("rest", nargs=argparse.REMAINDER)
     train = sub.add_parser("train", help="train the fused model (see streamrec train -h)", add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     bench = sub.add_parser("bench", help="benchmarks (streamrec bench NAME -h): quality, ingest, crash, ...")
@@ -126,6 +135,7 @@ COMMANDS = {
     "setup": _cmd_setup,
     "recommend": _cmd_recommend,
     "demo": _cmd_demo,
+    "status": _cmd_status,
     "train": _cmd_train,
     "bench": _cmd_bench,
 }

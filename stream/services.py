@@ -74,6 +74,12 @@ class Services:
         store.ensure_collection(CollectionSpec(collections.users, {"user": model.fused_dim}))
         store.ensure_collection(CollectionSpec(collections.queries, {"fused": model.fused_dim}))
         metrics = Metrics(registry or CollectorRegistry())
+        # Labelled series exist from the start, so rate() sees the first burst.
+        for label in ("catalog", "clicks", "searches", "images", "requests"):
+            metrics.events_processed.labels(label)
+        for path in ("http", "kafka"):
+            metrics.request_latency.labels(path)
+            metrics.requests_failed.labels(path)
         metrics.model_info.info({"version": model.version})
         metrics.model_loaded_timestamp.set(time.time())
         return cls(

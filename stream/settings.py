@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     )
     topic_prefix: str = Field("", description="Prefix for every topic name (isolation).")
     partitions: int = Field(4, ge=1, le=1024)
+    replication_factor: int = Field(
+        1, ge=1, le=16, description="Replicas per topic (3 on a production Kafka cluster)."
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -101,7 +104,9 @@ class Settings(BaseSettings):
     http_max_body_bytes: int = Field(
         4_194_304, ge=1024, description="Largest accepted HTTP body (inline photos for visual search)."
     )
-    metrics_port: int = Field(9108, ge=0, le=65535)
+    metrics_port: int = Field(
+        9108, ge=0, le=65535, description="/metrics of jobs without the HTTP endpoint (fine-tuner)."
+    )
     candidates: int = Field(500, ge=1, le=10_000)
     default_k: int = Field(10, ge=1, le=1000)
     max_k: int = Field(100, ge=1, le=10_000)

@@ -48,11 +48,13 @@ class WorkerProcess:
 
     def start(self) -> "WorkerProcess":
         env = {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stream.cli", "--log-level", "warning", "worker"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        if self.log_path:
+            out.close()  # the child holds its own descriptor
         return self
 
     def health(self) -> dict[str, object] | None:
