@@ -76,6 +76,45 @@ class Metrics:
             "streamrec_worker_healthy", "1 when the worker can reach broker and store.",
             registry=registry,
         )
+        # --- drift against the serving model's reference window (exporter.drift) ---
+        self.drift_score_psi = Gauge(
+            "streamrec_drift_score_psi", "PSI of ranking scores vs the reference window.", registry=registry,
+        )
+        self.drift_embedding_shift = Gauge(
+            "streamrec_drift_embedding_shift", "Cosine distance of the mean user vector vs the reference window.",
+            registry=registry,
+        )
+        self.drift_ctr_ratio = Gauge(
+            "streamrec_drift_ctr_ratio", "Current CTR / reference CTR of served lists.", registry=registry,
+        )
+        self.drift_popularity_gini = Gauge(
+            "streamrec_drift_popularity_gini", "Gini coefficient of how often each item is served.",
+            registry=registry,
+        )
+        # --- fine-tuning (model.finetune) ------------------------------------------
+        self.finetune_decisions = Counter(
+            "streamrec_finetune_decisions_total",
+            "Fine-tuning cycles by outcome (promoted, rejected, skipped).", ["decision"], registry=registry,
+        )
+        self.finetune_heldout_metric = Gauge(
+            "streamrec_finetune_heldout_metric",
+            "Held-out metric of the last cycle, by model (candidate or serving) and metric.",
+            ["model", "metric"], registry=registry,
+        )
+        self.training_metric = Gauge(
+            "streamrec_training_metric", "Training metrics of the promoted model, by metric.",
+            ["metric"], registry=registry,
+        )
+        self.finetune_cycle_seconds = Gauge(
+            "streamrec_finetune_cycle_seconds", "Wall time of the last fine-tuning cycle.", registry=registry,
+        )
+        self.finetune_interactions = Gauge(
+            "streamrec_finetune_interactions", "Interactions kept for fine-tuning.", registry=registry,
+        )
+        self.model_swaps = Counter(
+            "streamrec_model_swaps_total", "Hot swaps of the serving model, by outcome (ok, refused).",
+            ["outcome"], registry=registry,
+        )
         self.requests_failed = Counter(
             "streamrec_requests_failed_total",
             "Recommendation requests answered with an error, by path.",

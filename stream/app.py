@@ -7,6 +7,7 @@ import logging
 import faust
 from aiokafka.admin import AIOKafkaAdminClient
 
+from stream import swap
 from stream.agents import catalog, clicks, images, recommend, searches
 from stream.agents.base import DeadLetters
 from stream.http_api import HealthState, serve_http
@@ -18,6 +19,7 @@ from stream.topics import Topics
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 1.0
 LAG_INTERVAL_S = 10.0
+DRIFT_INTERVAL_S = 10.0
 
 
 def faust_options(settings: Settings) -> dict[str, object]:
@@ -83,6 +85,7 @@ def create_app(settings: Settings, services: Services) -> faust.App:
     for agent_module in (catalog, clicks, searches, images):
         agent_module.attach(app, topics, services, dead_letters)
     requests_ready = recommend.attach(app, topics, services, dead_letters)
+    swap.attach(app, services)
     health = HealthState(services)
 
     @app.task
@@ -95,6 +98,14 @@ def create_app(settings: Settings, services: Services) -> faust.App:
     async def check_health() -> None:
         ready = bool(app.consumer.assignment()) and requests_ready.is_set()
         await _check_health(settings, services, health, ready=ready)
+
+    @app.timer(DRIFT_INTERVAL_S)
+    async def drift_gauges() -> None:
+        drift = services.drift.results()
+        services.metrics.drift_score_psi.set(drift.score_psi)
+        services.metrics.drift_embedding_shift.set(drift.embedding_shift)
+        services.metrics.drift_ctr_ratio.set(drift.ctr_ratio)
+        services.metrics.drift_popularity_gini.set(drift.popularity_gini)
 
     @app.timer(LAG_INTERVAL_S)
     async def lag_gauges() -> None:

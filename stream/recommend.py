@@ -14,7 +14,7 @@ import numpy as np
 
 from model.rerank import mmr
 from stream.events import RecommendedItem, RecRequest, RecResponse
-from stream.services import Services
+from stream.services import Services, ServingState
 from stream.item_cache import Gathered
 from stream.store import Hit, SearchFilter
 from stream.users import QUERY_PREFIX, UserState
@@ -39,8 +39,10 @@ def recommend(
     image_vector: np.ndarray | None = None,
 ) -> RecResponse:
     started = time.perf_counter()
-    settings, store, model = services.settings, services.store, services.model
-    users = store.retrieve(services.collections.users, [request.user_id], with_vectors=True)
+    # One read of the serving state: a hot swap during this request cannot mix versions.
+    serving = services.serving
+    settings, store, model = services.settings, services.store, serving.model
+    users = store.retrieve(serving.collections.users, [request.user_id], with_vectors=True)
     hit = users.get(request.user_id)
     state = UserState.from_payload(request.user_id, hit.payload) if hit else UserState(request.user_id)
     user_vector = hit.vectors.get("user") if hit else None
@@ -66,7 +68,7 @@ def recommend(
                 pool[h.id] = Candidate(h.id, h.score, source)
 
     limit = settings.candidates
-    items = services.collections.items
+    items = serving.collections.items
     if text_query is not None:
         add(store.search(items, "text", text_query, limit, flt, with_payload=False), "query")
     if image_vector is not None:
@@ -78,17 +80,17 @@ def recommend(
     for item_id, _ in services.trending.top_cached(TRENDING_CANDIDATES, now, exclude=excluded_set):
         if item_id not in pool:
             pool[item_id] = Candidate(item_id, 0.0, "trending")
-    gathered = _gather(services, pool, flt)
+    gathered = _gather(services, serving, pool, flt)
     if len(gathered.item_ids) < request.k and not (text_query is not None or image_vector is not None):
         # Too little signal (cold user, nothing trending that passes the
         # filters): fill up with catalogue items that pass them.
         for item_id in itertools.islice(store.scroll_ids(items), COLD_SCAN):
             if item_id not in excluded_set and item_id not in pool:
                 pool[item_id] = Candidate(item_id, 0.0, "catalogue")
-        gathered = _gather(services, pool, flt)
+        gathered = _gather(services, serving, pool, flt)
     services.metrics.retrieval_latency.observe(time.perf_counter() - t0)
     if not gathered.item_ids:
-        return _response(services, request, [], started, path)
+        return _response(services, request, [], started, path, model.version)
     candidates = [pool[i] for i in gathered.item_ids]
 
     # --- scoring -------------------------------------------------------------
@@ -112,7 +114,7 @@ def recommend(
     # --- re-ranking and reasons ------------------------------------------------
     k = min(request.k, settings.max_k, len(candidates))
     order = mmr(scores.astype(np.float32), fused, k, settings.diversity)
-    explain = _Explainer(services, state)
+    explain = _Explainer(services, serving, state)
     chosen = [
         RecommendedItem(
             item_id=candidates[i].item_id,
@@ -122,15 +124,17 @@ def recommend(
         )
         for i in order
     ]
-    return _response(services, request, chosen, started, path)
+    services.drift.update(scores=scores[order], user_vector=user_vector,
+                          served=[item.item_id for item in chosen], impressions=len(chosen))
+    return _response(services, request, chosen, started, path, model.version)
 
 
-def _gather(services: Services, pool: dict[str, Candidate], flt: SearchFilter) -> Gathered:
+def _gather(services: Services, serving: ServingState, pool: dict[str, Candidate], flt: SearchFilter) -> Gathered:
     """Candidate rows from the item cache; trending and catalogue candidates were
     not found by a filtered search, so the filters are applied to them here."""
-    gathered = services.item_cache.gather(
+    gathered = serving.item_cache.gather(
         list(pool),
-        lambda missing: services.store.retrieve(services.collections.items, missing, with_vectors=CANDIDATE_VECTORS),
+        lambda missing: services.store.retrieve(serving.collections.items, missing, with_vectors=CANDIDATE_VECTORS),
     )
     keep = [
         n for n, item_id in enumerate(gathered.item_ids)
@@ -158,14 +162,14 @@ def _passes(payload: dict, flt: SearchFilter) -> bool:
 
 
 def _response(services: Services, request: RecRequest, items: list[RecommendedItem],
-              started: float, path: str) -> RecResponse:
+              started: float, path: str, model_version: str) -> RecResponse:
     elapsed = time.perf_counter() - started
     services.metrics.request_latency.labels(path).observe(elapsed)
     return RecResponse(
         request_id=request.request_id,
         user_id=request.user_id,
         items=items,
-        model_version=services.model.version,
+        model_version=model_version,
         served_at=time.time(),
         latency_ms=round(elapsed * 1000, 3),
     )
@@ -174,11 +178,11 @@ def _response(services: Services, request: RecRequest, items: list[RecommendedIt
 class _Explainer:
     """Short reasons: the recent interaction an item is closest to, or its source."""
 
-    def __init__(self, services: Services, state: UserState) -> None:
+    def __init__(self, services: Services, serving: ServingState, state: UserState) -> None:
         recent = list(dict.fromkeys(e for e in reversed(state.items) if not e.startswith(QUERY_PREFIX)))[:10]
-        found = services.item_cache.gather(
+        found = serving.item_cache.gather(
             recent,
-            lambda missing: services.store.retrieve(services.collections.items, missing,
+            lambda missing: services.store.retrieve(serving.collections.items, missing,
                                                     with_vectors=CANDIDATE_VECTORS),
         )
         self._titles = [str(p.get("title") or i) for i, p in zip(found.item_ids, found.payloads)]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from exporter.drift import DriftMonitor, DriftThresholds
 from exporter.metrics import Metrics
 from model.serving import ServingModel
 from stream.errors import ModelLoadError
@@ -32,21 +33,45 @@ class Collections:
     queries: str
 
 
+@dataclass(frozen=True)
+class ServingState:
+    """One model version with the collections and item cache built for it.
+
+    Swapped as one reference (``stream.swap``): a request reads it once and so
+    never mixes two versions' vectors.
+    """
+
+    model: ServingModel
+    collections: Collections
+    item_cache: ItemCache
+
+
 @dataclass
 class Services:
     settings: Settings
     store: VectorStore
     text_encoder: object  # model.content.TextEncoder
     image_encoder: object  # model.content.ImageEncoder
-    model: ServingModel
     metrics: Metrics
     trending: Trending
-    collections: Collections
-    item_cache: ItemCache
+    serving: ServingState
     started_at: float = field(default_factory=time.time)
+    drift: DriftMonitor = field(default_factory=DriftMonitor)
     # Serialises writes to user and item state between agents (clicks and
     # searches both update users; catalogue and photos both update items).
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def model(self) -> ServingModel:
+        return self.serving.model
+
+    @property
+    def collections(self) -> Collections:
+        return self.serving.collections
+
+    @property
+    def item_cache(self) -> ItemCache:
+        return self.serving.item_cache
 
     @classmethod
     def open(cls, settings: Settings, registry: CollectorRegistry | None = None) -> "Services":
@@ -61,18 +86,12 @@ class Services:
             api_key=settings.qdrant_api_key,
             hnsw_ef=settings.hnsw_ef,
         )
-        prefix = settings.collection_prefix
-        collections = Collections(
-            items=f"{prefix}items", users=f"{prefix}users", queries=f"{prefix}queries"
-        )
-        store.ensure_collection(
-            CollectionSpec(
-                collections.items,
-                {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
-            )
-        )
-        store.ensure_collection(CollectionSpec(collections.users, {"user": model.fused_dim}))
-        store.ensure_collection(CollectionSpec(collections.queries, {"fused": model.fused_dim}))
+        from stream.swap import serving_collections
+
+        # The collections a hot swap built for this version, else the plain names.
+        collections = serving_collections(settings, model.version)
+        for spec in collection_specs(collections, model):
+            store.ensure_collection(spec)
         metrics = Metrics(registry or CollectorRegistry())
         # Labelled series exist from the start, so rate() sees the first burst.
         for label in ("catalog", "clicks", "searches", "images", "requests"):
@@ -87,20 +106,48 @@ class Services:
             store=store,
             text_encoder=TextEncoder.from_dir(towers_dir / "text"),
             image_encoder=ImageEncoder.from_dir(towers_dir / "image"),
-            model=model,
             metrics=metrics,
             trending=Trending(settings.trending_half_life_s),
-            collections=collections,
-            item_cache=ItemCache(
-                {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
-                # The in-process store has no other writer; a shared server may.
-                ttl_s=float("inf") if settings.store_backend == "edge" else settings.item_cache_ttl_s,
-            ),
+            serving=ServingState(model, collections, new_item_cache(settings, model)),
+            drift=drift_monitor(settings),
         )
 
     def close(self) -> None:
         self.store.flush()
         self.store.close()
+
+
+def collection_specs(collections: Collections, model: ServingModel) -> list[CollectionSpec]:
+    """The items, users and queries collections of one model version."""
+    # The retrieval space (fused items, users, queries) is scored by dot
+    # product, exactly as the model computes it; content vectors by cosine.
+    return [
+        CollectionSpec(
+            collections.items,
+            {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
+            dot=frozenset({"fused"}),
+        ),
+        CollectionSpec(collections.users, {"user": model.fused_dim}, dot=frozenset({"user"})),
+        CollectionSpec(collections.queries, {"fused": model.fused_dim}, dot=frozenset({"fused"})),
+    ]
+
+
+def new_item_cache(settings: Settings, model: ServingModel) -> ItemCache:
+    return ItemCache(
+        {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
+        # The in-process store has no other writer; a shared server may.
+        ttl_s=float("inf") if settings.store_backend == "edge" else settings.item_cache_ttl_s,
+    )
+
+
+def drift_monitor(settings: Settings) -> DriftMonitor:
+    thresholds = DriftThresholds(
+        score_psi=settings.drift_score_psi,
+        embedding_shift=settings.drift_embedding_shift,
+        ctr_ratio_min=settings.drift_ctr_ratio_min,
+        popularity_gini=settings.drift_popularity_gini,
+    )
+    return DriftMonitor(settings.drift_reference_size, settings.drift_window_size, thresholds)
 
 
 def prepare_towers(settings: Settings, *, check: bool = False) -> Path:

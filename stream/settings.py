@@ -114,6 +114,25 @@ class Settings(BaseSettings):
         0.8, ge=0.0, le=1.0, description="MMR trade-off: 1.0 = relevance only."
     )
 
+    # --- fine-tuning and drift (docs/finetuning.md) --------------------------
+    finetune_epochs: int = Field(3, ge=1, le=1000, description="Most passes over the recent data per cycle.")
+    finetune_minutes: float = Field(0.5, gt=0, description="Training time budget of one cycle.")
+    finetune_learning_rate: float = Field(3e-4, gt=0, le=1.0)
+    finetune_margin: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Promote when candidate NDCG@10 >= serving NDCG@10 - margin on the held-out window.",
+    )
+    finetune_max_interactions: int = Field(
+        1_000_000, ge=1000, description="Interactions kept between cycles (oldest dropped)."
+    )
+    finetune_min_users: int = Field(20, ge=1, description="Fewer evaluable users: the cycle is skipped.")
+    drift_reference_size: int = Field(5000, ge=10, description="Scores in a model's reference window.")
+    drift_window_size: int = Field(5000, ge=10, description="Scores in the current drift window.")
+    drift_score_psi: float = Field(0.25, gt=0, description="Alert above this score PSI.")
+    drift_embedding_shift: float = Field(0.2, gt=0, description="Alert above this user-vector shift.")
+    drift_ctr_ratio_min: float = Field(0.8, gt=0, description="Alert below this CTR ratio.")
+    drift_popularity_gini: float = Field(0.9, gt=0, le=1.0, description="Alert above this Gini.")
+
     @field_validator("bootstrap_servers")
     @classmethod
     def _check_bootstrap(cls, value: str) -> str:

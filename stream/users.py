@@ -139,6 +139,13 @@ def apply_interactions(services: Services, deliveries: list[Delivery]) -> int:
         state.append(delivery, entry, action, settings.user_sequence_length, settings.dedup_window)
         touched.add(state.user_id)
         applied += 1
+    # A click with a position was on a served list: the CTR drift numerator.
+    clicked_lists = sum(
+        1 for d in deliveries
+        if isinstance(d.event, ClickEvent) and d.event.position is not None and d.event.action != "view"
+    )
+    if clicked_lists:
+        services.drift.update(clicks=clicked_lists)
     if touched:
         changed = [states[uid] for uid in user_ids if uid in touched]
         vectors = user_vectors(services, changed, query_vectors)

@@ -39,10 +39,19 @@ _COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 @dataclass(frozen=True)
 class CollectionSpec:
-    """A collection's name and its named vectors (name -> dimension, cosine)."""
+    """A collection's name and its named vectors (name -> dimension).
+
+    Vectors are compared by cosine similarity, except those named in ``dot``:
+    learned retrieval spaces score by dot product, where a vector's length
+    carries meaning (e.g. popularity) and must not be normalised away.
+    """
 
     name: str
     vectors: dict[str, int]
+    dot: frozenset[str] = frozenset()
+
+    def distance(self, vector_name: str) -> str:
+        return "dot" if vector_name in self.dot else "cosine"
 
     def __post_init__(self) -> None:
         if not _COLLECTION_NAME.match(self.name):
@@ -51,6 +60,8 @@ class CollectionSpec:
             )
         if not self.vectors:
             raise ConfigError(f"collection {self.name!r} needs at least one named vector")
+        if not set(self.dot) <= set(self.vectors):
+            raise ConfigError(f"collection {self.name!r}: dot names unknown vectors {set(self.dot) - set(self.vectors)}")
         for vector_name, dim in self.vectors.items():
             if not vector_name or not isinstance(dim, int) or dim < 1:
                 raise ConfigError(
@@ -313,6 +324,16 @@ def check_same_vectors(spec: CollectionSpec, stored: Mapping[str, int]) -> None:
     if dict(stored) != spec.vectors:
         raise ConfigError(
             f"collection {spec.name!r} exists with vectors {dict(stored)}, not {spec.vectors}"
+        )
+
+
+def check_same_spec(spec: CollectionSpec, known: CollectionSpec) -> None:
+    """``ConfigError`` unless an open collection has the spec's vectors and distances."""
+    check_same_vectors(spec, known.vectors)
+    if spec.dot != known.dot:
+        raise ConfigError(
+            f"collection {spec.name!r} is open with dot-product vectors {sorted(known.dot)}, "
+            f"not {sorted(spec.dot)}"
         )
 
 

@@ -39,6 +39,7 @@ from stream.store.base import (
     check_payload,
     check_price_bounds,
     check_query_matrix,
+    check_same_spec,
     check_same_vectors,
     check_vector,
     named_vectors,
@@ -104,7 +105,7 @@ class EdgeStore(VectorStore):
                 raise StoreUnavailableError("edge store is closed")
             open_spec = self._shards.get(spec.name)
             if open_spec is not None:
-                check_same_vectors(spec, open_spec[0].vectors)
+                check_same_spec(spec, open_spec[0])
                 return
             path = self._data_dir / spec.name
             config = self._edge_config(spec)
@@ -125,7 +126,9 @@ class EdgeStore(VectorStore):
     def _edge_config(self, spec: CollectionSpec) -> qe.EdgeConfig:
         return qe.EdgeConfig(
             vectors={
-                name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)
+                name: qe.EdgeVectorParams(
+                    size=dim, distance=qe.Distance.Dot if name in spec.dot else qe.Distance.Cosine
+                )
                 for name, dim in spec.vectors.items()
             },
             hnsw_config=self._hnsw,

@@ -33,6 +33,7 @@ from stream.store.base import (
     check_payload,
     check_price_bounds,
     check_query_matrix,
+    check_same_spec,
     check_same_vectors,
     check_vector,
     named_vectors,
@@ -81,13 +82,13 @@ class RemoteStore(VectorStore):
     def ensure_collection(self, spec: CollectionSpec) -> None:
         known = self._specs.get(spec.name)
         if known is not None:
-            check_same_vectors(spec, known.vectors)
+            check_same_spec(spec, known)
             return
         client = self._live_client()
         if not self._call(f"look up {spec.name!r}", lambda: client.collection_exists(spec.name)):
             self._create(spec)
         info = self._call(f"describe {spec.name!r}", lambda: client.get_collection(spec.name))
-        check_same_vectors(spec, _stored_dims(spec.name, info.config.params.vectors))
+        check_same_vectors(spec, _stored_dims(spec, info.config.params.vectors))
         if not self._local:  # local mode has no payload indexes and warns about them
             for key, schema in _PAYLOAD_INDEXES.items():
                 index_key = partial(client.create_payload_index, spec.name, key, schema, wait=True)
@@ -96,7 +97,9 @@ class RemoteStore(VectorStore):
 
     def _create(self, spec: CollectionSpec) -> None:
         vectors_config = {
-            name: models.VectorParams(size=dim, distance=models.Distance.COSINE)
+            name: models.VectorParams(
+                size=dim, distance=models.Distance.DOT if name in spec.dot else models.Distance.COSINE
+            )
             for name, dim in spec.vectors.items()
         }
         try:
@@ -335,14 +338,16 @@ def _unavailable(what: str, exc: BaseException) -> StoreUnavailableError:
     return StoreUnavailableError(f"qdrant store: {what} failed: {exc}")
 
 
-def _stored_dims(collection: str, vectors: Any) -> dict[str, int]:
+def _stored_dims(spec: CollectionSpec, vectors: Any) -> dict[str, int]:
+    collection = spec.name
     if not isinstance(vectors, dict):
         raise ConfigError(f"collection {collection!r} exists with one unnamed vector")
     dims: dict[str, int] = {}
     for name, params in vectors.items():
-        if params.distance != models.Distance.COSINE:
+        expected = models.Distance.DOT if name in spec.dot else models.Distance.COSINE
+        if params.distance != expected:
             raise ConfigError(
-                f"collection {collection!r}: vector {name!r} uses {params.distance}, not cosine"
+                f"collection {collection!r}: vector {name!r} uses {params.distance}, not {expected}"
             )
         dims[name] = int(params.size)
     return dims

@@ -508,3 +508,18 @@ def test_open_store_checks_its_arguments(tmp_path: Path) -> None:
     with open_store("qdrant", location=":memory:") as local:
         local.ensure_collection(ITEMS)
         assert local.count(ITEMS.name) == 0
+
+
+def test_dot_vectors_keep_their_length_and_rank_by_dot_product(store: VectorStore) -> None:
+    spec = CollectionSpec("dotspace", {"v": 3}, dot=frozenset({"v"}))
+    store.ensure_collection(spec)
+    long_far = np.array([3.0, 3.0, 0.0], np.float32)  # cosine 0.71 to the query, dot 3.0
+    short_near = np.array([0.5, 0.0, 0.0], np.float32)  # cosine 1.0, dot 0.5
+    store.upsert("dotspace", [Point("long", {"v": long_far}), Point("short", {"v": short_near})])
+    hits = store.search("dotspace", "v", np.array([1.0, 0.0, 0.0], np.float32), 2, exact=True)
+    assert [h.id for h in hits] == ["long", "short"]
+    assert hits[0].score == pytest.approx(3.0, rel=1e-5)
+    stored = store.retrieve("dotspace", ["long"], with_vectors=True)["long"].vectors["v"]
+    np.testing.assert_allclose(stored, long_far, rtol=1e-6)
+    with pytest.raises(ConfigError):
+        store.ensure_collection(CollectionSpec("dotspace", {"v": 3}))  # same dims, other distance

@@ -1,0 +1,388 @@
+"""``streamrec bench prequential``: test-then-learn evaluation through the running pipeline.
+
+Interactions are replayed in time order (S3-Rec files: each user's order, users
+taking turns) through a real broker and two real workers on it:
+
+* online: receives every interaction;
+* frozen: receives only the warm-up interactions (same model, no online updates).
+
+For each interaction after a user's warm-up, both workers are asked for the
+user's top 10 over HTTP (POST /recommend, the production request path) before
+the interaction is published, and the interaction is applied before that
+user's next request (the worker's processed-events metric is polled).
+Alongside, in this process: global popularity and river's online matrix
+factorisation learn the same events one at a time. Every method is asked to
+leave out the items the user has already interacted with (the requests carry
+them as ``exclude_ids``), so the comparison is about the ranking only.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from model.data import InteractionData, load_ml100k, load_s3rec
+from stream import movielens
+from stream.bench.common import (
+    RecordingPublisher,
+    bench_parser,
+    report,
+    stack_settings,
+    start_broker,
+    start_worker,
+    wait_for,
+    work_dir,
+)
+from stream.client import http_recommend
+from stream.errors import ConfigError, StreamrecError
+from stream.events import CatalogItem, ClickEvent, RecRequest, RequestFilters
+from stream.prequential import (
+    Catalogue,
+    Interaction,
+    PopularityBaseline,
+    RankingScore,
+    RiverMF,
+    replay_order,
+    select_users,
+    waves,
+)
+from stream.settings import Settings, load_settings
+from stream.stack import WorkerProcess
+
+K = 10
+METHODS = ("online", "frozen", "pop", "river")
+CATALOGUE_TIME = 1.0e9  # S3-Rec has no times: catalogue and events get synthetic ones
+APPLY_TIMEOUT_S = 120.0
+CATEGORY_SEPARATOR = "|"  # how a trained artefact reads several attribute names from ``category``
+
+
+@dataclass
+class Replay:
+    """What one run replays: the catalogue, the users' sequences and their times."""
+
+    catalogue: list[CatalogItem]
+    sequences: dict[str, list[str]]
+    timestamps: dict[str, list[float]] | None
+
+
+@dataclass
+class Counters:
+    """Click events published to each worker, and how many it had processed before them."""
+
+    published: dict[str, int] = field(default_factory=lambda: {"online": 0, "frozen": 0})
+    baseline: dict[str, float] = field(default_factory=lambda: {"online": 0.0, "frozen": 0.0})
+
+
+# -- the data -------------------------------------------------------------------------
+
+
+def _catalogue_from(data: InteractionData) -> list[CatalogItem]:
+    """S3-Rec items: no title, their attribute ids as category and attributes."""
+    items = []
+    for index, item_id in enumerate(data.item_ids, start=1):
+        names = [data.attribute_names[a - 1] for a in data.attributes[index].tolist() if a > 0]
+        items.append(CatalogItem(
+            event_id=f"preq-item-{item_id}", event_time=CATALOGUE_TIME, item_id=item_id, title="",
+            category=CATEGORY_SEPARATOR.join(names)[:200],
+            attributes={"attribute_ids": " ".join(names)[:500]} if names else {},
+        ))
+    return items
+
+
+def _ml100k_catalogue(data: InteractionData) -> list[CatalogItem]:
+    """MovieLens films via ``stream.movielens``, under the training data's ids and genre names.
+
+    ``stream.movielens`` prefixes ids with ``m`` and keeps one genre as the
+    category; a model trained with ``streamrec train --format ml100k`` knows
+    the plain ids and every genre, so the catalogue speaks its language.
+    """
+    known = set(data.item_ids)
+    items = []
+    for item in movielens.catalog_events():
+        item_id = item.item_id.removeprefix("m")
+        if item_id in known:
+            genres = item.attributes.get("genres", "").split()
+            items.append(item.model_copy(update={"item_id": item_id,
+                                                 "category": CATEGORY_SEPARATOR.join(genres)[:200]}))
+    return items
+
+
+def load_replay(data_format: str, path: Path | None, users: int | None, seed: int,
+                max_per_user: int | None) -> Replay:
+    if data_format == "ml100k":
+        data = load_ml100k(path)
+        catalogue = _ml100k_catalogue(data)
+        user_prefix = "u"
+    elif data_format == "s3rec":
+        if path is None:
+            raise ConfigError("--data is required for the s3rec format")
+        data = load_s3rec(path)
+        catalogue = _catalogue_from(data)
+        user_prefix = "s"
+    else:
+        raise ConfigError(f"unknown format {data_format!r}; expected s3rec or ml100k")
+    chosen = set(select_users(data.user_ids, users, seed))
+    sequences: dict[str, list[str]] = {}
+    timestamps: dict[str, list[float]] | None = {} if data.timestamps is not None else None
+    for n, user_id in enumerate(data.user_ids):
+        if user_id not in chosen:
+            continue
+        items = [data.item_ids[i - 1] for i in data.sequences[n].tolist()][:max_per_user]
+        sequences[f"{user_prefix}{user_id}"] = items
+        if timestamps is not None and data.timestamps is not None:
+            timestamps[f"{user_prefix}{user_id}"] = data.timestamps[n].tolist()[:len(items)]
+    return Replay(catalogue, sequences, timestamps)
+
+
+def click_of(interaction: Interaction) -> ClickEvent:
+    return ClickEvent(
+        event_id=f"preq-{interaction.user_id}-{interaction.position}",
+        # S3-Rec positions are not times; offset them past the catalogue's time.
+        event_time=interaction.time if interaction.time > 1e6 else CATALOGUE_TIME + interaction.time,
+        user_id=interaction.user_id,
+        item_id=interaction.item_id,
+    )
+
+
+# -- the stacks -----------------------------------------------------------------------
+
+
+def private_model_dir(base: Settings, artefact: Path, folder: Path) -> Path:
+    """A model folder whose ``current`` is ``artefact`` and whose towers are the configured ones."""
+    if not artefact.is_dir():
+        raise ConfigError(f"--artefact {artefact} is not a directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    towers = (base.models_path / "towers").resolve()
+    if not towers.is_dir():
+        raise ConfigError(f"no exported towers under {towers}; run `streamrec setup` first")
+    for name, target in (("towers", towers), ("current", artefact.resolve())):
+        link = folder / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+    return folder
+
+
+CLICK_SAMPLES = (("streamrec_events_processed_total", 'topic="clicks"'),
+                 ("streamrec_events_duplicate_total", 'topic="clicks"'),
+                 ("streamrec_deadletter_total", ""))
+
+
+def processed_clicks(worker: WorkerProcess) -> float:
+    """Clicks this worker has finished with (applied, skipped as duplicate or dead-lettered), one scrape."""
+    total = 0.0
+    for line in worker.metrics_text().splitlines():
+        head, _, value = line.rpartition(" ")
+        name = head.split("{")[0]
+        if any(name == wanted and label in head for wanted, label in CLICK_SAMPLES):
+            total += float(value)
+    return total
+
+
+def wait_applied(workers: dict[str, WorkerProcess], counters: Counters) -> None:
+    """Until each worker has processed every click published to it (polled every few ms)."""
+    for name, worker in workers.items():
+        target = counters.baseline[name] + counters.published[name]
+        deadline = time.monotonic() + APPLY_TIMEOUT_S
+        while processed_clicks(worker) < target:
+            if time.monotonic() > deadline:
+                raise StreamrecError(f"{name} worker did not apply {target:.0f} clicks within {APPLY_TIMEOUT_S}s")
+            time.sleep(0.002)
+
+
+# -- the replay -----------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    scores: dict[str, RankingScore] = field(default_factory=lambda: {m: RankingScore(K) for m in METHODS})
+    events: int = 0
+    failed_requests: int = 0
+    # Where the replay's wall time went (seconds).
+    waiting_s: float = 0.0
+    asking_s: float = 0.0
+    publishing_s: float = 0.0
+
+
+async def _ask(session: aiohttp.ClientSession, settings: Settings, user_id: str, seen: set[str]) -> list[str]:
+    request = RecRequest(request_id=f"preq-{time.monotonic_ns()}-{user_id}", user_id=user_id, k=K,
+                         filters=RequestFilters(exclude_ids=sorted(seen)[:10_000]))
+    response = await http_recommend(settings, request, timeout_s=30.0, session=session)
+    return [item.item_id for item in response.items]
+
+
+async def replay(interactions: Sequence[Interaction], stacks: dict[str, Settings],
+                 workers: dict[str, WorkerProcess], catalogue: Catalogue, seed: int,
+                 progress_every: int = 500) -> Evaluation:
+    evaluation = Evaluation()
+    popularity = PopularityBaseline(catalogue)
+    river = RiverMF(catalogue, seed=seed)
+    counters = Counters()
+    for name, worker in workers.items():
+        counters.baseline[name] = await asyncio.to_thread(processed_clicks, worker)
+    seen: dict[str, set[str]] = {}
+    started, next_report = time.monotonic(), progress_every
+    async with RecordingPublisher(stacks["online"], linger_ms=0) as online, \
+            RecordingPublisher(stacks["frozen"], linger_ms=0) as frozen, aiohttp.ClientSession() as session:
+        for wave in waves(interactions):
+            scored = [i for i in wave if i.scored]
+            if scored:
+                t0 = time.perf_counter()
+                await online.settle()
+                await frozen.settle()
+                await asyncio.to_thread(wait_applied, workers, counters)
+                t1 = time.perf_counter()
+                answers = await asyncio.gather(
+                    *(_ask(session, stacks[name], i.user_id, seen.get(i.user_id, set()))
+                      for i in scored for name in ("online", "frozen")),
+                    return_exceptions=True,
+                )
+                evaluation.waiting_s += t1 - t0
+                evaluation.asking_s += time.perf_counter() - t1
+                for n, interaction in enumerate(scored):
+                    exclude = seen.get(interaction.user_id, set())
+                    for m, name in enumerate(("online", "frozen")):
+                        answer = answers[2 * n + m]
+                        if isinstance(answer, BaseException):
+                            evaluation.failed_requests += 1
+                            answer = []
+                        evaluation.scores[name].update(answer, interaction.item_id)
+                    evaluation.scores["pop"].update(popularity.rank(interaction.user_id, exclude, K),
+                                                    interaction.item_id)
+                    evaluation.scores["river"].update(river.rank(interaction.user_id, exclude, K),
+                                                      interaction.item_id)
+            t2 = time.perf_counter()
+            for interaction in wave:
+                click = click_of(interaction)
+                await online.publish(click)
+                counters.published["online"] += 1
+                if not interaction.scored:
+                    await frozen.publish(click)
+                    counters.published["frozen"] += 1
+                popularity.learn_one(interaction.user_id, interaction.item_id)
+                river.learn_one(interaction.user_id, interaction.item_id)
+                seen.setdefault(interaction.user_id, set()).add(interaction.item_id)
+                evaluation.events += 1
+            evaluation.publishing_s += time.perf_counter() - t2
+            if evaluation.scores["online"].count >= next_report:
+                next_report += progress_every
+                hr = "  ".join(f"{m} {evaluation.scores[m].hit_rate:.4f}" for m in METHODS)
+                print(f"  {evaluation.events}/{len(interactions)} events, "
+                      f"{evaluation.scores['online'].count} scored, {time.monotonic() - started:.0f}s: HR@10 {hr}",
+                      flush=True)
+        await online.settle()
+        await frozen.settle()
+    return evaluation
+
+
+async def publish_catalogue(stacks: dict[str, Settings], items: list[CatalogItem]) -> None:
+    for settings in stacks.values():
+        async with RecordingPublisher(settings) as publisher:
+            for item in items:
+                await publisher.publish(item)
+            await publisher.settle()
+
+
+def wait_catalogue(workers: dict[str, WorkerProcess], count: int) -> None:
+    for name, worker in workers.items():
+        done = wait_for(lambda w=worker: w.metric("streamrec_events_processed_total", {"topic": "catalog"})
+                        + w.metric("streamrec_deadletter_total") >= count,
+                        timeout_s=1800.0, interval_s=0.5,
+                        progress=lambda w=worker: w.metric("streamrec_events_processed_total", {"topic": "catalog"}),
+                        stall_s=120.0)
+        if not done:
+            raise StreamrecError(f"{name} worker did not index the {count} catalogue items")
+
+
+def plot_curves(evaluation: Evaluation, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for method in METHODS:
+        curve = evaluation.scores[method].cumulative_hr
+        axes.plot(range(1, len(curve) + 1), curve, label=f"{method} ({evaluation.scores[method].hit_rate:.4f})")
+    axes.set_xlabel("scored interactions")
+    axes.set_ylabel("cumulative HR@10")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+# -- entry point ----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser("prequential", __doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="interaction file (s3rec); ml100k defaults to the recbole copy")
+    parser.add_argument("--format", choices=("s3rec", "ml100k"), default="ml100k", dest="data_format")
+    parser.add_argument("--users", type=int, default=None, help="users to replay (a seeded sample; default all)")
+    parser.add_argument("--max-per-user", type=int, default=None,
+                        help="keep only each user's first N interactions (quick runs)")
+    parser.add_argument("--warmup-fraction", type=float, default=0.5)
+    parser.add_argument("--artefact", type=Path, default=None, help="trained model directory to serve")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of cumulative HR@10")
+    args = parser.parse_args(argv)
+
+    replay_data = load_replay(args.data_format, args.data, args.users, args.seed, args.max_per_user)
+    interactions = replay_order(replay_data.sequences, replay_data.timestamps, args.warmup_fraction)
+    catalogue = Catalogue([item.item_id for item in replay_data.catalogue])
+    print(f"prequential: {len(replay_data.sequences)} users, {len(interactions)} interactions "
+          f"({sum(i.scored for i in interactions)} scored), {len(catalogue)} items", flush=True)
+    base = load_settings()
+    wall_started = time.monotonic()
+    with work_dir(args.work_dir, "prequential") as folder:
+        overrides = {}
+        if args.artefact is not None:
+            overrides["model_dir"] = private_model_dir(base, args.artefact, folder / "models")
+        broker = start_broker(folder)
+        workers: dict[str, WorkerProcess] = {}
+        try:
+            stacks = {name: stack_settings(base, broker, folder / name, f"preq-{name}", **overrides)
+                      for name in ("online", "frozen")}
+            for name, settings in stacks.items():
+                workers[name] = start_worker(settings, folder / f"{name}-worker.log")
+            asyncio.run(publish_catalogue(stacks, replay_data.catalogue))
+            wait_catalogue(workers, len(replay_data.catalogue))
+            catalogue_s = time.monotonic() - wall_started
+            print(f"  catalogue indexed by both workers in {catalogue_s:.0f}s", flush=True)
+            replay_started = time.monotonic()
+            evaluation = asyncio.run(replay(interactions, stacks, workers, catalogue, args.seed))
+            replay_s = time.monotonic() - replay_started
+            model_version = workers["online"].metrics_text().partition('streamrec_model_info{version="')[2]
+        finally:
+            for worker in workers.values():
+                worker.stop()
+            broker.stop()
+    if args.plot is not None:
+        name = args.data.stem if args.data else args.data_format
+        plot_curves(evaluation, args.plot, f"prequential HR@10, {name}, {len(replay_data.sequences)} users")
+    result: dict[str, object] = {}
+    for method in METHODS:
+        result[f"{method}_hr@10"] = round(evaluation.scores[method].hit_rate, 4)
+    for method in METHODS:
+        result[f"{method}_ndcg@10"] = round(evaluation.scores[method].ndcg, 4)
+    result.update({
+        "events": evaluation.events,
+        "scored": evaluation.scores["online"].count,
+        "users": len(replay_data.sequences),
+        "items": len(catalogue),
+        "failed_requests": evaluation.failed_requests,
+        "model_version": model_version.partition('"')[0] or "unknown",
+        "catalogue_seconds": round(catalogue_s, 1),
+        "replay_seconds": round(replay_s, 1),
+        "waiting_seconds": round(evaluation.waiting_s, 1),
+        "asking_seconds": round(evaluation.asking_s, 1),
+        "plot": str(args.plot) if args.plot else None,
+    })
+    report("prequential evaluation (HTTP /recommend, k=10, seen items excluded)", result)
+    return 0

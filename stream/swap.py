@@ -1,0 +1,279 @@
+"""Hot swap of the serving model inside a running worker.
+
+A ``ModelUpdate`` on ``model.updates`` is a trigger: the worker compares the
+registry's ``current`` version with the one it serves and, if they differ,
+
+1. loads the new version with every file's sha256 verified (a corrupt or
+   incomplete artefact is refused and the worker keeps serving its model);
+2. under the write lock (ingest pauses, requests do not) rebuilds item, user
+   and query vectors for the new version into new collections
+   ``items_<version>``, ``users_<version>``, ``queries_<version>``;
+3. replaces ``services.serving`` (model + collections + item cache) with one
+   assignment. ``recommend`` reads that reference once per request, so a
+   request in flight finishes on the old version and the next starts on the
+   new one: no request mixes versions, none is dropped.
+
+Which collections hold which version's vectors is recorded in
+``<data_dir>/store/serving.json`` so a restarted worker opens the right ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from model.registry import Registry
+from model.serving import ItemContent, ServingModel
+from stream.errors import ModelLoadError
+from stream.services import Collections, Services, ServingState, collection_specs, new_item_cache
+from stream.settings import Settings
+from stream.store import Point
+
+log = logging.getLogger(__name__)
+POINTER = "serving.json"
+CHUNK = 1024
+
+
+# --- which collections hold which version ---------------------------------------
+def _pointer_path(settings: Settings) -> Path:
+    return settings.store_path / POINTER
+
+
+def default_collections(settings: Settings) -> Collections:
+    prefix = settings.collection_prefix
+    return Collections(items=f"{prefix}items", users=f"{prefix}users", queries=f"{prefix}queries")
+
+
+def version_collections(settings: Settings, version: str) -> Collections:
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in version)
+    prefix = settings.collection_prefix
+    return Collections(items=f"{prefix}items_{slug}", users=f"{prefix}users_{slug}",
+                       queries=f"{prefix}queries_{slug}")
+
+
+def read_pointer(settings: Settings) -> dict[str, str] | None:
+    try:
+        return json.loads(_pointer_path(settings).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_pointer(settings: Settings, model: ServingModel, collections: Collections) -> None:
+    path = _pointer_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = path.with_suffix(f".{os.getpid()}.tmp")
+    dims = {"text_dim": model.text_dim, "image_dim": model.image_dim, "fused_dim": model.fused_dim}
+    fresh.write_text(json.dumps({"version": model.version, **dataclasses.asdict(collections), **dims}))
+    os.replace(fresh, path)
+
+
+def serving_collections(settings: Settings, version: str) -> Collections:
+    """The collections recorded for ``version``, else the plain names."""
+    pointer = read_pointer(settings)
+    if pointer and pointer.get("version") == version:
+        return Collections(items=pointer["items"], users=pointer["users"], queries=pointer["queries"])
+    return default_collections(settings)
+
+
+# --- rebuilding vectors for a model ----------------------------------------------
+def _chunks(ids: Iterator[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item_id in ids:
+        chunk.append(item_id)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _rebuild_items(services: Services, model: ServingModel, old: Collections, new: ServingState) -> int:
+    store, count = services.store, 0
+    for ids in _chunks(store.scroll_ids(old.items)):
+        hits = store.retrieve(old.items, ids, with_vectors=["text", "image"])
+        found = [hits[i] for i in ids if i in hits]
+        if not found:
+            continue
+        text = np.zeros((len(found), model.text_dim), np.float32)
+        image = np.zeros((len(found), model.image_dim), np.float32)
+        has_text = np.array(["text" in h.vectors for h in found])
+        has_image = np.array(["image" in h.vectors for h in found])
+        for row, hit in enumerate(found):
+            if has_text[row]:
+                text[row] = hit.vectors["text"]
+            if has_image[row]:
+                image[row] = hit.vectors["image"]
+        content = ItemContent([h.id for h in found], text, image, has_text, has_image,
+                              [str(h.payload.get("category") or "") for h in found])
+        fused = model.item_vectors(content)  # (n, fused_dim) in the new version's space
+        points = []
+        for row, hit in enumerate(found):
+            vectors = {"fused": fused[row]}
+            if has_text[row]:
+                vectors["text"] = text[row]
+            if has_image[row]:
+                vectors["image"] = image[row]
+            points.append(Point(hit.id, vectors, {k: v for k, v in hit.payload.items() if k != "id"}))
+        store.upsert(new.collections.items, points)
+        for point in points:
+            new.item_cache.put(point.id, point.vectors, point.payload)
+        count += len(points)
+    return count
+
+
+def _rebuild_queries(services: Services, model: ServingModel, old: Collections, new: Collections) -> int:
+    store, count = services.store, 0
+    for ids in _chunks(store.scroll_ids(old.queries)):
+        hits = [h for h in store.retrieve(old.queries, ids).values() if h.payload.get("query")]
+        if not hits:
+            continue
+        text = services.text_encoder.encode([str(h.payload["query"]) for h in hits])  # type: ignore[attr-defined]
+        vectors = model.query_vectors(text)
+        store.upsert(new.queries, [
+            Point(h.id, {"fused": v}, {k: val for k, val in h.payload.items() if k != "id"})
+            for h, v in zip(hits, vectors)
+        ])
+        count += len(hits)
+    return count
+
+
+def _rebuild_users(services: Services, old: Collections, new: ServingState) -> int:
+    from stream.users import UserState, user_vectors
+
+    store, count = services.store, 0
+    # A view of the services that already serves the new state, so user_vectors
+    # reads the new item and query vectors and calls the new user tower.
+    view = dataclasses.replace(services, serving=new)
+    for ids in _chunks(store.scroll_ids(old.users)):
+        hits = store.retrieve(old.users, ids)
+        states = [UserState.from_payload(uid, hits[uid].payload) for uid in ids if uid in hits]
+        if not states:
+            continue
+        vectors = user_vectors(view, states)  # (B, fused_dim)
+        store.upsert(new.collections.users, [
+            Point(s.user_id, {"user": v} if np.any(v) else {},
+                  {k: val for k, val in hits[s.user_id].payload.items() if k != "id"})
+            for s, v in zip(states, vectors)
+        ])
+        count += len(states)
+    return count
+
+
+def build_state(services: Services, model: ServingModel, source: Collections | None = None) -> ServingState:
+    """Vectors of every stored item, query and user for ``model``, in new collections.
+
+    ``source``: where the current items, queries and users are (default: the served ones).
+    """
+    settings, old = services.settings, source or services.serving.collections
+    collections = version_collections(settings, model.version)
+    if collections == old:
+        return services.serving
+    for spec in collection_specs(collections, model):
+        services.store.ensure_collection(spec)
+    state = ServingState(model, collections, new_item_cache(settings, model))
+    started = time.monotonic()
+    items = _rebuild_items(services, model, old, state)
+    queries = _rebuild_queries(services, model, old, collections)
+    users = _rebuild_users(services, old, state)
+    if items:
+        services.store.optimize(collections.items)
+    log.info("rebuilt %d items, %d queries, %d users for %s in %.1fs",
+             items, queries, users, model.version, time.monotonic() - started)
+    return state
+
+
+# --- the swap itself ---------------------------------------------------------------
+def install(services: Services, state: ServingState) -> None:
+    """Switch every later request to ``state`` (one reference assignment)."""
+    services.serving = state
+    services.drift.reset()  # the reference window belongs to the model that serves
+    services.metrics.model_info.info({"version": state.model.version})
+    services.metrics.model_loaded_timestamp.set(time.time())
+    services.metrics.model_swaps.labels("ok").inc()
+    write_pointer(services.settings, state.model, state.collections)
+
+
+async def hot_swap(services: Services, version: str | None = None) -> bool:
+    """Serve ``version`` (default: the registry's current one); False when refused or unchanged."""
+    settings = services.settings
+    registry = Registry(settings.models_path)
+    target = version or registry.current_version()
+    if target is None or target == services.model.version:
+        return False
+    try:
+        model = await asyncio.to_thread(registry.load, target, threads=settings.onnx_threads)
+    except ModelLoadError as error:
+        log.error("model %s refused, still serving %s: %s", target, services.model.version, error)
+        services.metrics.model_swaps.labels("refused").inc()
+        return False
+    async with services.write_lock:
+        state = await asyncio.to_thread(build_state, services, model)
+        install(services, state)
+    log.warning("now serving model %s (%s)", state.model.version, state.collections.items)
+    return True
+
+
+async def listen_for_updates(services: Services, stop: asyncio.Event) -> None:
+    """Check the registry once at start and again on every ``model.updates`` message.
+
+    The consumer has no group: every worker must see every update, and a
+    replayed old message only triggers a check that finds nothing to do.
+    """
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import KafkaError
+
+    settings = services.settings
+    pointer = read_pointer(settings)
+    if pointer is None:
+        write_pointer(settings, services.model, services.collections)
+    elif pointer.get("version") != services.model.version:
+        # Promoted while this worker was down: the stored vectors belong to the
+        # pointer's version; rebuild them for the model just loaded.
+        source = Collections(items=pointer["items"], users=pointer["users"], queries=pointer["queries"])
+        dims = SimpleNamespace(text_dim=pointer["text_dim"], image_dim=pointer["image_dim"],
+                               fused_dim=pointer["fused_dim"])
+        for spec in collection_specs(source, dims):  # type: ignore[arg-type]
+            services.store.ensure_collection(spec)
+        async with services.write_lock:
+            state = await asyncio.to_thread(build_state, services, services.model, source)
+            install(services, state)
+    await hot_swap(services)
+    consumer = AIOKafkaConsumer(
+        settings.topic("model_updates"), bootstrap_servers=settings.bootstrap_list, group_id=None,
+        enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=200,
+        **settings.kafka_client_options(),
+    )
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            try:
+                batches = await consumer.getmany(timeout_ms=500)
+            except KafkaError as error:
+                log.warning("model.updates consumer: %s; retrying", error)
+                await asyncio.sleep(1.0)
+                continue
+            if any(batches.values()):
+                await hot_swap(services)
+    finally:
+        await consumer.stop()
+
+
+def attach(app: object, services: Services) -> None:
+    """Run ``listen_for_updates`` as a task of the worker's Faust app."""
+    stop = asyncio.Event()
+
+    @app.task  # type: ignore[attr-defined]
+    async def model_update_listener() -> None:
+        await listen_for_updates(services, stop)
+
+    @app.on_before_shutdown.connect  # type: ignore[attr-defined]
+    async def stop_model_update_listener(app: object, **_: object) -> None:
+        stop.set()
