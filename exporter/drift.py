@@ -9,12 +9,14 @@ is the newest ``window_size`` observations.
 Measures (the gauges ``streamrec_drift_*`` and the alert rules use the same):
 
 - ``score_psi``: population stability index of ranking scores,
-- ``embedding_shift``: cosine distance between the mean user vectors,
+- ``embedding_shift``: mean over dimensions of the PSI of user-vector coordinates
+  (robust where user vectors point every way and their mean is near zero),
 - ``ctr_ratio``: current click-through rate / reference click-through rate,
 - ``popularity_gini``: Gini coefficient of how often each item was served.
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -144,11 +146,14 @@ class DriftMonitor:
         self.reference_size = reference_size
         self.window_size = window_size
         self.thresholds = thresholds
+        # Requests update from worker threads while a timer reads the results.
+        self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
-        self._reference = _Window(None)
-        self._current = _Window(self.window_size)
+        with self._lock:
+            self._reference = _Window(None)
+            self._current = _Window(self.window_size)
 
     @property
     def reference_ready(self) -> bool:
@@ -160,20 +165,25 @@ class DriftMonitor:
         served item ids, and clicks / impressions counted since the last update."""
         scores = np.zeros(0) if scores is None else np.asarray(scores).ravel()
         served = served or []
-        if not self.reference_ready:
-            room = self.reference_size - len(self._reference.scores)
-            self._reference.add(scores, user_vector, served, clicks, impressions,
-                                room=room if len(scores) else None)
-            return
-        self._current.add(scores, user_vector, served, clicks, impressions)
+        with self._lock:
+            if not self.reference_ready:
+                room = self.reference_size - len(self._reference.scores)
+                self._reference.add(scores, user_vector, served, clicks, impressions,
+                                    room=room if len(scores) else None)
+                return
+            self._current.add(scores, user_vector, served, clicks, impressions)
 
     def results(self) -> DriftResults:
+        with self._lock:
+            return self._results()
+
+    def _results(self) -> DriftResults:
         ref, cur = self._reference, self._current
         ready = self.reference_ready and len(cur.scores) > 0
         if not ready:
             return DriftResults(0.0, 0.0, 1.0, 0.0, self.reference_ready, ())
         score_drift = psi(np.asarray(ref.scores), np.asarray(cur.scores))
-        shift = mean_cosine_distance(np.asarray(ref.vectors), np.asarray(cur.vectors)) if ref.vectors and cur.vectors else 0.0
+        shift = dimension_psi(np.asarray(ref.vectors), np.asarray(cur.vectors)) if ref.vectors and cur.vectors else 0.0
         ratio = ctr_ratio(*ref.ctr_counts(), *cur.ctr_counts())
         # Items the reference served but the current window does not count as
         # zeros: serving fewer distinct items is exactly what concentration means.

@@ -81,7 +81,7 @@ class Metrics:
             "streamrec_drift_score_psi", "PSI of ranking scores vs the reference window.", registry=registry,
         )
         self.drift_embedding_shift = Gauge(
-            "streamrec_drift_embedding_shift", "Cosine distance of the mean user vector vs the reference window.",
+            "streamrec_drift_embedding_shift", "Mean per-dimension PSI of user vectors vs the reference window.",
             registry=registry,
         )
         self.drift_ctr_ratio = Gauge(

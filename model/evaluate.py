@@ -37,7 +37,7 @@ PROTOCOLS: tuple[str, ...] = ("full", "sampled")
 LIST_LENGTH = 10
 SWEEP_TRADE_OFFS: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.5, 0.3)
 SWEEP_POOL = 50
-CHUNK = 1024
+CHUNK = 512
 
 
 @dataclass
@@ -155,7 +155,10 @@ def evaluate_trained(
             pool_scores = np.einsum("bd,bkd->bk", users, vectors[pool])
             retrieval_ranks.append(sampled_ranks(pool_scores, pool))
         batch_times = None if times is None else times[start : start + CHUNK]
-        context = item_context.features(pool, pool_scores.astype(np.float32), batch_times)
+        # Tiny catalogues can pull removed (-inf) items into the pool: keep them last.
+        removed = ~np.isfinite(pool_scores)
+        pool_scores = np.where(removed, np.finfo(np.float32).min, pool_scores)
+        context = item_context.features(pool, np.where(removed, 0.0, pool_scores).astype(np.float32), batch_times)
         b, width = pool.shape
         rows = np.repeat(np.arange(b), width)
         probabilities = model.score_rows(
@@ -166,6 +169,7 @@ def evaluate_trained(
             np.zeros((b * width, model.image_dim), np.float32),
             context.reshape(b * width, -1),
         ).reshape(b, width)
+        probabilities = np.where(removed, -1.0, probabilities)
         order = _final_order(probabilities, pool_scores)
         ranked = np.take_along_axis(pool, order, axis=1)
         hits = ranked == batch_targets[:, None]

@@ -217,7 +217,13 @@ def quantize_int8(networks: Networks, directory: Path) -> dict[str, dict[str, fl
     report: dict[str, dict[str, float]] = {}
     for name in NETWORKS:
         source, target = directory / f"{name}.onnx", directory / f"{name}.int8.onnx"
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantiser logs advice on the root logger
+        try:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         # A realistic request: 500 candidates, or 64 users with full sequences.
         inputs = example_inputs(name, networks.config, size=500 if name != "user_tower" else 64,
                                 length=networks.config.max_sequence, seed=2)

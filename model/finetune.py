@@ -47,7 +47,7 @@ from model.retrieval_train import (
 )
 from model.serving import ACTION_CODE
 from model.towers import attribute_mixing
-from stream.errors import ConfigError, DecodeError, ModelLoadError, StreamrecError
+from stream.errors import ConfigError, DecodeError
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ class Decision:
     interactions: int
     users: int
     seconds: float
+    timings: dict[str, float]  # seconds per step: drain, train, export, evaluate
 
 
 def evaluate_on_newest(model: Any, data: InteractionData) -> dict[str, float]:
@@ -287,11 +288,20 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
     from model.trained import TrainedModel
 
     started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def lap(step: str, since: float) -> float:
+        now = time.monotonic()
+        timings[step] = round(now - since, 2)
+        return now
+
     folder = settings.data_dir / "finetune"
     interactions = InteractionLog(folder, settings.finetune_max_interactions)
+    mark = started
     if drain:
         counts = asyncio.run(drain_topics(settings, interactions))
         log.info("fine-tune: read %s", counts)
+        mark = lap("drain", mark)
     rows = interactions.read()
     registry = Registry(settings.models_path)
     serving_version = registry.current_version()
@@ -310,17 +320,19 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
                serving_metrics: dict | None = None, training: dict | None = None) -> Decision:
         outcome = Decision(decision, reason, candidate, serving_version, candidate_metrics or {},
                            serving_metrics or {}, training or {}, len(rows), users,
-                           round(time.monotonic() - started, 2))
+                           round(time.monotonic() - started, 2), timings)
         record_decision(folder, outcome, metrics)
         return outcome
 
     if users < settings.finetune_min_users:
         return finish("skipped", f"{users} users with >= 3 known interactions; need {settings.finetune_min_users}")
 
+    mark = lap("prepare", mark)
     networks = Networks.load(parent_dir)
     train_sequences = split.inputs("test")  # everything but each user's newest interaction
     tune = FineTuneSettings(settings.finetune_epochs, settings.finetune_minutes, settings.finetune_learning_rate)
     training = finetune_towers(networks, build_catalogue(serving), train_sequences, serving.train_action, tune)
+    mark = lap("train", mark)
     dataset = str(serving.manifest.get("data", {}).get("dataset", "stream"))
     version = new_version(f"{dataset}-ft")
     while registry.path(version).exists():
@@ -336,9 +348,11 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
     staging = staging_directory(settings.models_path / "staging" / version)
     try:
         manifest["metrics"]["onnx_parity_max_abs_diff"] = write_candidate(networks, parent_dir, staging, manifest)
+        mark = lap("export", mark)
         candidate_metrics = evaluate_on_newest(TrainedModel(staging, threads=settings.onnx_threads), data)
         serving_metrics = evaluate_on_newest(serving, data)
         manifest["metrics"].update(heldout=candidate_metrics, parent_heldout=serving_metrics)
+        mark = lap("evaluate", mark)
         write_manifest(staging, manifest)
         better = candidate_metrics[HELD_OUT_METRIC] >= serving_metrics[HELD_OUT_METRIC] - settings.finetune_margin
         if not better:
@@ -350,7 +364,10 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if publish:
-        asyncio.run(publish_update(settings, version, registry.path(version)))
+        try:
+            asyncio.run(asyncio.wait_for(publish_update(settings, version, registry.path(version)), 30))
+        except Exception as error:  # noqa: BLE001 - promoted already; workers also check the registry at start
+            log.warning("promoted %s but could not publish on model.updates: %s", version, error)
     interactions.compact()
     return finish("promoted", f"{HELD_OUT_METRIC} {candidate_metrics[HELD_OUT_METRIC]:.4f} >= serving "
                   f"{serving_metrics[HELD_OUT_METRIC]:.4f} - margin {settings.finetune_margin}",
@@ -384,8 +401,8 @@ async def publish_update(settings: Settings, version: str, path: Path) -> None:
 
     update = ModelUpdate(version=version, path=str(path), promoted_at=time.time())
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_list, **settings.kafka_client_options())
-    await producer.start()
     try:
+        await producer.start()
         await producer.send_and_wait(settings.topic("model_updates"), update.to_bytes(), key=b"model")
     finally:
         await producer.stop()
@@ -430,7 +447,7 @@ def main(settings: Settings, argv: list[str] | None = None) -> int:
         try:
             decision = run_cycle(settings, metrics, drain=not args.no_drain)
             print(json.dumps(asdict(decision)), flush=True)
-        except (StreamrecError, ModelLoadError) as error:
-            # One failed cycle (broker down, corrupt parent) must not end the loop.
-            print(f"streamrec finetune: {error}", file=sys.stderr, flush=True)
+        except Exception as error:  # noqa: BLE001 - one failed cycle (broker down, corrupt parent) must not end the loop
+            log.exception("fine-tuning cycle failed")
+            print(f"streamrec finetune: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         time.sleep(max(0.0, period - (time.monotonic() - began)))

@@ -124,6 +124,7 @@ def run(
     artefact: Path | None,
     sweep: bool,
     seed: int = 0,
+    int8: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Evaluate on the test split; returns the JSON result and the optional sweep rows."""
     split = leave_one_out(data)
@@ -134,7 +135,7 @@ def run(
             raise ConfigError("--model trained needs --artefact DIR")
         from model.trained import TrainedModel
 
-        model = TrainedModel(artefact)
+        model = TrainedModel(artefact, int8=int8)
         trained_on = model.manifest.get("data", {}).get("dataset")
         if trained_on != data.name or model.n_items != data.n_items:
             raise ConfigError(f"artefact {artefact} was trained on {trained_on!r}, not on {data.name!r}")
@@ -149,7 +150,7 @@ def run(
     result: dict[str, Any] = {
         "dataset": data.name,
         "protocol": protocol,
-        "model": model_name,
+        "model": model_name + ("-int8" if int8 and model_name == "trained" else ""),
         **{column: round(evaluation.metrics[column], 5) for column in METRIC_COLUMNS},
         "n_users": int(len(split.test)),
         "train_seconds": round(train_seconds, 3),
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diversity-sweep", action="store_true", help="MMR trade-off sweep on the final lists")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart beside the published rows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
+    parser.add_argument("--int8", action="store_true", help="serve the artefact's int8 copies (model.export_fused --int8)")
     return parser
 
 
@@ -178,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         data = load_interactions(args.data_format, args.data)
-        result, sweep_rows = run(data, args.protocol, args.model_name, args.artefact, args.diversity_sweep, args.seed)
+        result, sweep_rows = run(
+            data, args.protocol, args.model_name, args.artefact, args.diversity_sweep, args.seed, args.int8
+        )
     except StreamrecError as error:
         print(f"streamrec bench quality: {error}", file=sys.stderr)
         return 2

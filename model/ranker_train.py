@@ -3,13 +3,15 @@
 The towers were fitted on items[:-2]; their scores on those positions are
 over-confident, so the ranker learns from the *validation* step instead
 (history items[:-2], target items[-2]): the same situation the served model is
-in. Per user the candidates are the retrieval top-K (history removed); the
-target is the positive, negatives are drawn from those hard candidates. Users
-are split 90/10: the ranker fits on the first part, and the blend of its
-correction is chosen on the second so that ranking does not lose to retrieval.
+in. Per user the candidates are the retrieval top-K (history removed); where
+the target is among them it is the positive and other candidates are the
+(hard) negatives. Users are split 90/10: the ranker fits on the first part;
+the second picks the epoch and the blend of its correction, so that ranking
+does not lose to plain retrieval there.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +32,8 @@ SECONDS_PER_DAY = 86400.0
 @dataclass(frozen=True)
 class RankerSettings:
     candidates: int = 50
-    negatives: int = 15
-    epochs: int = 6
+    negatives: int = 24
+    epochs: int = 8
     batch_size: int = 1024
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
@@ -145,36 +147,32 @@ class RankerInputs:
 def training_rows(
     lists: CandidateLists, negatives: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The target + ``negatives`` hard candidates per user.
+    """The target + ``negatives`` other candidates of each list that holds its target.
 
-    Returns (R,) user row, (R,) item, (R, C) context, (R,) label. The target
-    counts as a positive even when retrieval missed it (see ``target_contexts``).
+    Only lists where retrieval found the target teach the ranker anything it
+    will use: it only ever re-orders retrieved candidates.
+    Returns (R,) user row, (R,) item, (R, C) context, (R,) label.
     """
     user_rows, items, contexts, labels = [], [], [], []
     for row, target in enumerate(lists.targets):
-        hard = lists.candidates[row]
-        pool = np.flatnonzero(hard != target)
-        picked = rng.choice(pool, size=min(negatives, len(pool)), replace=False)
-        user_rows.append(np.full(len(picked) + 1, row))
-        items.append(np.concatenate([[target], hard[picked]]))
-        labels.append(np.concatenate([[1.0], np.zeros(len(picked))]))
-        # The target's context row is a placeholder the caller fills in.
-        contexts.append(np.concatenate([np.zeros_like(lists.context[row, :1]), lists.context[row, picked]]))
+        slots = np.flatnonzero(lists.candidates[row] == target)
+        if not len(slots):
+            continue
+        pool = np.flatnonzero(lists.candidates[row] != target)
+        picked = np.concatenate([slots[:1], rng.choice(pool, size=min(negatives, len(pool)), replace=False)])
+        user_rows.append(np.full(len(picked), row))
+        items.append(lists.candidates[row, picked])
+        contexts.append(lists.context[row, picked])
+        labels.append(np.concatenate([[1.0], np.zeros(len(picked) - 1)]))
+    if not items:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros((0, lists.context.shape[-1]), np.float32), np.zeros(0, np.float32)
     return (
         np.concatenate(user_rows),
         np.concatenate(items),
         np.concatenate(contexts),
         np.concatenate(labels).astype(np.float32),
     )
-
-
-def target_contexts(
-    lists: CandidateLists, inputs: RankerInputs, item_context: ItemContext, request_times: np.ndarray | None
-) -> np.ndarray:
-    """(U, C) context of each user's target item, whether or not retrieval found it."""
-    scores = np.einsum("ud,ud->u", lists.users, inputs.vectors[lists.targets]).astype(np.float32)
-    times = request_times if request_times is not None else None
-    return item_context.features(lists.targets[:, None], scores[:, None], times)[:, 0]
 
 
 @torch.no_grad()
@@ -197,18 +195,15 @@ def train_ranker(
     settings: RankerSettings,
     lists: CandidateLists,
     inputs: RankerInputs,
-    item_context: ItemContext,
-    request_times: np.ndarray | None,
     progress: bool = True,
 ) -> tuple[Ranker, dict[str, float]]:
-    """Fit the ranker on most users' validation step; pick its blend on the rest."""
+    """Fit the ranker on most users' validation step; keep the epoch and pick the
+    blend that re-rank best on the held-out rest."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     order = rng.permutation(len(lists.targets))
     n_holdout = max(1, int(settings.holdout_share * len(order)))
-    fit_users, holdout_users = np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
-    fit, holdout = _subset(lists, fit_users), _subset(lists, holdout_users)
-    target_context = target_contexts(fit, inputs, item_context, _take(request_times, fit_users))
+    fit, holdout = _subset(lists, np.sort(order[n_holdout:])), _subset(lists, np.sort(order[:n_holdout]))
 
     ranker = Ranker(config)
     all_context = fit.context.reshape(-1, fit.context.shape[-1])
@@ -216,11 +211,10 @@ def train_ranker(
     ranker.context_scale.copy_(torch.from_numpy(all_context.std(axis=0) + 1e-3))
     optimizer = torch.optim.AdamW(ranker.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     loss_function = nn.BCEWithLogitsLoss()
+    best_ndcg, best_state = ndcg(rerank_ranks(ranker, holdout, inputs, 0.0), 10), copy.deepcopy(ranker.state_dict())
     for _ in tqdm(range(settings.epochs), desc="ranker", disable=not progress, unit="epoch"):
         ranker.train()
         user_rows, items, contexts, labels = training_rows(fit, settings.negatives, rng)
-        positives = labels > 0
-        contexts[positives] = target_context[user_rows[positives]]
         shuffled = rng.permutation(len(items))
         for start in range(0, len(shuffled), settings.batch_size):
             rows = shuffled[start : start + settings.batch_size]
@@ -229,6 +223,11 @@ def train_ranker(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        ranker.eval()
+        epoch_ndcg = ndcg(rerank_ranks(ranker, holdout, inputs, 1.0), 10)
+        if epoch_ndcg > best_ndcg:
+            best_ndcg, best_state = epoch_ndcg, copy.deepcopy(ranker.state_dict())
+    ranker.load_state_dict(best_state)
     ranker.eval()
     holdout_ndcg = {blend: ndcg(rerank_ranks(ranker, holdout, inputs, blend), 10) for blend in BLENDS}
     # Ties go to the smaller blend: no correction unless it earns its place.
@@ -238,12 +237,8 @@ def train_ranker(
         ranker.score_weight.data.fill_(1.0)
     ranker.blend.fill_(best_blend)
     report = {f"holdout_ndcg@10_blend_{blend}": value for blend, value in holdout_ndcg.items()}
-    report["blend"] = best_blend
+    report.update(blend=best_blend, holdout_users=float(len(holdout.targets)))
     return ranker, report
-
-
-def _take(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
-    return None if values is None else values[rows]
 
 
 def _subset(lists: CandidateLists, rows: np.ndarray) -> CandidateLists:

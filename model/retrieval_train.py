@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.data import LeaveOneOut, left_pad
+from model.data import LeaveOneOut, item_counts, left_pad
 from model.metrics import exclude_history, ranking_metrics, target_ranks
 from model.towers import ItemTower, TowerConfig, UserTower
 
@@ -38,7 +39,8 @@ class RetrievalSettings:
     eval_every: int = 2
     seed: int = 42
     train_action: int = 4
-    negatives: int = 0  # 0 = full softmax; else that many shared uniform negatives per step
+    negatives: int = 0  # 0 = full softmax; else that many shared negatives per step
+    negative_power: float = 0.0  # negatives drawn by count ** power (0 = uniform), log-Q corrected
     schedule: str = "cosine"  # or "constant"
     warmup_share: float = 0.03
 
@@ -110,20 +112,45 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
     return batches
 
 
+class NegativeSampler:
+    """Shared negatives for sampled softmax, drawn in proportion to ``count ** power``.
+
+    power 0 is uniform; with power > 0 popular (hard) items are drawn more and
+    every logit is corrected by -log(expected draws), so the loss still
+    estimates the full softmax (the usual log-Q correction).
+    """
+
+    def __init__(self, item_counts: np.ndarray, draws: int, power: float) -> None:
+        weights = (item_counts.astype(np.float64) + 1.0) ** power
+        weights[0] = 0.0  # never draw the unknown item
+        probabilities = torch.from_numpy(weights / weights.sum()).to(torch.float32)
+        self.draws = draws
+        self.probabilities = probabilities  # (N+1,)
+        self.log_expected = torch.log(probabilities * draws).clamp(min=-30.0)  # (N+1,)
+
+    def sample(self) -> torch.Tensor:
+        return torch.multinomial(self.probabilities, self.draws, replacement=True)
+
+
 def next_item_loss(
-    hidden: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, settings: RetrievalSettings
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    vectors: torch.Tensor,
+    settings: RetrievalSettings,
+    sampler: NegativeSampler | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the next item: hidden (M, d), targets (M,) in 1..N, vectors (N+1, d).
 
-    Full softmax over all N items, or over the target plus ``settings.negatives``
-    uniformly drawn items shared by the batch (a draw equal to the target is masked).
+    Full softmax over all N items without a sampler; otherwise over the target
+    plus the sampler's shared negatives (draws equal to the target are masked).
     """
-    if settings.negatives <= 0:
+    if sampler is None:
         logits = hidden @ vectors[1:].T  # (M, N)
         return nn.functional.cross_entropy(logits, targets - 1, label_smoothing=settings.label_smoothing)
-    negatives = torch.randint(1, vectors.shape[0], (settings.negatives,))
+    negatives = sampler.sample()  # (K,)
     positive = (hidden * vectors[targets]).sum(dim=-1, keepdim=True)  # (M, 1)
-    sampled = hidden @ vectors[negatives].T  # (M, K)
+    positive = positive - sampler.log_expected[targets].unsqueeze(1)
+    sampled = hidden @ vectors[negatives].T - sampler.log_expected[negatives]  # (M, K)
     sampled = sampled.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), -1e9)
     logits = torch.cat([positive, sampled], dim=1)
     labels = torch.zeros(len(targets), dtype=torch.long)
@@ -173,6 +200,41 @@ def full_ranking_metrics(
     return ranking_metrics(np.concatenate(ranks))
 
 
+def _train_epoch(
+    model: RetrievalModel,
+    optimizer: torch.optim.Optimizer,
+    pairs: tuple[torch.Tensor, torch.Tensor],
+    catalogue: Catalogue,
+    settings: RetrievalSettings,
+    sampler: NegativeSampler | None,
+    schedule: Callable[[float], float],
+    epoch: int,
+    rng: np.random.Generator,
+) -> float:
+    """One pass over the training pairs; returns the mean loss per predicted position."""
+    model.train()
+    inputs, targets = pairs
+    lengths = (inputs > 0).sum(dim=1).numpy()
+    batches = length_bucketed_batches(lengths, settings.batch_size, rng)
+    total_loss, total_rows = 0.0, 0
+    for step, rows in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.learning_rate * schedule(epoch - 1 + step / len(batches))
+        index = torch.from_numpy(rows)
+        batch_inputs, batch_targets = _trim_padding(inputs[index], targets[index])
+        vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
+        actions = torch.where(batch_inputs > 0, settings.train_action, 0)
+        hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
+        mask = batch_targets > 0
+        loss = next_item_loss(hidden[mask], batch_targets[mask], vectors, settings, sampler)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * int(mask.sum())
+        total_rows += int(mask.sum())
+    return total_loss / max(total_rows, 1)
+
+
 def train_retrieval(
     config: TowerConfig,
     settings: RetrievalSettings,
@@ -187,40 +249,30 @@ def train_retrieval(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
     )
-    inputs, targets = (torch.from_numpy(a) for a in training_pairs(split.train, config.max_sequence))
-    lengths = (inputs > 0).sum(dim=1).numpy()
+    inputs, targets = training_pairs(split.train, config.max_sequence)
+    pairs = (torch.from_numpy(inputs), torch.from_numpy(targets))
+    sampler = None
+    if settings.negatives > 0:
+        counts = item_counts(split.train, config.n_items)
+        sampler = NegativeSampler(counts, settings.negatives, settings.negative_power)
     started = time.monotonic()
-    deadline = started + 60.0 * settings.minutes
+    budget = 60.0 * settings.minutes
+
+    def schedule(epochs_done: float) -> float:
+        # Progress is epochs or wall-clock time, whichever is further along,
+        # so the decay completes inside the time budget.
+        done = max(epochs_done / settings.epochs, (time.monotonic() - started) / budget)
+        return learning_rate_factor(settings, done)
+
     best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     best_metrics: dict[str, float] = {}
     history: list[dict[str, float]] = []
-    stale = 0
-    epoch = 0
+    stale, epoch = 0, 0
     bar = tqdm(range(1, settings.epochs + 1), desc="retrieval", disable=not progress, unit="epoch")
     for epoch in bar:
-        model.train()
-        total_loss, total_rows = 0.0, 0
-        batches = length_bucketed_batches(lengths, settings.batch_size, rng)
-        for step, rows in enumerate(batches):
-            done = max(
-                (epoch - 1 + step / len(batches)) / settings.epochs,
-                (time.monotonic() - started) / (60.0 * settings.minutes),
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = settings.learning_rate * learning_rate_factor(settings, done)
-            batch_inputs, batch_targets = _trim_padding(inputs[torch.from_numpy(rows)], targets[torch.from_numpy(rows)])
-            vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
-            actions = torch.where(batch_inputs > 0, settings.train_action, 0)
-            hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
-            mask = batch_targets > 0
-            loss = next_item_loss(hidden[mask], batch_targets[mask], vectors, settings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * int(mask.sum())
-            total_rows += int(mask.sum())
-        record = {"epoch": float(epoch), "loss": total_loss / max(total_rows, 1)}
-        out_of_time = time.monotonic() > deadline
+        loss = _train_epoch(model, optimizer, pairs, catalogue, settings, sampler, schedule, epoch, rng)
+        record = {"epoch": float(epoch), "loss": loss}
+        out_of_time = time.monotonic() - started > budget
         if epoch % settings.eval_every == 0 or out_of_time or epoch == settings.epochs:
             metrics = full_ranking_metrics(
                 model, catalogue, split.train, split.valid, config.max_sequence, settings.train_action
@@ -232,7 +284,7 @@ def train_retrieval(
                 stale = 0
             else:
                 stale += 1
-            bar.set_postfix(loss=f"{record['loss']:.3f}", hr10=f"{metrics['hr@10']:.4f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
+            bar.set_postfix(loss=f"{loss:.3f}", hr10=f"{metrics['hr@10']:.4f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
         history.append(record)
         if out_of_time or stale >= settings.patience:
             break

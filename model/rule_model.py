@@ -13,10 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.serving import ACTION_CODE, CONTEXT_FEATURES, ItemContent
+
+if TYPE_CHECKING:
+    import torch
 
 RULE_VERSION = "rule-2"
 IMAGE_WEIGHT = 0.5
@@ -36,8 +40,8 @@ def image_projection(text_dim: int, image_dim: int) -> np.ndarray:
     return (rng.standard_normal((image_dim, text_dim)) / np.sqrt(text_dim)).astype(np.float32)
 
 
-def build_rule_scorer(out_dir: Path, text_dim: int = 384, image_dim: int = 1280) -> Path:
-    """Export the fixed logistic scorer to ``out_dir/ranker.onnx`` (+ config.json)."""
+def rule_scorer_module() -> torch.nn.Module:
+    """The fixed logistic scorer as a torch module (imports torch: export and benchmarks only)."""
     import torch
 
     class RuleScorer(torch.nn.Module):
@@ -66,6 +70,13 @@ def build_rule_scorer(out_dir: Path, text_dim: int = 384, image_dim: int = 1280)
             )
             return torch.sigmoid(logit)
 
+    return RuleScorer()
+
+
+def build_rule_scorer(out_dir: Path, text_dim: int = 384, image_dim: int = 1280) -> Path:
+    """Export the fixed logistic scorer to ``out_dir/ranker.onnx`` (+ config.json)."""
+    import torch
+
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "ranker.onnx"
     n = 7
@@ -79,7 +90,7 @@ def build_rule_scorer(out_dir: Path, text_dim: int = 384, image_dim: int = 1280)
     )
     names = ["user", "query", "cand_fused", "cand_text", "cand_image", "context"]
     torch.onnx.export(
-        RuleScorer(),
+        rule_scorer_module(),
         example,
         str(path),
         input_names=names,

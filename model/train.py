@@ -142,7 +142,7 @@ def train_artefact(
     with torch.no_grad():
         vectors = model.catalogue_vectors(catalogue).numpy()
     inputs = RankerInputs(vectors=vectors, text=text, config=config)
-    fitted_ranker, ranker_report = train_ranker(config, ranker, lists, inputs, item_context, valid_times, progress)
+    fitted_ranker, ranker_report = train_ranker(config, ranker, lists, inputs, progress)
     train_seconds = time.monotonic() - started
 
     networks = Networks(config, model.item_tower, model.user_tower, fitted_ranker)

@@ -79,12 +79,60 @@ def _cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     return train_main(args.rest)
 
 
+def _cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
+    from model.finetune import main as finetune_main
+
+    argv = (["--every", args.every] if args.every else []) + (["--no-drain"] if args.no_drain else [])
+    return finetune_main(settings, argv)
+
+
+def _cmd_model(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from model.registry import Registry
+
+    registry = Registry(settings.models_path)
+    if args.action == "list":
+        for info in registry.versions():
+            heldout = info.metrics.get("heldout") or info.metrics.get("test_full") or {}
+            ndcg = heldout.get("ndcg@10")
+            print(f"{'*' if info.current else ' '} {info.version}  parent={info.parent or '-'}  "
+                  f"created={info.created_at}  ndcg@10={'-' if ndcg is None else f'{ndcg:.4f}'}")
+        return 0
+    if args.action == "promote":
+        if not args.version:
+            raise ConfigError("streamrec model promote needs VERSION (a registered version or an artefact folder)")
+        version = args.version
+        if Path(version).is_dir():  # an artefact built by `streamrec train --out DIR`
+            version = registry.add(Path(version))
+        registry.promote(version)
+    else:
+        version = registry.rollback()
+    _announce(settings, version, registry.path(version))
+    print(f"current model: {version}")
+    return 0
+
+
+def _announce(settings: Settings, version: str, path: object) -> None:
+    """Tell running workers (best effort: they also check the registry when they start)."""
+    from model.finetune import publish_update
+
+    try:
+        asyncio.run(asyncio.wait_for(publish_update(settings, version, path), 10))  # type: ignore[arg-type]
+    except Exception as exc:  # the registry already changed; a worker restart picks it up
+        print(f"streamrec: model.updates not published ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
 def _benchmarks() -> dict[str, str]:
     import pkgutil
 
     import stream.bench
 
-    found = {m.name: f"stream.bench.{m.name}" for m in pkgutil.iter_modules(stream.bench.__path__)}
+    found = {
+        m.name: f"stream.bench.{m.name}"
+        for m in pkgutil.iter_modules(stream.bench.__path__)
+        if m.name != "common"  # shared helpers, not a benchmark
+    }
     return {"quality": "model.quality_bench", **found}
 
 
@@ -92,6 +140,9 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     import importlib
 
     benchmarks = _benchmarks()
+    if args.benchmark is None:
+        print("streamrec bench NAME [options]; NAME is one of: " + ", ".join(sorted(benchmarks)))
+        return 0
     if args.benchmark not in benchmarks:
         raise ConfigError(f"unknown benchmark {args.benchmark!r}; choose one of: {', '.join(sorted(benchmarks))}")
     return int(importlib.import_module(benchmarks[args.benchmark]).main(args.rest) or 0)
@@ -120,12 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="one-screen summary of a running worker (see streamrec status -h)",
                             add_help=False)
-    status.add_argument("rest", nargs=argparse.REMAINDER)
     train = sub.add_parser("train", help="train the fused model (see streamrec train -h)", add_help=False)
-    train.add_argument("rest", nargs=argparse.REMAINDER)
-    bench = sub.add_parser("bench", help="benchmarks (streamrec bench NAME -h): quality, ingest, crash, ...")
-    bench.add_argument("benchmark")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    finetune = sub.add_parser("finetune", help="one fine-tuning cycle, or one every DURATION")
+    finetune.add_argument("--every", help="run forever, one cycle per DURATION (e.g. 1h, 30m)")
+    finetune.add_argument("--no-drain", action="store_true", help="train on the stored log only")
+    model = sub.add_parser("model", help="the model registry: list, promote VERSION|DIR, rollback")
+    model.add_argument("action", choices=("list", "promote", "rollback"))
+    model.add_argument("version", nargs="?")
+    bench = sub.add_parser("bench", help="benchmarks (streamrec bench NAME -h): quality, ingest, crash, ...",
+                           add_help=False)
+    bench.add_argument("benchmark", nargs="?")
     return parser
 
 
@@ -138,7 +193,12 @@ COMMANDS = {
     "status": _cmd_status,
     "train": _cmd_train,
     "bench": _cmd_bench,
+    "finetune": _cmd_finetune,
+    "model": _cmd_model,
 }
+
+
+PASSTHROUGH = frozenset({"train", "bench", "status"})
 
 
 def _raise_exit(signum: int, frame: object) -> None:
@@ -146,7 +206,13 @@ def _raise_exit(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # train, bench and status hand their own arguments (options included) to
+    # the job's parser; every other command takes only what it declares.
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in PASSTHROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM unwinds like Ctrl-C, so child processes (broker, worker) are stopped too.
     signal.signal(signal.SIGTERM, _raise_exit)

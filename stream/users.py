@@ -9,7 +9,10 @@ committed, and every update is idempotent:
 * ``applied`` maps ``topic/partition`` to the last offset applied for this user;
   a redelivered message (same or lower offset) is skipped, and
 * ``recent_ids`` holds the last event ids, so a producer that sends the same
-  event twice (new offset, same ``event_id``) is also applied once.
+  event twice (new offset, same ``event_id``) is also applied once. They are
+  stored as one newline-separated text (ids cannot contain whitespace): as a
+  list of 256 strings they made up most of the cost of writing and reading a
+  user (every element crosses into the store and back one by one).
 
 Offsets only order one incarnation of a log. The embedded broker keeps its log
 in memory, so after a broker restart a partition starts again at offset 0 and
@@ -63,7 +66,7 @@ class UserState:
             items=list(payload.get("items", [])),  # type: ignore[arg-type]
             actions=list(payload.get("actions", [])),  # type: ignore[arg-type]
             applied=dict(payload.get("applied", {})),  # type: ignore[arg-type]
-            recent_ids=list(payload.get("recent_ids", [])),  # type: ignore[arg-type]
+            recent_ids=_unpack_ids(payload.get("recent_ids", [])),
             last_event_time=float(payload.get("last_event_time", 0.0)),  # type: ignore[arg-type]
             applied_time=dict(payload.get("applied_time", {})),  # type: ignore[arg-type]
             applied_count=int(payload.get("applied_count", 0)),  # type: ignore[call-overload]
@@ -74,7 +77,7 @@ class UserState:
             "items": self.items,
             "actions": self.actions,
             "applied": self.applied,
-            "recent_ids": self.recent_ids,
+            "recent_ids": "\n".join(self.recent_ids),
             "last_event_time": self.last_event_time,
             "applied_time": self.applied_time,
             "applied_count": self.applied_count,
@@ -101,6 +104,13 @@ class UserState:
             self.recent_ids.append(delivery.event.event_id)
             del self.recent_ids[:-window]
         self.last_event_time = max(self.last_event_time, delivery.event.event_time)
+
+
+def _unpack_ids(stored: object) -> list[str]:
+    """``recent_ids`` as stored: newline-separated text, or a list (states written before)."""
+    if isinstance(stored, str):
+        return stored.split("\n") if stored else []
+    return list(stored)  # type: ignore[call-overload]
 
 
 def load_users(services: Services, user_ids: list[str]) -> dict[str, UserState]:
@@ -149,12 +159,13 @@ def apply_interactions(services: Services, deliveries: list[Delivery]) -> int:
     if touched:
         changed = [states[uid] for uid in user_ids if uid in touched]
         vectors = user_vectors(services, changed, query_vectors)
+        has_vector = vectors.any(axis=1)
         services.store.upsert(
             services.collections.users,
             # A user whose interactions are all with items not yet in the
             # catalogue has no vector yet (only the sequence) and is served as cold.
-            [Point(s.user_id, {"user": v} if np.any(v) else {}, s.payload())
-             for s, v in zip(changed, vectors)],
+            [Point(s.user_id, {"user": v} if has else {}, s.payload())
+             for s, v, has in zip(changed, vectors, has_vector)],
         )
         finished = time.time()
         for state in changed:
@@ -179,25 +190,43 @@ def _store_queries(services: Services, searches: list[Delivery], states: dict[st
 
 
 def user_vectors(services: Services, states: list[UserState], known: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """One model call for all ``states``: (B, fused_dim)."""
-    model = services.model
+    """One model call for all ``states``: (B, fused_dim).
+
+    Item vectors come from the serving state's item cache, which reads a
+    missing item from the store once (all its vectors, as requests need them);
+    reading every sequence's items from the store on every batch cost more
+    than the rest of a click batch. Query vectors come from ``known`` or the store.
+    """
+    serving = services.serving
+    model = serving.model
     length = min(model.max_sequence, services.settings.user_sequence_length)
-    entries = {e for s in states for e in s.items[-length:]}
-    vectors = dict(known or {})
-    item_ids = [e for e in entries if e not in vectors and not e.startswith(QUERY_PREFIX)]
-    query_ids = [e for e in entries if e not in vectors and e.startswith(QUERY_PREFIX)]
-    for collection, ids in ((services.collections.items, item_ids), (services.collections.queries, query_ids)):
-        if ids:
-            hits = services.store.retrieve(collection, ids, with_vectors=["fused"])
-            vectors.update({k: h.vectors["fused"] for k, h in hits.items() if "fused" in h.vectors})
-    sequences = np.zeros((len(states), length, model.fused_dim), np.float32)  # (B, L, d), left-padded
+    recents = [(s.items[-length:], s.actions[-length:]) for s in states]
+    entries = list(dict.fromkeys(e for items, _ in recents for e in items))
+    queries = dict(known or {})
+    query_ids = [e for e in entries if e.startswith(QUERY_PREFIX) and e not in queries]
+    if query_ids:
+        hits = services.store.retrieve(serving.collections.queries, query_ids, with_vectors=["fused"])
+        queries.update({k: h.vectors["fused"] for k, h in hits.items() if "fused" in h.vectors})
+    cache = serving.item_cache
+    gathered = cache.gather(
+        [e for e in entries if not e.startswith(QUERY_PREFIX) and e not in queries],
+        lambda missing: services.store.retrieve(serving.collections.items, missing, with_vectors=list(cache.dims)),
+    )
+    with_fused = gathered.present["fused"]
+    found = [i for i, present in zip(gathered.item_ids, with_fused) if present] + list(queries)
+    # Row 0 stays zero: the padding, and where an item is not (yet) in the catalogue.
+    table = np.zeros((1 + len(found), model.fused_dim), np.float32)  # (1 + E, d)
+    table[1:1 + int(with_fused.sum())] = gathered.vectors["fused"][with_fused]
+    for n, vector in enumerate(queries.values(), start=1 + int(with_fused.sum())):
+        table[n] = vector
+    row_of = {entry: n for n, entry in enumerate(found, start=1)}
+    rows = np.zeros((len(states), length), np.int64)  # (B, L), left-padded
     actions = np.zeros((len(states), length), np.int64)  # (B, L), 0 = padding
-    for b, state in enumerate(states):
-        recent = list(zip(state.items, state.actions))[-length:]
-        offset = length - len(recent)
-        for pos, (entry, action) in enumerate(recent):
-            vector = vectors.get(entry)
-            if vector is not None:  # an item not (yet) in the catalogue stays padding
-                sequences[b, offset + pos] = vector
-                actions[b, offset + pos] = action
-    return model.user_vectors(sequences, actions)
+    for b, (items, codes) in enumerate(recents):
+        offset = length - len(items)
+        for pos, (entry, action) in enumerate(zip(items, codes), start=offset):
+            row = row_of.get(entry, 0)
+            if row:
+                rows[b, pos] = row
+                actions[b, pos] = action
+    return model.user_vectors(table[rows], actions)  # table[rows]: (B, L, d)

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import faust
+from aiokafka import AIOKafkaConsumer
 from pydantic import BaseModel
 
 from stream.errors import DecodeError, StoreUnavailableError
 from stream.events import DeadLetter, decode
 from stream.services import Services
+from stream.settings import Settings
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,35 @@ async def _apply_with_retry(apply: ApplyFn[E], received: list[Received[E]]) -> l
                 for _, error in await _apply_with_retry(apply, [one]):
                     failures.append((index, error))
             return failures
+
+
+class RecordEvent:
+    """An aiokafka record in the shape ``process_batch`` reads from a Faust event: ``.message``."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: object) -> None:
+        self.message = message
+
+
+def direct_consumer(settings: Settings, topic: str, group_id: str, max_records: int) -> AIOKafkaConsumer:
+    """A consumer for an agent that reads its topic without a Faust stream.
+
+    Offsets are committed by the caller after a batch is applied, never automatically.
+    """
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.bootstrap_list,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        session_timeout_ms=int(settings.session_timeout_s * 1000),
+        heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
+        rebalance_timeout_ms=int(settings.rebalance_timeout_s * 1000),
+        max_poll_records=max_records,
+        **settings.kafka_client_options(),
+    )
 
 
 def _describe_current_exception() -> str:

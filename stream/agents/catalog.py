@@ -1,7 +1,13 @@
-"""catalog.items -> item vectors (text, image, fused) in the store."""
+"""catalog.items -> item vectors (text, image, fused) in the store.
+
+Before the agent starts, a catalogue with many vectors outside any HNSW graph
+(a bulk load, or growth since the last build) is indexed: see ``index_catalogue``.
+"""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 import faust
 
@@ -12,9 +18,40 @@ from stream.events import CatalogItem
 from stream.services import Services
 from stream.topics import Topics
 
+log = logging.getLogger(__name__)
+# Searches scan unindexed vectors one by one: past ~20k 384-d vectors (~30 MB)
+# a scan costs more than a request's whole latency budget on two cores.
+INDEX_AT_START_UNINDEXED = 20_000
+
+
+def index_catalogue(services: Services, threshold: int = INDEX_AT_START_UNINDEXED) -> bool:
+    """Build the items' HNSW graph now if at least ``threshold`` vectors lie outside it.
+
+    The embedded store's ``optimize`` holds the GIL for the whole build (minutes
+    for 100k items on two shared cores): inside a serving worker it would stall
+    requests and the consumers' heartbeats (a rebalance). So it runs when the
+    worker starts, before any agent: after a bulk load, restart the workers one
+    by one. Items added later land in a small unindexed segment that searches
+    scan until the next start. A Qdrant server indexes in the background, so
+    nothing is done for it. True if an index was built.
+    """
+    unindexed_count = getattr(services.store, "unindexed_vector_count", None)
+    if unindexed_count is None:
+        return False
+    items = services.collections.items
+    pending = unindexed_count(items)
+    if pending < threshold:
+        return False
+    log.warning("indexing %d item vectors before serving (this blocks start-up) ...", pending)
+    started = time.monotonic()
+    services.store.optimize(items)
+    log.warning("item index built in %.1f s", time.monotonic() - started)
+    return True
+
 
 def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> None:
     settings = services.settings
+    index_catalogue(services)
 
     async def apply(received: list[Received[CatalogItem]]) -> list[tuple[int, DecodeError]]:
         async with services.write_lock:

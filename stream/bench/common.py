@@ -37,7 +37,7 @@ from stream.client import EventPublisher
 from stream.events import Event, RecRequest
 from stream.settings import Settings, load_settings
 from stream.stack import WorkerProcess, free_port
-from stream.store import CollectionSpec, Hit, open_store
+from stream.store import Hit, open_store
 
 T = TypeVar("T")
 # Payload keys that legitimately differ between two runs over the same events.
@@ -97,7 +97,11 @@ def stack_settings(base: Settings, broker: EmbeddedBroker, data_dir: Path, tag: 
 def start_worker(settings: Settings, log_path: Path, *, ready_timeout_s: float = 180.0) -> WorkerProcess:
     asyncio.run(ensure_topics(settings))
     worker = WorkerProcess(settings, log_path=log_path).start()
-    worker.wait_ready(ready_timeout_s)
+    try:
+        worker.wait_ready(ready_timeout_s)
+    except BaseException:
+        worker.kill()  # never leave a half-started worker behind
+        raise
     return worker
 
 
@@ -332,29 +336,26 @@ class StoreSnapshot:
 
 def read_store(settings: Settings, page: int = 1000) -> StoreSnapshot:
     """Every user and item with payload and vectors. The worker must have stopped."""
-    from stream.services import load_serving_model
+    from stream.services import collection_specs, load_serving_model
+    from stream.swap import serving_collections
 
     model = load_serving_model(settings)
-    prefix = settings.collection_prefix
-    specs = {
-        "users": CollectionSpec(f"{prefix}users", {"user": model.fused_dim}),
-        "items": CollectionSpec(f"{prefix}items", {"text": model.text_dim, "image": model.image_dim,
-                                                  "fused": model.fused_dim}),
-    }
+    collections = serving_collections(settings, model.version)
     store = open_store(settings.store_backend, data_dir=settings.store_path, url=settings.qdrant_url,
                        api_key=settings.qdrant_api_key)
     try:
-        contents: dict[str, dict[str, Hit]] = {}
-        for kind, spec in specs.items():
+        for spec in collection_specs(collections, model):
             store.ensure_collection(spec)
-            ids = sorted(store.scroll_ids(spec.name))
+        contents: dict[str, dict[str, Hit]] = {}
+        for name in (collections.users, collections.items):
+            ids = sorted(store.scroll_ids(name))
             hits: dict[str, Hit] = {}
             for start in range(0, len(ids), page):
-                hits.update(store.retrieve(spec.name, ids[start:start + page], with_vectors=True))
-            contents[kind] = hits
+                hits.update(store.retrieve(name, ids[start:start + page], with_vectors=True))
+            contents[name] = hits
     finally:
         store.close()
-    return StoreSnapshot(users=contents["users"], items=contents["items"])
+    return StoreSnapshot(users=contents[collections.users], items=contents[collections.items])
 
 
 def without_topic_prefix(payload: dict[str, Any], prefix: str) -> dict[str, Any]:

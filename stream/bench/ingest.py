@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.bench.common import bench_parser, read_store, report, stack_settings, start_broker, work_dir
+from stream.bench.common import bench_parser, report, stack_settings, start_broker, work_dir
 from stream.broker import ensure_topics
 from stream.events import ClickEvent
 from stream.settings import Settings, load_settings
 from stream.stack import WorkerProcess, settings_env
-from stream.store import CollectionSpec, Point, open_store
+from stream.store import CollectionSpec, Point, VectorStore, open_store
 
 ACTIONS = ("view", "click", "add_to_cart", "purchase")
 ACTION_WEIGHTS = (4, 8, 2, 1)
@@ -69,9 +69,13 @@ def item_id(n: int) -> str:
 
 
 def item_points(vectors: np.ndarray, first: int, created_at: float) -> list[Point]:
-    """Catalogue points with the same vector as ``fused`` and ``text`` (no photo)."""
+    """Catalogue points with a ``fused`` vector only: what retrieval and user vectors read.
+
+    Without text and photo vectors the store builds one HNSW graph, not three;
+    scoring reads zero rows for them, which costs the same as real ones.
+    """
     return [
-        Point(item_id(first + n), {"fused": row, "text": row},
+        Point(item_id(first + n), {"fused": row},
               {"title": f"synthetic item {first + n}", "category": f"c{(first + n) % 20}",
                "price": float(5 + (first + n) % 200), "attributes": {}, "created_at": created_at,
                "has_image": False, "image_uri": None})
@@ -80,17 +84,35 @@ def item_points(vectors: np.ndarray, first: int, created_at: float) -> list[Poin
 
 
 def collection_specs(settings: Settings) -> dict[str, CollectionSpec]:
-    """The worker's collections (as ``Services.open`` declares them)."""
-    from stream.services import load_serving_model
+    """The collections a worker with these settings serves from (as ``Services.open`` opens them)."""
+    from stream.services import collection_specs as specs_of, load_serving_model
+    from stream.swap import serving_collections
 
     model = load_serving_model(settings)
-    prefix = settings.collection_prefix
-    return {
-        "items": CollectionSpec(f"{prefix}items", {"text": model.text_dim, "image": model.image_dim,
-                                                   "fused": model.fused_dim}),
-        "users": CollectionSpec(f"{prefix}users", {"user": model.fused_dim}),
-        "queries": CollectionSpec(f"{prefix}queries", {"fused": model.fused_dim}),
-    }
+    specs = specs_of(serving_collections(settings, model.version), model)
+    return dict(zip(("items", "users", "queries"), specs))
+
+
+def open_bench_store(settings: Settings) -> VectorStore:
+    """The worker's store with its collections open; only while no worker runs on it."""
+    store = open_store(settings.store_backend, data_dir=settings.store_path, url=settings.qdrant_url,
+                       api_key=settings.qdrant_api_key, hnsw_ef=settings.hnsw_ef)
+    for spec in collection_specs(settings).values():
+        store.ensure_collection(spec)
+    return store
+
+
+def applied_in_store(settings: Settings, page: int = 1000) -> int:
+    """Sum of every user's ``applied_count``, read after the worker stopped."""
+    store = open_bench_store(settings)
+    try:
+        users = collection_specs(settings)["users"].name
+        ids = list(store.scroll_ids(users))
+        return sum(int(hit.payload.get("applied_count", 0))
+                   for start in range(0, len(ids), page)
+                   for hit in store.retrieve(users, ids[start:start + page]).values())
+    finally:
+        store.close()
 
 
 @dataclass
@@ -106,13 +128,9 @@ def seed_catalogue(settings: Settings, vectors: np.ndarray, *, optimize: bool, b
     With ``optimize`` the HNSW graph is built here, as an operator does after a
     bulk load (``optimize`` holds the GIL: never inside a serving worker's loop).
     """
-    specs = collection_specs(settings)
-    store = open_store(settings.store_backend, data_dir=settings.store_path, url=settings.qdrant_url,
-                       api_key=settings.qdrant_api_key, hnsw_ef=settings.hnsw_ef)
+    store = open_bench_store(settings)
     try:
-        for spec in specs.values():
-            store.ensure_collection(spec)
-        items = specs["items"].name
+        items = collection_specs(settings)["items"].name
         now = time.time()
         started = time.perf_counter()
         for start in range(0, len(vectors), batch):
@@ -173,15 +191,31 @@ async def publish_raw(settings: Settings, topics: list[str], messages: list[tupl
 
 @dataclass
 class Rate:
-    """Applied events over the time between the first reading that saw progress and the end."""
+    """Applied events over the time between the first reading that saw progress and the end.
+
+    ``cpu_seconds`` is the CPU time the consuming process used meanwhile (all
+    its threads): on a shared machine events per CPU-second compare consumers
+    even when they got different shares of the cores.
+    """
 
     events: int
     seconds: float
     first_seen: int  # applied when progress was first seen (left out of the rate)
+    cpu_seconds: float = float("nan")
 
     @property
     def per_s(self) -> float:
         return (self.events - self.first_seen) / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def per_cpu_s(self) -> float:
+        return (self.events - self.first_seen) / self.cpu_seconds if self.cpu_seconds > 0 else float("nan")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ProgressFile:
@@ -191,16 +225,17 @@ class ProgressFile:
         self.path = path
         self.expected = expected
         self.count = 0
-        self.first_at = 0.0
+        self.first_at = self.first_cpu = 0.0
         self.first_count = 0
 
     def add(self, n: int) -> None:
         self.count += n
         now = time.perf_counter()
         if not self.first_at:
-            self.first_at, self.first_count = now, self.count
+            self.first_at, self.first_cpu, self.first_count = now, time.process_time(), self.count
         if self.count >= self.expected and not self.path.exists():
-            record = {"events": self.count, "first_count": self.first_count, "seconds": now - self.first_at}
+            record = {"events": self.count, "first_count": self.first_count, "seconds": now - self.first_at,
+                      "cpu_seconds": time.process_time() - self.first_cpu}
             self.path.write_text(json.dumps(record))
 
 
@@ -254,7 +289,8 @@ def measure_probe(settings: Settings, role: str, topic: str, expected: int, fold
         record = json.loads(result_path.read_text())
     finally:
         _stop_group(process)
-    return Rate(int(record["events"]), float(record["seconds"]), int(record["first_count"]))
+    return Rate(int(record["events"]), float(record["seconds"]), int(record["first_count"]),
+                float(record["cpu_seconds"]))
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
@@ -272,7 +308,7 @@ def measure_worker(settings: Settings, expected: int, folder: Path, profile: Pat
     worker = WorkerProcess(settings, log_path=folder / "worker.log").start()
     profiler: subprocess.Popen[bytes] | None = None
     try:
-        applied, first_seen, first_at = 0.0, 0.0, 0.0
+        applied, first_seen, first_at, first_cpu = 0.0, 0.0, 0.0, 0.0
         deadline = time.monotonic() + PROBE_TIMEOUT_S
         while applied < expected:
             if worker.process is not None and worker.process.poll() is not None:
@@ -286,19 +322,20 @@ def measure_worker(settings: Settings, expected: int, folder: Path, profile: Pat
                 continue  # HTTP not up yet
             if applied and not first_at:
                 first_at, first_seen = time.perf_counter(), applied
+                first_cpu = process_cpu_seconds(worker.process.pid)  # type: ignore[union-attr]
                 if profile is not None and worker.process is not None:
                     profiler = subprocess.Popen(
                         [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker.process.pid),
                          "--rate", "100", "--format", "raw", "--output", str(profile)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rate = Rate(int(applied), time.perf_counter() - first_at, int(first_seen))
+        rate = Rate(int(applied), time.perf_counter() - first_at, int(first_seen),
+                    process_cpu_seconds(worker.process.pid) - first_cpu)  # type: ignore[union-attr]
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             profiler.wait(timeout=60)
         worker.stop()
-    users = read_store(settings).users
-    return rate, sum(int(hit.payload.get("applied_count", 0)) for hit in users.values())
+    return rate, applied_in_store(settings)
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -340,30 +377,36 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
     baseline_topic = f"{settings.topic_prefix}baseline.events.clicks"
     asyncio.run(ensure_topics(settings))
     asyncio.run(ensure_topics(settings, [ceiling_topic, baseline_topic]))
-    print(f"seeding {args.items} items and publishing {args.events} clicks to 3 topics ...", flush=True)
+    print(f"seeding {args.items} items and publishing {args.events} clicks ...", flush=True)
     seeded = seed_catalogue(settings, item_vectors(args.items, 384, args.seed), optimize=False)
     clicks = click_stream(events=args.events, users=args.users, items=args.items, seed=args.seed,
                           start_time=time.time())
     messages = [(c.user_id.encode(), c.to_bytes()) for c in clicks]
     del clicks
-    publish_seconds = asyncio.run(publish_raw(settings, [settings.topic("clicks"), ceiling_topic, baseline_topic],
-                                              messages))
+    topics = [settings.topic("clicks")] + ([] if args.worker_only else [ceiling_topic, baseline_topic])
+    publish_seconds = asyncio.run(publish_raw(settings, topics, messages))
     ceiling = baseline = Rate(0, 0.0, 0)
     if not args.worker_only:
         print("ceiling (bare Faust agent) ...", flush=True)
         ceiling = measure_probe(settings, "ceiling", ceiling_topic, args.events, logs)
-        print(f"  {ceiling.per_s:.0f} events/s\nbaseline (Faust agent + changelog Table) ...", flush=True)
+        print(f"  {ceiling.per_s:.0f} events/s ({ceiling.per_cpu_s:.0f} per CPU-second)\n"
+              "baseline (Faust agent + changelog Table) ...", flush=True)
         baseline = measure_probe(settings, "baseline", baseline_topic, args.events, logs)
-        print(f"  {baseline.per_s:.0f} events/s", flush=True)
+        print(f"  {baseline.per_s:.0f} events/s ({baseline.per_cpu_s:.0f} per CPU-second)", flush=True)
     print("worker ...", flush=True)
     worker, in_store = measure_worker(settings, args.events, logs, args.profile)
-    print(f"  {worker.per_s:.0f} events/s", flush=True)
+    print(f"  {worker.per_s:.0f} events/s ({worker.per_cpu_s:.0f} per CPU-second)", flush=True)
     return {
         "events_per_s": round(worker.per_s, 1),
-        "ceiling_events_per_s": round(ceiling.per_s, 1),
-        "baseline_events_per_s": round(baseline.per_s, 1),
-        "ratio_to_ceiling": round(worker.per_s / ceiling.per_s, 3),
-        "ratio_to_baseline": round(worker.per_s / baseline.per_s, 3),
+        "ceiling_events_per_s": _rounded(ceiling.per_s, 1),
+        "baseline_events_per_s": _rounded(baseline.per_s, 1),
+        "ratio_to_ceiling": _rounded(worker.per_s / ceiling.per_s, 3),
+        "ratio_to_baseline": _rounded(worker.per_s / baseline.per_s, 3),
+        "events_per_cpu_s": _rounded(worker.per_cpu_s, 1),
+        "ceiling_events_per_cpu_s": _rounded(ceiling.per_cpu_s, 1),
+        "baseline_events_per_cpu_s": _rounded(baseline.per_cpu_s, 1),
+        "cpu_ratio_to_ceiling": _rounded(worker.per_cpu_s / ceiling.per_cpu_s, 3),
+        "cpu_ratio_to_baseline": _rounded(worker.per_cpu_s / baseline.per_cpu_s, 3),
         "events": args.events,
         "applied_in_store": in_store,
         "worker_seconds": round(worker.seconds, 2),
@@ -373,8 +416,13 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         "items": seeded.items,
         "partitions": args.partitions,
         "batch_size": settings.batch_size,
-        "publish_events_per_s": round(3 * args.events / publish_seconds, 1),
+        "publish_events_per_s": round(len(topics) * args.events / publish_seconds, 1),
     }
+
+
+def _rounded(value: float, digits: int) -> float | None:
+    """None where a reference was skipped (JSON has no NaN)."""
+    return round(value, digits) if np.isfinite(value) else None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ them as ``exclude_ids``), so the comparison is about the ranking only.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,10 +34,10 @@ from stream.bench.common import (
     report,
     stack_settings,
     start_broker,
-    start_worker,
     wait_for,
     work_dir,
 )
+from stream.broker import ensure_topics
 from stream.client import http_recommend
 from stream.errors import ConfigError, StreamrecError
 from stream.events import CatalogItem, ClickEvent, RecRequest, RequestFilters
@@ -188,7 +189,13 @@ def wait_applied(workers: dict[str, WorkerProcess], counters: Counters) -> None:
     for name, worker in workers.items():
         target = counters.baseline[name] + counters.published[name]
         deadline = time.monotonic() + APPLY_TIMEOUT_S
-        while processed_clicks(worker) < target:
+        while True:
+            try:
+                if processed_clicks(worker) >= target:
+                    break
+            except OSError:  # a slow scrape on a busy machine; the next poll decides
+                if worker.process is None or worker.process.poll() is not None:
+                    raise StreamrecError(f"the {name} worker has exited; see its log") from None
             if time.monotonic() > deadline:
                 raise StreamrecError(f"{name} worker did not apply {target:.0f} clicks within {APPLY_TIMEOUT_S}s")
             time.sleep(0.002)
@@ -287,13 +294,28 @@ async def publish_catalogue(stacks: dict[str, Settings], items: list[CatalogItem
             await publisher.settle()
 
 
+def served_version(worker: WorkerProcess) -> str:
+    """The model version a worker reports (``streamrec_model_info``), or "unknown"."""
+    try:
+        text = worker.metrics_text()
+    except OSError:
+        return "unknown"
+    return text.partition('streamrec_model_info{version="')[2].partition('"')[0] or "unknown"
+
+
+def indexed_items(worker: WorkerProcess) -> float:
+    """Catalogue events this worker has finished with; -1 when a busy worker does not answer in time."""
+    try:
+        return (worker.metric("streamrec_events_processed_total", {"topic": "catalog"})
+                + worker.metric("streamrec_deadletter_total"))
+    except OSError:
+        return -1.0
+
+
 def wait_catalogue(workers: dict[str, WorkerProcess], count: int) -> None:
     for name, worker in workers.items():
-        done = wait_for(lambda w=worker: w.metric("streamrec_events_processed_total", {"topic": "catalog"})
-                        + w.metric("streamrec_deadletter_total") >= count,
-                        timeout_s=1800.0, interval_s=0.5,
-                        progress=lambda w=worker: w.metric("streamrec_events_processed_total", {"topic": "catalog"}),
-                        stall_s=120.0)
+        done = wait_for(lambda w=worker: indexed_items(w) >= count, timeout_s=3600.0, interval_s=0.5,
+                        progress=lambda w=worker: indexed_items(w), stall_s=180.0)
         if not done:
             raise StreamrecError(f"{name} worker did not index the {count} catalogue items")
 
@@ -350,7 +372,12 @@ def main(argv: list[str] | None = None) -> int:
             stacks = {name: stack_settings(base, broker, folder / name, f"preq-{name}", **overrides)
                       for name in ("online", "frozen")}
             for name, settings in stacks.items():
-                workers[name] = start_worker(settings, folder / f"{name}-worker.log")
+                # A kept --work-dir may hold a store from an earlier run (other model, other events).
+                shutil.rmtree(settings.data_dir, ignore_errors=True)
+                asyncio.run(ensure_topics(settings))
+                workers[name] = WorkerProcess(settings, log_path=folder / f"{name}-worker.log").start()
+            for worker in workers.values():  # both start at once; their start-up is seconds of imports
+                worker.wait_ready(300.0)
             asyncio.run(publish_catalogue(stacks, replay_data.catalogue))
             wait_catalogue(workers, len(replay_data.catalogue))
             catalogue_s = time.monotonic() - wall_started
@@ -358,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             replay_started = time.monotonic()
             evaluation = asyncio.run(replay(interactions, stacks, workers, catalogue, args.seed))
             replay_s = time.monotonic() - replay_started
-            model_version = workers["online"].metrics_text().partition('streamrec_model_info{version="')[2]
+            model_version = served_version(workers["online"])
         finally:
             for worker in workers.values():
                 worker.stop()
@@ -377,11 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         "users": len(replay_data.sequences),
         "items": len(catalogue),
         "failed_requests": evaluation.failed_requests,
-        "model_version": model_version.partition('"')[0] or "unknown",
+        "model_version": model_version,
         "catalogue_seconds": round(catalogue_s, 1),
         "replay_seconds": round(replay_s, 1),
         "waiting_seconds": round(evaluation.waiting_s, 1),
         "asking_seconds": round(evaluation.asking_s, 1),
+        "publishing_seconds": round(evaluation.publishing_s, 1),
         "plot": str(args.plot) if args.plot else None,
     })
     report("prequential evaluation (HTTP /recommend, k=10, seen items excluded)", result)

@@ -12,16 +12,25 @@ not serialised behind a lock here. ``optimize`` holds the GIL for the whole
 index build (about 2 s for 5k and 13-45 s for 20k 64-d points on two shared
 cores), so it blocks an asyncio loop in the same process however it is called:
 run it at start-up, after a bulk load, or in a separate maintenance process.
+
+Payloads are stored packed: the keys the engine filters or looks up on (id,
+category, price) as values, every other key in one JSON text. Measured with
+qdrant-edge 0.9, handing a payload to the engine (and back) costs about 1.7 µs
+of CPU per list element or dict entry: a user's state (50 sequence entries, 256
+recent event ids) took ~1.9 ms per point, against ~0.07 ms packed. Payloads
+written unpacked (before this format) are read as they are.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pydantic_core
 import qdrant_edge as qe
 
 from stream.errors import ConfigError, StoreUnavailableError
@@ -56,6 +65,14 @@ _SCROLL_PAGE = 1000
 # an update, and a config that does not match the segments on disk.
 _MISSING_POINT = "No point with id"
 _INCOMPATIBLE = "incompatible"
+# Payload keys kept as engine values (filters, payload indexes, id lookups);
+# the rest travels as one JSON text under _PACKED_KEY (see the module docstring).
+_NATIVE_KEYS = frozenset({ID_KEY, CATEGORY_KEY, PRICE_KEY})
+_PACKED_KEY = "_packed_json"
+
+
+# uuid5 is a SHA-1 per call (~6 µs); users and items are written and read over and over.
+_point_uuid = functools.lru_cache(maxsize=1 << 16)(point_uuid)
 
 
 class EdgeStore(VectorStore):
@@ -153,9 +170,9 @@ class EdgeStore(VectorStore):
         spec, shard = self._shard(collection)
         edge_points = [
             qe.Point(
-                point_uuid(point.id),
+                _point_uuid(point.id),
                 {name: check_vector(spec, name, vec) for name, vec in point.vectors.items()},
-                stored_payload(point),
+                _pack(stored_payload(point)),
             )
             for point in points
         ]
@@ -165,7 +182,14 @@ class EdgeStore(VectorStore):
 
     def update_payload(self, collection: str, point_id: str, payload: dict[str, Any]) -> None:
         _, shard = self._shard(collection)
-        operation = qe.UpdateOperation.set_payload([point_uuid(point_id)], check_payload(payload))
+        checked = check_payload(payload)
+        uid = _point_uuid(point_id)
+        # Packed keys cannot be merged by the engine: read, merge, write back whole.
+        records = _guard(f"retrieve from {collection!r}", lambda: shard.retrieve([uid], True, False))
+        if not records:
+            raise KeyError(point_id)
+        merged = {**_unpack(records[0].payload), **checked}
+        operation = qe.UpdateOperation.overwrite_payload([uid], _pack(merged))
         _update_existing(shard, operation, collection, point_id)
 
     def update_vectors(
@@ -175,14 +199,14 @@ class EdgeStore(VectorStore):
         checked = {name: check_vector(spec, name, vec) for name, vec in vectors.items()}
         if not checked:
             return
-        point_vectors = qe.PointVectors(point_uuid(point_id), checked)
+        point_vectors = qe.PointVectors(_point_uuid(point_id), checked)
         operation = qe.UpdateOperation.update_vectors([point_vectors])
         _update_existing(shard, operation, collection, point_id)
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         _, shard = self._shard(collection)
         if ids:
-            operation = qe.UpdateOperation.delete_points([point_uuid(i) for i in ids])
+            operation = qe.UpdateOperation.delete_points([_point_uuid(i) for i in ids])
             _guard(f"delete from {collection!r}", lambda: shard.update(operation))
 
     # -- reads -------------------------------------------------------------
@@ -196,9 +220,9 @@ class EdgeStore(VectorStore):
             return {}
         records = _guard(
             f"retrieve from {collection!r}",
-            lambda: shard.retrieve([point_uuid(i) for i in ids], True, vectors),
+            lambda: shard.retrieve([_point_uuid(i) for i in ids], True, vectors),
         )
-        hits = (to_hit(record.payload, 0.0, named_vectors(record.vector)) for record in records)
+        hits = (to_hit(_unpack(record.payload), 0.0, named_vectors(record.vector)) for record in records)
         return {hit.id: hit for hit in hits}
 
     def search(
@@ -216,7 +240,7 @@ class EdgeStore(VectorStore):
         query = check_vector(spec, vector_name, vector)
         request = self._request(spec, vector_name, query, limit, flt, with_vectors, exact, with_payload)
         points = _guard(f"search {collection!r}", lambda: shard.query(request))
-        return [to_hit(p.payload, p.score, named_vectors(p.vector)) for p in points]
+        return [to_hit(_unpack(p.payload), p.score, named_vectors(p.vector)) for p in points]
 
     def search_batch(
         self,
@@ -234,7 +258,7 @@ class EdgeStore(VectorStore):
             [self._request(spec, vector_name, row, limit, flt, False, False) for row in rows]
         )
         results = _guard(f"search {collection!r}", lambda: shard.query_batch(batch))
-        return [[to_hit(p.payload, p.score, None) for p in points] for points in results]
+        return [[to_hit(_unpack(p.payload), p.score, None) for p in points] for points in results]
 
     def _request(
         self,
@@ -279,6 +303,20 @@ class EdgeStore(VectorStore):
         _, shard = self._shard(collection)
         return _guard(f"inspect {collection!r}", lambda: shard.info().indexed_vectors_count)
 
+    def unindexed_vector_count(self, collection: str) -> int:
+        """Stored vectors (all names together) that no HNSW graph covers: what ``optimize`` would index.
+
+        Searches scan these one by one, so the count says when an index build pays off.
+        """
+        spec, shard = self._shard(collection)
+
+        def with_vector(name: str) -> int:
+            having = qe.Filter(must=[qe.HasVectorCondition(name)])
+            return shard.count(qe.CountRequest(exact=True, filter=having))
+
+        stored = _guard(f"inspect {collection!r}", lambda: sum(with_vector(name) for name in spec.vectors))
+        return max(0, stored - self.indexed_vector_count(collection))
+
     # -- lifecycle ---------------------------------------------------------
 
     def optimize(self, collection: str) -> None:
@@ -305,6 +343,34 @@ def _guard(what: str, call: Callable[[], T]) -> T:
         return call()
     except Exception as exc:  # qdrant_edge raises bare Exception for everything
         raise StoreUnavailableError(f"edge store: {what} failed: {exc}") from exc
+
+
+def _pack(payload: dict[str, Any]) -> dict[str, Any]:
+    """The engine's form of a payload: native keys as values, the rest as one JSON text."""
+    if _PACKED_KEY in payload:
+        raise ValueError(f"payload key {_PACKED_KEY!r} is reserved by the edge store")
+    packed = {key: value for key, value in payload.items() if key in _NATIVE_KEYS}
+    rest = {key: value for key, value in payload.items() if key not in _NATIVE_KEYS}
+    if rest:
+        packed[_PACKED_KEY] = pydantic_core.to_json(rest, fallback=_plain).decode()
+    return packed
+
+
+def _unpack(payload: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not payload or _PACKED_KEY not in payload:
+        return payload  # nothing packed, or written before payloads were packed
+    rest = pydantic_core.from_json(payload.pop(_PACKED_KEY))
+    rest.update(payload)
+    return rest
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays in a payload, as the engine itself would take them."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise ValueError(f"payload value of type {type(value).__name__} cannot be stored")
 
 
 def _index_payload(shard: qe.EdgeShard) -> None:
@@ -351,5 +417,5 @@ def _edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
         must.append(qe.FieldCondition(PRICE_KEY, range=price_range))
     must_not: list[Any] = []
     if flt.exclude_ids:
-        must_not.append(qe.HasIdCondition({point_uuid(i) for i in flt.exclude_ids}))
+        must_not.append(qe.HasIdCondition({_point_uuid(i) for i in flt.exclude_ids}))
     return qe.Filter(must=must or None, must_not=must_not or None)

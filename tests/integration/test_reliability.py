@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from stream import movielens
 from stream.bench.common import read_store, user_state
@@ -83,8 +84,8 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(settings: Se
     try:
         worker.wait_ready()
         _catalogue_applied(settings, worker)
-        events = _clicks(40, 60, tag="crash", start=time.time())
-        first, second = events[:1500], events[1500:]
+        events = _clicks(30, 40, tag="crash", start=time.time())
+        first, second = events[:600], events[600:]
         publish(settings, first)
         # Kill as soon as the worker is busy with the first half: whatever it had
         # applied but not yet committed is delivered again after the restart.
@@ -93,7 +94,7 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(settings: Se
         publish(settings, second)  # the producer does not wait for the worker
         worker = WorkerProcess(settings, log_path=tmp_path / "worker.log").start()
         worker.wait_ready()
-        wait_until(lambda: _all_applied(settings, _counts(events)), 180, "every click applied after the restart")
+        wait_until(lambda: _all_applied(settings, _counts(events)), 600, "every click applied after the restart")
     finally:
         worker.stop()
     stored = read_store(settings).users
@@ -124,16 +125,16 @@ def test_replays_and_a_consumer_group_reset_change_nothing(small_window: Setting
     with LocalStack(settings, log_dir=tmp_path / "logs", start_broker=False) as stack:
         _catalogue_applied(settings, stack.worker)
         publish(settings, events)
-        wait_until(lambda: _all_applied(settings, _counts(events)), 120, "clicks applied")
+        wait_until(lambda: _all_applied(settings, _counts(events)), 300, "clicks applied")
         # The producer retries its last few sends: same event ids at new offsets.
         publish(settings, events[-3:])
-        wait_until(lambda: stack.worker.metric("streamrec_events_duplicate_total") >= 3, 60, "retries seen")
+        wait_until(lambda: stack.worker.metric("streamrec_events_duplicate_total") >= 3, 120, "retries seen")
     before = read_store(settings)
 
     # Rewind the worker's consumer group to the start of every partition and run again.
     asyncio.run(_rewind_group(settings, settings.topic("clicks")))
     with LocalStack(settings, log_dir=tmp_path / "logs-again", start_broker=False) as stack:
-        wait_until(lambda: stack.worker.metric("streamrec_events_duplicate_total") >= len(events) + 3, 120,
+        wait_until(lambda: stack.worker.metric("streamrec_events_duplicate_total") >= len(events) + 3, 300,
                    "the whole topic delivered again")
         assert processed(stack, "clicks") == len(events) + 3  # delivered, not applied
     after = read_store(settings)
@@ -145,17 +146,28 @@ def test_replays_and_a_consumer_group_reset_change_nothing(small_window: Setting
         assert hit.payload["applied_count"] == _counts(events)[user]
 
 
+class _FaustNamedAssignor(RoundRobinPartitionAssignor):
+    """Joins the worker's group: members must share a protocol name, and Faust's is "faust"."""
+
+    name = "faust"
+
+
 async def _rewind_group(settings: Settings, topic: str) -> None:
+    """Commit offset 0 for the worker's group, as an operator's offset reset does."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_list, group_id=settings.app_id,
-                                enable_auto_commit=False)
+                                enable_auto_commit=False, partition_assignment_strategy=(_FaustNamedAssignor,))
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        assert partitions
-        consumer.assign(partitions)
+        # The embedded broker takes commits from group members only: join the
+        # (now idle) group with the worker's protocol, then commit.
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + 60
+        while not consumer.assignment() and time.monotonic() < deadline:
+            await consumer.getmany(timeout_ms=500, max_records=1)
+        partitions = sorted(consumer.assignment())
+        assert partitions, "never joined the worker's consumer group"
         await consumer.commit({tp: 0 for tp in partitions})
-        committed = [await consumer.committed(tp) for tp in partitions]
-        assert committed == [0] * len(partitions)
+        assert [await consumer.committed(tp) for tp in partitions] == [0] * len(partitions)
     finally:
         await consumer.stop()
 
@@ -208,7 +220,7 @@ def test_image_uris_stay_inside_the_root_and_http_is_off(guarded: tuple[Settings
     letters = dead_letters(settings, len(forbidden), timeout_s=60)
     assert sorted(json.loads(letter.raw())["event_id"] for letter in letters) == sorted(e.event_id for e in events)
     assert {letter.reason for letter in letters} == {"image_uri_forbidden"}
-    wait_until(lambda: processed(stack, "images") >= 1, 60, "the photo inside the root applied")
+    wait_until(lambda: processed(stack, "images") >= 1, 120, "the photo inside the root applied")
     with urllib.request.urlopen(f"http://{settings.http_host}:{settings.http_port}/items/inside") as reply:
         assert "image" in json.loads(reply.read())["vectors"]
 
@@ -224,7 +236,7 @@ def test_null_values_and_ten_megabyte_payloads_are_dead_lettered(guarded: tuple[
     assert sorted(letter.reason for letter in letters) == ["missing_field", "missing_field", "oversize"]
     oversize = next(letter for letter in letters if letter.reason == "oversize")
     assert oversize.raw_size == len(big) and oversize.raw_truncated
-    wait_until(lambda: _applied_count(settings, "u1") == 1, 60, "the good click behind them applied")
+    wait_until(lambda: _applied_count(settings, "u1") == 1, 120, "the good click behind them applied")
     assert stack.worker.process is not None and stack.worker.process.poll() is None
 
 
@@ -359,7 +371,7 @@ def test_worker_survives_a_broker_that_restarts_empty(settings: Settings, own_br
     with LocalStack(settings, log_dir=tmp_path / "logs", start_broker=False) as stack:
         _catalogue_applied(settings, stack.worker)
         publish(settings, before)
-        wait_until(lambda: _all_applied(settings, _counts(before)), 60, "clicks before the outage applied")
+        wait_until(lambda: _all_applied(settings, _counts(before)), 180, "clicks before the outage applied")
 
         own_broker.stop()  # the producer is idle; the memory-only broker forgets every topic and offset
         wait_until(lambda: _health(settings)[0] == 503, 30, "/health reporting the outage")

@@ -72,7 +72,7 @@ def test_monitor_alerts_on_a_shifted_stream_only() -> None:
     results = stationary.results()
     assert results.reference_ready
     assert results.alerts == ()
-    assert results.score_psi < 0.1 and results.embedding_shift < 0.05
+    assert results.score_psi < 0.1 and results.embedding_shift < 0.15
 
     shifted = DriftMonitor(reference_size=3000, window_size=3000)
     _replay(shifted, rng, 300, shifted=False, user_direction=direction)

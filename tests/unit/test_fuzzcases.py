@@ -77,9 +77,17 @@ def test_kinds_come_round_evenly_from_the_start() -> None:
     assert sorted(first) == sorted(MUTATIONS)
 
 
-def test_the_same_seed_gives_the_same_cases() -> None:
-    assert list(generate_cases(80, seed=11)) == list(generate_cases(80, seed=11))
-    assert list(generate_cases(80, seed=11)) != list(generate_cases(80, seed=12))
+def test_the_same_seed_gives_the_same_cases(limits: FuzzLimits) -> None:
+    assert list(generate_cases(80, seed=11, limits=limits)) == list(generate_cases(80, seed=11, limits=limits))
+    assert list(generate_cases(80, seed=11, limits=limits)) != list(generate_cases(80, seed=12, limits=limits))
+
+
+def test_kinds_can_be_chosen_and_the_stream_can_be_endless(limits: FuzzLimits) -> None:
+    endless = generate_cases(None, seed=1, limits=limits, kinds={"tombstone", "bad_json"})
+    kinds = {next(endless).kind for _ in range(500)}
+    assert kinds == {"tombstone", "bad_json"}
+    with pytest.raises(ValueError):
+        next(generate_cases(1, kinds={"no_such_kind"}))
 
 
 def test_full_size_oversize_payload_is_ten_megabytes_and_rejected_as_oversize() -> None:
@@ -120,6 +128,6 @@ def test_cases_without_an_image_root_are_still_rejected() -> None:
 
 
 def test_root_of_the_image_cases_is_taken_from_the_limits(tmp_path: Path) -> None:
-    limits = FuzzLimits(image_root=tmp_path, escape_link="out.jpg")
+    limits = FuzzLimits(max_event_bytes=4096, oversize_bytes=8192, image_root=tmp_path, escape_link="out.jpg")
     uris = b"".join(c.value or b"" for c in generate_cases(2000, seed=1, limits=limits) if c.kind == "image_uri")
     assert str(tmp_path).encode() in uris

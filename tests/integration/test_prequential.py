@@ -1,0 +1,73 @@
+"""``streamrec bench prequential`` end to end: its own broker, two real workers, a tiny replay."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from stream.bench.prequential import main as prequential_main
+
+pytestmark = pytest.mark.integration
+
+METHODS = ("online", "frozen", "pop", "river")
+
+
+def run_bench(args: list[str], models_dir: Path, monkeypatch: pytest.MonkeyPatch,
+              capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    monkeypatch.setenv("STREAMREC_MODEL_DIR", str(models_dir))
+    assert prequential_main(args) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    return json.loads(last_line)
+
+
+def check_result(result: dict[str, object], *, users: int, events: int, scored: int) -> None:
+    for method in METHODS:
+        for metric in ("hr@10", "ndcg@10"):
+            value = result[f"{method}_{metric}"]
+            assert isinstance(value, float) and 0.0 <= value <= 1.0
+        # NDCG@10 never exceeds HR@10 with one relevant item.
+        assert result[f"{method}_ndcg@10"] <= result[f"{method}_hr@10"]  # type: ignore[operator]
+    assert result["users"] == users
+    assert result["events"] == events
+    assert result["scored"] == scored
+    assert result["failed_requests"] == 0
+
+
+def test_synthetic_sequences_replay_through_both_workers(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 12 users over 24 items in 3 attribute groups; each user stays in one
+    # group, so anything that follows the user does better than chance.
+    lines, attributes = [], {}
+    for item in range(1, 25):
+        attributes[str(item)] = [100 + item % 3, 200 + item]
+    for user in range(1, 13):
+        group = [item for item in range(1, 25) if item % 3 == user % 3]
+        sequence = [group[(user + step) % len(group)] for step in range(6)]
+        lines.append(" ".join(str(x) for x in [user, *sequence]))
+    data = tmp_path / "Tiny.txt"
+    data.write_text("\n".join(lines) + "\n")
+    (tmp_path / "Tiny_item2attributes.json").write_text(json.dumps(attributes))
+    plot = tmp_path / "tiny.png"
+
+    result = run_bench(["--data", str(data), "--format", "s3rec", "--warmup-fraction", "0.5",
+                        "--work-dir", str(tmp_path / "work"), "--plot", str(plot)],
+                       models_dir, monkeypatch, capsys)
+
+    # 6 events per user, the first 3 warm-up: 3 scored each.
+    check_result(result, users=12, events=72, scored=36)
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("recbole") is None,
+                    reason="MovieLens-100k comes from the recbole wheel, which is not installed")
+def test_movielens_users_replay_in_time_order(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_bench(["--format", "ml100k", "--users", "20", "--max-per-user", "8",
+                        "--work-dir", str(tmp_path / "work")], models_dir, monkeypatch, capsys)
+
+    # Every MovieLens user has at least 20 ratings: 8 kept, 4 warm-up, 4 scored.
+    check_result(result, users=20, events=160, scored=80)
