@@ -13,7 +13,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -298,3 +298,39 @@ def train_retrieval(
         history=history,
     )
     return model, report
+
+
+def fine_tune_retrieval(
+    model: RetrievalModel,
+    settings: RetrievalSettings,
+    sequences: list[np.ndarray],
+    catalogue: Catalogue,
+    epochs: int,
+    learning_rate: float,
+    progress: bool = True,
+) -> float:
+    """Continue training on newer sequences (e.g. items[:-1] once the validation step is past).
+
+    The learning rate decays from ``learning_rate`` to zero over ``epochs`` on a
+    cosine; there is no early stopping because the newest step has no held-out
+    successor. Returns the last epoch's mean loss.
+    """
+    rng = np.random.default_rng(settings.seed + 1)
+    inputs, targets = training_pairs(sequences, model.user_tower.max_sequence)
+    pairs = (torch.from_numpy(inputs), torch.from_numpy(targets))
+    tuned = replace(settings, learning_rate=learning_rate, warmup_share=0.0)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
+    )
+    sampler = None
+    if settings.negatives > 0:
+        counts = item_counts(sequences, model.item_tower.item_embedding.num_embeddings - 1)
+        sampler = NegativeSampler(counts, settings.negatives, settings.negative_power)
+    loss = 0.0
+    for epoch in tqdm(range(1, epochs + 1), desc="fine-tune", disable=not progress, unit="epoch"):
+        loss = _train_epoch(
+            model, optimizer, pairs, catalogue, tuned, sampler,
+            lambda done: learning_rate_factor(tuned, done / max(epochs, 1)), epoch, rng,
+        )
+    model.eval()
+    return loss

@@ -83,7 +83,8 @@ class WorkerProcess:
 
     def metrics_text(self) -> str:
         url = f"http://{self.settings.http_host}:{self.settings.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=2) as reply:
+        # Generous: a worker busy embedding a catalogue answers slowly on a small machine.
+        with urllib.request.urlopen(url, timeout=15) as reply:
             return reply.read().decode()
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:

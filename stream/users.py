@@ -35,6 +35,7 @@ from stream.services import Services
 from stream.store import Point
 
 QUERY_PREFIX = "q:"  # sequence entries that are searches point into the queries collection
+USER_CHUNK = 64  # users per user-tower call when recomputing a batch's vectors
 ACTION_WEIGHT_FOR_TRENDING = {"view": 0.25, "click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
 
 
@@ -229,4 +230,9 @@ def user_vectors(services: Services, states: list[UserState], known: dict[str, n
             if row:
                 rows[b, pos] = row
                 actions[b, pos] = action
-    return model.user_vectors(table[rows], actions)  # table[rows]: (B, L, d)
+    # A few users at a time: table[rows] for a whole batch is (B, L, d), tens of
+    # MB that cost more to build than the model spends on them.
+    return np.concatenate([
+        model.user_vectors(table[rows[start:start + USER_CHUNK]], actions[start:start + USER_CHUNK])
+        for start in range(0, len(states), USER_CHUNK)
+    ]) if states else np.zeros((0, model.fused_dim), np.float32)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import faust
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel
 
 from stream.errors import DecodeError, StoreUnavailableError
@@ -135,6 +137,42 @@ class RecordEvent:
 
     def __init__(self, message: object) -> None:
         self.message = message
+
+
+class Committer:
+    """Commits the offsets of handled batches in the background, one commit at a time.
+
+    A direct consumer's next batch need not wait for a broker round trip. The
+    offsets are named explicitly, and only those of batches already handled:
+    the consumer's own position runs ahead of them while a batch is in work.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+        self._applied: dict[TopicPartition, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def applied(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        for partition, records in batches.items():
+            self._applied[partition] = records[-1].offset + 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._commit())
+
+    async def flush(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    async def _commit(self) -> None:
+        committed: dict[TopicPartition, int] = {}
+        while self._applied != committed:
+            committed = dict(self._applied)
+            # After a rebalance only partitions still held may be committed.
+            held = {tp: offset for tp, offset in committed.items() if tp in self._consumer.assignment()}
+            try:
+                if held:
+                    await self._consumer.commit(held)
+            except KafkaError as exc:
+                log.warning("offsets not committed (%s); those messages will be handled again", exc)
 
 
 def direct_consumer(settings: Settings, topic: str, group_id: str, max_records: int) -> AIOKafkaConsumer:

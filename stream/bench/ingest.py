@@ -8,15 +8,19 @@ one after the other so that none competes with another for the CPU:
   and does nothing with them: Faust's own cost per event;
 * the *baseline*: a plain Faust agent keeping a changelog-backed Table with one
   update per event (clicks per user): the textbook way to keep state in Faust;
-* the worker: decode, dead-letter checks, user sequence and user vector in the
-  vector store, trending, offsets committed after the store write.
+* the worker: its click consumer (a direct aiokafka consumer, see
+  ``stream.agents.clicks``) decodes, dead-letters, updates each user's sequence
+  and vector in the vector store and trending, and commits after the store write.
 
 Each rate is events over the time from the first to the last applied event
 (the events applied before the first reading are left out of the count). The
 worker's progress is read from ``streamrec_events_processed_total`` and the
 result checked against the store afterwards (every user's ``applied_count``);
-the broker's end offsets are never read. ``--profile`` records the worker with
-py-spy while it ingests.
+the broker's end offsets are never read. Beside events per second, events per
+CPU-second of the consuming process are reported: on a shared machine they
+compare the three even when each got a different share of the cores.
+``--profile`` records the worker with py-spy while it ingests; the synthetic
+catalogue and click helpers here are shared by the other benchmarks.
 """
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from stream import movielens
 from stream.bench.common import read_store, user_state
@@ -146,20 +145,17 @@ def test_replays_and_a_consumer_group_reset_change_nothing(small_window: Setting
         assert hit.payload["applied_count"] == _counts(events)[user]
 
 
-class _FaustNamedAssignor(RoundRobinPartitionAssignor):
-    """Joins the worker's group: members must share a protocol name, and Faust's is "faust"."""
-
-    name = "faust"
-
-
 async def _rewind_group(settings: Settings, topic: str) -> None:
-    """Commit offset 0 for the worker's group, as an operator's offset reset does."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_list, group_id=settings.app_id,
-                                enable_auto_commit=False, partition_assignment_strategy=(_FaustNamedAssignor,))
+    """Commit offset 0 for the consumer group that applies ``topic``, as an operator's offset reset does.
+
+    Clicks are read by the worker's own consumer in group ``<app_id>.clicks``.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_list, group_id=f"{settings.app_id}.clicks",
+                                enable_auto_commit=False)
     await consumer.start()
     try:
         # The embedded broker takes commits from group members only: join the
-        # (now idle) group with the worker's protocol, then commit.
+        # (now idle) group first, then commit.
         consumer.subscribe([topic])
         deadline = time.monotonic() + 60
         while not consumer.assignment() and time.monotonic() < deadline:
@@ -399,3 +395,15 @@ def test_worker_survives_a_broker_that_restarts_empty(settings: Settings, own_br
         assert [letter.reason for letter in dead_letters(settings, 1, timeout_s=60)] == ["bad_json"]
         assert ask_kafka(settings, "newcomer-u0", k=5).items
         assert stack.worker.process is not None and stack.worker.process.poll() is None
+
+        # A later restart of the worker resumes from offsets of the new log, not
+        # from positions remembered from the old one.
+        stack.worker.stop()
+        stack.worker.start().wait_ready()
+        later = [e.model_copy(update={"event_id": f"later-{e.event_id}", "event_time": e.event_time + 10})
+                 for e in after + newcomer]
+        publish(settings, later)
+        final = {user: count + _counts(later).get(user, 0)
+                 for user, count in {**expected, **_counts(newcomer)}.items()}
+        wait_until(lambda: _all_applied(settings, final), 180, "clicks after the worker restart applied")
+        assert {user: _applied_count(settings, user) for user in final} == final

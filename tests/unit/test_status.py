@@ -125,7 +125,8 @@ def test_summary_reports_a_busy_worker(metrics: Metrics) -> None:
     assert summary["lag"] == "unavailable on the embedded broker"
     assert summary["dead letters"] == "events.clicks bad_json 3.0/s (6 total)"
     assert summary["freshness"].startswith("p99 49.7 ms")
-    assert summary["drift"] == "no drift gauges exported"
+    # Gauges declared but not yet computed read 0.
+    assert summary["drift"] == "ctr_ratio 0  embedding_shift 0  popularity_gini 0  score_psi 0"
 
 
 def test_summary_falls_back_to_lifetime_quantiles_when_idle(metrics: Metrics) -> None:
@@ -139,11 +140,11 @@ def test_summary_falls_back_to_lifetime_quantiles_when_idle(metrics: Metrics) ->
 def test_summary_shows_real_lag_and_drift_gauges(metrics: Metrics) -> None:
     metrics.consumer_lag.labels("events.clicks").set(1200)
     metrics.consumer_lag.labels("events.images").set(-1)
-    Gauge("streamrec_drift_score_psi", "PSI of scores", registry=metrics.registry).set(0.31)
+    metrics.drift_score_psi.set(0.31)
     scrape = _scrape(metrics.registry, 0.0)
     summary = _rows(summarize(scrape, scrape, None)[0])
     assert summary["lag"] == "events.clicks 1,200  events.images n/a"
-    assert summary["drift"] == "score_psi 0.31"
+    assert summary["drift"].split("  ")[-1] == "score_psi 0.31"
 
 
 def test_unhealthy_worker_names_the_failing_dependency(metrics: Metrics) -> None:
