@@ -35,9 +35,19 @@ IMAGE_ENCODER_NAME = "efficientnet-lite0 (ImageNet features, 1280-d)"
 FORMAT_ACTION = {"s3rec": "purchase", "ml100k": "view"}
 # Share of the time budget kept for the ranker, export and test evaluation.
 RESERVED_SHARE = 0.12
-# Tuned on the Amazon files; see the project README for the runs behind them.
-DEFAULT_TOWER = {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.5}
-DEFAULT_RETRIEVAL = RetrievalSettings()
+# Defaults per source format. The Amazon ones were tuned on Toys_and_Games
+# (sparse, short sequences: strong dropout, popularity-drawn negatives keep
+# each step cheap); MovieLens is dense with long sequences and a small catalogue
+# (full softmax is cheap there, less dropout).
+FORMAT_TOWER: dict[str, dict[str, Any]] = {
+    "s3rec": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.5},
+    "ml100k": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.2},
+}
+FORMAT_RETRIEVAL: dict[str, RetrievalSettings] = {
+    "s3rec": RetrievalSettings(negatives=2048, negative_power=0.75, learning_rate=3e-3, epochs=30),
+    "ml100k": RetrievalSettings(negatives=0, learning_rate=1e-3, epochs=200, eval_every=5),
+}
+DEFAULT_RETRIEVAL = FORMAT_RETRIEVAL["s3rec"]
 
 
 def embed_titles(titles: list[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +116,7 @@ def train_artefact(
     data_path: Path | None,
     out: Path,
     tower_overrides: dict[str, Any] | None = None,
-    retrieval: RetrievalSettings = DEFAULT_RETRIEVAL,
+    retrieval: RetrievalSettings | None = None,
     ranker: RankerSettings = RankerSettings(),
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -128,8 +138,9 @@ def train_artefact(
         n_items=data.n_items,
         n_attributes=data.n_attributes,
         max_attributes=data.attributes.shape[1],
-        **{**DEFAULT_TOWER, **(tower_overrides or {})},
+        **{**FORMAT_TOWER[data_format], **(tower_overrides or {})},
     )
+    retrieval = retrieval if retrieval is not None else FORMAT_RETRIEVAL[data_format]
     train_action = ACTION_CODE[FORMAT_ACTION[data_format]]
     retrieval = replace(retrieval, train_action=train_action, minutes=retrieval.minutes * (1 - RESERVED_SHARE))
     model, report = train_retrieval(config, retrieval, split, catalogue, progress=progress)
@@ -199,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, help="interaction file (optional for ml100k: the recbole copy)")
     parser.add_argument("--format", choices=FORMATS, default="s3rec", dest="data_format")
     parser.add_argument("--out", type=Path, required=True, help="artefact directory to create or replace")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_RETRIEVAL.epochs, help="most retrieval epochs")
+    parser.add_argument("--epochs", type=int, help="retrieval epochs (the learning-rate schedule spans them)")
     parser.add_argument("--minutes", type=float, default=DEFAULT_RETRIEVAL.minutes, help="wall-clock budget")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=DEFAULT_RETRIEVAL.seed)
@@ -212,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         data = load_interactions(args.data_format, args.data)
-        retrieval = replace(DEFAULT_RETRIEVAL, epochs=args.epochs, minutes=args.minutes, seed=args.seed)
+        defaults = FORMAT_RETRIEVAL[args.data_format]
+        retrieval = replace(
+            defaults,
+            epochs=args.epochs if args.epochs is not None else defaults.epochs,
+            minutes=args.minutes,
+            seed=args.seed,
+        )
         manifest = train_artefact(data, args.data_format, args.data, args.out, retrieval=retrieval,
                                   progress=not args.quiet)
     except StreamrecError as error:

@@ -48,6 +48,11 @@ ACTIONS = ("view", "click", "add_to_cart", "purchase")
 ACTION_WEIGHTS = (4, 8, 2, 1)
 CATCH_UP_TIMEOUT_S = 1800.0
 STALL_S = 120.0
+# A paced producer with a 5 ms linger writes record batches of one or two
+# clicks per partition; the embedded broker served such a log of ~100k batches
+# so slowly that consumers starved (see docs/reliability.md). 50 ms batches
+# them as a bulk producer would.
+PRODUCER_LINGER_MS = 50
 
 
 def click_stream(item_ids: list[str], weights: list[int], *, events: int, users: int, seed: int,
@@ -84,7 +89,7 @@ def _publish(settings: Settings, catalogue: list[CatalogItem] | None, clicks: li
     """Publish (paced when ``rate``); leaves the RecordingPublisher in ``publisher_box``."""
 
     async def run() -> None:
-        async with RecordingPublisher(settings) as publisher:
+        async with RecordingPublisher(settings, linger_ms=PRODUCER_LINGER_MS) as publisher:
             publisher_box["publisher"] = publisher
             for item in catalogue or []:
                 await publisher.publish(item)

@@ -102,7 +102,7 @@ def click_events(item_ids: list[str], users: int, seed: int) -> Iterator[ClickEv
 
 async def hold_rate(settings: Settings, supervisor: Supervisor, rate: float, seconds: float, *,
                     clicks: Iterator[ClickEvent], malformed: Iterator[FuzzCase], malformed_share: float,
-                    seed: int, drain_timeout_s: float) -> Step:
+                    seed: int, drain_timeout_s: float, linger_ms: int) -> Step:
     step = Step(rate=rate, seconds=seconds)
     worker = supervisor.worker
     assert worker is not None
@@ -111,7 +111,7 @@ async def hold_rate(settings: Settings, supervisor: Supervisor, rate: float, sec
     baseline = sum(before.values())
     rng = random.Random(seed)
     started = time.perf_counter()
-    async with RecordingPublisher(settings, settle_every=2000) as publisher:
+    async with RecordingPublisher(settings, settle_every=2000, linger_ms=linger_ms) as publisher:
 
         async def produce() -> None:
             deadline = started + seconds
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-seconds", type=float, default=20.0)
     parser.add_argument("--refine", type=int, default=2, help="bisection steps after the ramp fails")
     parser.add_argument("--drain-timeout", type=float, default=600.0)
+    parser.add_argument("--linger-ms", type=int, default=50,
+                        help="producer linger: how long it gathers messages into one record batch")
     args = parser.parse_args(argv)
     base = load_settings()
     catalogue = movielens.catalog_events()
@@ -224,7 +226,8 @@ async def _run(args: argparse.Namespace, settings: Settings, supervisor: Supervi
     async def hold(rate: float, seconds: float) -> Step:
         restarts = supervisor.restarts
         step = await hold_rate(settings, supervisor, rate, seconds, clicks=clicks, malformed=malformed,
-                               malformed_share=args.malformed, seed=args.seed, drain_timeout_s=args.drain_timeout)
+                               malformed_share=args.malformed, seed=args.seed, drain_timeout_s=args.drain_timeout,
+                               linger_ms=args.linger_ms)
         step.worker_restarts = supervisor.restarts - restarts
         steps.append(step)
         print(step_row(step), flush=True)

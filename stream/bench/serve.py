@@ -327,7 +327,9 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         "candidates": settings.candidates,
         "hnsw_ef": settings.hnsw_ef,
         "upserts_per_s": round(seeded.items / seeded.upsert_seconds, 1),
+        "upserts_per_cpu_s": round(seeded.items / seeded.upsert_cpu_seconds, 1),
         "index_seconds": round(seeded.index_seconds, 1),
+        "index_cpu_seconds": round(seeded.index_cpu_seconds, 1),
     }
 
 
