@@ -130,6 +130,7 @@ def run(
     split = leave_one_out(data)
     space = attribute_space(data)
     train_seconds = 0.0
+    extra: dict[str, float] = {}
     if model_name == "trained":
         if artefact is None:
             raise ConfigError("--model trained needs --artefact DIR")
@@ -141,6 +142,7 @@ def run(
             raise ConfigError(f"artefact {artefact} was trained on {trained_on!r}, not on {data.name!r}")
         evaluation = evaluate_trained(model, data, split, "test", protocol, seed)
         train_seconds = float(model.manifest.get("train_seconds", 0.0))
+        extra["train_cpu_seconds"] = float(model.manifest.get("train_cpu_seconds", 0.0))
     else:
         # "Training" a popularity model is counting; time just that.
         started = time.monotonic()
@@ -156,6 +158,7 @@ def run(
         "train_seconds": round(train_seconds, 3),
         **{key: round(value, 5) for key, value in diversity(evaluation, space, data.n_items).items()},
         **{key: round(value, 5) for key, value in evaluation.extra.items()},
+        **extra,
     }
     rows = diversity_sweep(evaluation, split.test, space, data.n_items) if sweep else []
     return result, rows

@@ -102,9 +102,13 @@ def retrieve(
         user = model.user_tower(vectors[items], torch.where(items > 0, train_action, 0))  # (b, d)
         all_scores = exclude_history((user @ vectors.T).numpy(), batch)  # (b, N+1)
         best = top_k(all_scores, k)
+        best_scores = np.take_along_axis(all_scores, best, axis=1)
+        # A catalogue smaller than history + K pulls removed (-inf) items in:
+        # give them a finite score below every real candidate.
+        floor = np.where(np.isfinite(best_scores), best_scores, np.inf).min(axis=1, keepdims=True) - 1.0
         users.append(user.numpy())
         candidates.append(best)
-        scores.append(np.take_along_axis(all_scores, best, axis=1))
+        scores.append(np.where(np.isfinite(best_scores), best_scores, floor))
     candidate_items = np.concatenate(candidates)
     candidate_scores = np.concatenate(scores).astype(np.float32)
     return CandidateLists(

@@ -43,6 +43,9 @@ class RetrievalSettings:
     negative_power: float = 0.0  # negatives drawn by count ** power (0 = uniform), log-Q corrected
     schedule: str = "cosine"  # or "constant"
     warmup_share: float = 0.03
+    # After early stopping: continue on items[:-1] (the newest step), lr = share x learning_rate.
+    fine_tune_epochs: int = 3
+    fine_tune_lr_share: float = 1.0 / 3.0
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from model.serving import ACTION_CODE, CONTEXT_FEATURES, ItemContent
 if TYPE_CHECKING:
     import torch
 
-RULE_VERSION = "rule-2"
+RULE_VERSION = "rule-3"
 IMAGE_WEIGHT = 0.5
 PROJECTION_SEED = 20240611
 # How much each action says about intent (index = action code).
@@ -56,8 +56,11 @@ def rule_scorer_module() -> torch.nn.Module:
             cand_image: torch.Tensor,  # (N, image_dim)
             context: torch.Tensor,  # (N, 3): log_popularity, recency_days, retrieval_score
         ) -> torch.Tensor:
-            affinity = cand_fused @ user  # (N,)
-            query_match = cand_text @ query  # (N,)
+            # Multiply-and-sum rather than a matrix-vector product: onnxruntime
+            # fuses MatMul with the scale below into a FusedMatMul that ran
+            # 2.5-3x slower than the whole scorer written this way (500 candidates).
+            affinity = (cand_fused * user).sum(dim=1)  # (N,)
+            query_match = (cand_text * query).sum(dim=1)  # (N,)
             has_image = (cand_image.abs().sum(dim=1) > 0).float()
             logit = (
                 4.0 * affinity

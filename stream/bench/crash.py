@@ -24,10 +24,12 @@ from pathlib import Path
 
 from stream import movielens
 from stream.bench.common import (
+    HANDLED_METRICS,
     RecordingPublisher,
     StoreSnapshot,
     bench_parser,
     handled,
+    metric_totals,
     mismatched,
     paced,
     read_store,
@@ -48,6 +50,7 @@ ACTIONS = ("view", "click", "add_to_cart", "purchase")
 ACTION_WEIGHTS = (4, 8, 2, 1)
 CATCH_UP_TIMEOUT_S = 1800.0
 STALL_S = 120.0
+DUPLICATES_METRIC = "streamrec_events_duplicate_total"
 # A paced producer with a 5 ms linger writes record batches of one or two
 # clicks per partition; the embedded broker served such a log of ~100k batches
 # so slowly that consumers starved (see docs/reliability.md). 50 ms batches
@@ -81,7 +84,7 @@ class Run:
     seconds: float = 0.0
     snapshot: StoreSnapshot | None = None
     kill_points: list[float] = field(default_factory=list)  # messages handled by the killed process
-    redelivered_skipped: int = 0  # duplicates the last worker skipped (redelivered after the last kill)
+    redelivered_skipped: int = 0  # deliveries skipped as already applied, over all worker processes
 
 
 def _publish(settings: Settings, catalogue: list[CatalogItem] | None, clicks: list[ClickEvent],
@@ -140,7 +143,9 @@ def run_stack(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEvent], 
         for _ in range(kills):
             # Spread the kills over the publishing window, each at a random moment.
             time.sleep(rng.uniform(1.0, max(2.0, publish_seconds / (kills + 1))))
-            run.kill_points.append(handled(workers[-1]))
+            totals = metric_totals(workers[-1], (*HANDLED_METRICS, DUPLICATES_METRIC))
+            run.kill_points.append(sum(totals[name] for name in HANDLED_METRICS))
+            run.redelivered_skipped += int(totals[DUPLICATES_METRIC])
             workers[-1].kill()
             run.kills += 1
             time.sleep(rng.uniform(0.0, 1.0))
@@ -153,7 +158,7 @@ def run_stack(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEvent], 
         run.caught_up = wait_for(lambda: _caught_up(run.settings, publisher), timeout_s=CATCH_UP_TIMEOUT_S,
                                  progress=lambda: handled(workers[-1]), stall_s=STALL_S)
         run.seconds = time.perf_counter() - started
-        run.redelivered_skipped = int(workers[-1].metric("streamrec_events_duplicate_total"))
+        run.redelivered_skipped += int(workers[-1].metric(DUPLICATES_METRIC))
     finally:
         workers[-1].stop()
     run.snapshot = read_store(run.settings)
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "crash_run_seconds": round(crashed.seconds, 1),
         "publish_rate": round(rate, 1),
         "handled_before_each_kill": [int(p) for p in crashed.kill_points],
-        "redelivered_skipped_after_last_kill": crashed.redelivered_skipped,
+        "redelivered_skipped": crashed.redelivered_skipped,
     }
     report("crash exactness (SIGKILL during streaming vs an uninterrupted reference)", result)
     exact = result["mismatched_users"] == result["lost"] == result["double_applied"] == 0

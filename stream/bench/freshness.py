@@ -5,9 +5,12 @@ the user is cold: every recommendation says "trending now" or "from the
 catalogue". Once the worker has applied the click the user has a vector, the
 personal candidates come first and each says "because you viewed '<title of
 X>'". A probe publishes the click, then asks for the user's recommendations
-over HTTP again and again (closed loop); its freshness is the time from just
-before the publish to the arrival of the first response that cites X's title.
-The resolution is one request's round trip, which is included.
+over HTTP, one request at a time and at most one every ``--poll-interval-ms``
+(a tighter loop would take the worker's CPU from the clicks it waits for); its
+freshness is the time from just before the publish to the arrival of the first
+response that cites X's title. The resolution is one poll interval or request
+round trip, whichever is longer, and is included. A poll the
+worker answers with an error is counted (``server_errors``) and the probe goes on.
 
 Probes run one after another while a background producer publishes other
 users' clicks at ``--background-rate``, so each probe waits behind real batches.
@@ -40,6 +43,7 @@ class Probes:
     latencies_ms: list[float] = field(default_factory=list)
     polls: list[int] = field(default_factory=list)  # requests each probe needed
     timed_out: int = 0
+    server_errors: list[str] = field(default_factory=list)  # polls the worker failed (counted, then retried)
 
 
 def reflects(response: object, title: str) -> bool:
@@ -64,7 +68,7 @@ async def background_clicks(publisher: EventPublisher, *, rate: float, users: in
 
 
 async def run_probes(settings: Settings, *, probes: int, items: int, background_rate: float,
-                     background_users: int, seed: int) -> tuple[Probes, int]:
+                     background_users: int, poll_interval_s: float, seed: int) -> tuple[Probes, int]:
     rng = random.Random(seed)
     result = Probes()
     stop = asyncio.Event()
@@ -84,11 +88,18 @@ async def run_probes(settings: Settings, *, probes: int, items: int, background_
                                    item_id=item_id(item), action="click")
                 started = time.perf_counter()
                 await probe_publisher.publish(click)
-                polls = 0
+                polls, asked = 0, started
                 while time.perf_counter() - started < PROBE_TIMEOUT_S:
+                    if polls:
+                        await asyncio.sleep(max(0.0, asked + poll_interval_s - time.perf_counter()))
                     polls += 1
-                    response = await http_recommend(settings, RecRequest(request_id=uuid.uuid4().hex, user_id=user),
-                                                    session=session)
+                    asked = time.perf_counter()
+                    try:
+                        response = await http_recommend(
+                            settings, RecRequest(request_id=uuid.uuid4().hex, user_id=user), session=session)
+                    except RuntimeError as exc:  # an HTTP 5xx: reported, and the probe goes on
+                        result.server_errors.append(str(exc)[:200])
+                        continue
                     if reflects(response, title):
                         result.latencies_ms.append(1e3 * (time.perf_counter() - started))
                         result.polls.append(polls)
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("freshness", __doc__.splitlines()[0])
     parser.add_argument("--probes", type=int, default=1000)
     parser.add_argument("--items", type=int, default=5000)
-    parser.add_argument("--background-rate", type=float, default=200.0, help="other users' clicks per second")
+    parser.add_argument("--background-rate", type=float, default=100.0, help="other users' clicks per second")
+    parser.add_argument("--poll-interval-ms", type=float, default=10.0,
+                        help="shortest time between the starts of two polls of one probe")
     parser.add_argument("--background-users", type=int, default=5000)
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args(argv)
@@ -131,7 +144,7 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         started = time.perf_counter()
         probes, background_sent = asyncio.run(run_probes(
             settings, probes=args.probes, items=args.items, background_rate=args.background_rate,
-            background_users=args.background_users, seed=args.seed))
+            background_users=args.background_users, poll_interval_s=args.poll_interval_ms / 1000, seed=args.seed))
         seconds = time.perf_counter() - started
         applied = worker.metric("streamrec_events_processed_total", {"topic": "clicks"})
     finally:
@@ -144,8 +157,10 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         "p90_ms": round(shown["p90"], 2),
         "max_ms": round(max(probes.latencies_ms, default=float("nan")), 2),
         "timed_out": probes.timed_out,
+        "server_errors": len(probes.server_errors),
         "mean_polls": round(sum(probes.polls) / max(1, len(probes.polls)), 2),
         "background_clicks_per_s": round(background_sent / seconds, 1),
+        "poll_interval_ms": args.poll_interval_ms,
         "clicks_applied": int(applied),
         "items": args.items,
         "partitions": args.partitions,

@@ -74,6 +74,7 @@ class FuzzRun:
         self.positions: list[Landed] = []
         self.refused: list[tuple[object, str]] = []
         self.good_sent = 0
+        self.full_size_payloads = 0  # cases of limits.oversize_bytes (10 MB by default)
 
     async def publish(self) -> None:
         catalogue = movielens.catalog_events()[:CATALOGUE_ITEMS]
@@ -84,6 +85,7 @@ class FuzzRun:
             cases = generate_cases(self.case_count, seed=self.seed, limits=self.limits)
             for n, case in enumerate(cases):
                 self.reasons[n], self.kinds[n] = case.reasons, case.kind
+                self.full_size_payloads += len(case.value or b"") >= self.limits.oversize_bytes
                 good = ClickEvent(event_id=f"fuzz-good-{self.seed}-{n}", event_time=time.time(),
                                   user_id=self.good_users[n % len(self.good_users)],
                                   item_id=item_ids[n % len(item_ids)])
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "good_sent": run.good_sent,
         "good_applied": good_applied,
         "broker_refused": len(run.refused),
+        "ten_megabyte_payloads": run.full_size_payloads,
         "wrong_reason": outcome["wrong_reason"],
         "unexpected_dead_letters": outcome["unexpected_dead_letters"],
         "dead_letter_duplicates": outcome["dead_letter_duplicates"],

@@ -42,7 +42,8 @@ from stream.stack import WorkerProcess
 # in memory, and a long run at 1% malformed would hold gigabytes of padding.
 MALFORMED_KINDS = frozenset(MUTATIONS) - {"oversize"}
 SAMPLE_INTERVAL_S = 1.0
-DRAIN_STALL_S = 30.0
+DRAIN_STALL_S = 60.0
+PRINT_EVERY_SAMPLES = 30
 
 
 @dataclass
@@ -69,7 +70,13 @@ class Step:
         return max((lag for _, lag in self.lag_samples + self.drain_samples), default=0.0)
 
     @property
-    def lost(self) -> int:
+    def lost(self) -> int | None:
+        """Messages never finished, once the worker drained; None when it did not drain in time."""
+        return self.sent - self.applied - self.dead_lettered if self.drained else None
+
+    @property
+    def backlog(self) -> int:
+        """Messages not finished when the benchmark stopped waiting."""
         return self.sent - self.applied - self.dead_lettered
 
     def sustained(self) -> bool:
@@ -129,7 +136,11 @@ async def hold_rate(settings: Settings, supervisor: Supervisor, rate: float, sec
 
         async def sample(samples: list[tuple[float, float]]) -> float:
             done = await asyncio.to_thread(handled, _running(supervisor)) - baseline
-            samples.append((time.perf_counter() - started, publisher.acknowledged - done))
+            elapsed = time.perf_counter() - started
+            samples.append((elapsed, publisher.acknowledged - done))
+            if len(samples) % PRINT_EVERY_SAMPLES == 0:
+                print(f"    {elapsed:6.0f}s  acknowledged {publisher.acknowledged:8d}  finished {done:8.0f}"
+                      f"  lag {publisher.acknowledged - done:8.0f}", flush=True)
             return done
 
         producer = asyncio.create_task(produce())
@@ -239,6 +250,7 @@ async def _run(args: argparse.Namespace, settings: Settings, supervisor: Supervi
         return {
             "rate": args.rate, "seconds": args.seconds, "sent": step.sent, "applied": step.applied,
             "dead_lettered": step.dead_lettered, "max_lag": step.max_lag, "lost": step.lost,
+            "backlog_when_stopped": step.backlog,
             "malformed_sent": step.malformed_sent, "refused": step.refused,
             "achieved_rate": round(step.sent / max(step.publish_seconds, 1e-9), 1),
             "lag_p50": percentiles(lags)["p50"], "lag_p99": percentiles(lags)["p99"],
@@ -264,6 +276,6 @@ async def _run(args: argparse.Namespace, settings: Settings, supervisor: Supervi
         "step_seconds": args.step_seconds,
         "steps": [{"rate": round(s.rate, 1), "sent": s.sent, "max_lag": s.max_lag, "lost": s.lost,
                    "sustained": s.sustained()} for s in steps],
-        "lost": sum(s.lost for s in steps),
+        "lost": sum(s.lost for s in steps) if all(s.drained for s in steps) else None,
         "worker_restarts": supervisor.restarts,
     }
