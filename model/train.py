@@ -96,6 +96,24 @@ def _training_times(data: InteractionData, split: LeaveOneOut, offset: int) -> n
     return np.asarray([data.timestamps[u][-offset] for u in split.users], dtype=np.float64)
 
 
+def silence_untrained_modalities(model: RetrievalModel, *, trained_text: bool) -> None:
+    """Zero the projections of modalities the training data did not have.
+
+    The interaction files carry no photos (and ML-100k's titles may be absent),
+    so those projections never learned anything: left at their random start
+    they would add noise to every served item that has a photo or a title.
+    Zeroed, such an item is placed by what the model did learn; a later
+    fine-tuning cycle that sees the modality trains the projection from zero.
+    """
+    projections = [model.item_tower.image_projection]
+    if not trained_text:
+        projections.append(model.item_tower.text_projection)
+    with torch.no_grad():
+        for projection in projections:
+            projection.weight.zero_()
+            projection.bias.zero_()
+
+
 def share_action_embedding(model: RetrievalModel, trained_code: int) -> None:
     """Give every real action the embedding the data taught one of them.
 
@@ -155,6 +173,7 @@ def train_artefact(
     retrieval = replace(retrieval, train_action=train_action, minutes=retrieval.minutes * (1 - RESERVED_SHARE))
     model, report = train_retrieval(config, retrieval, split, catalogue, progress=progress)
     share_action_embedding(model, train_action)
+    silence_untrained_modalities(model, trained_text=text is not None)
 
     item_context = ItemContext(item_counts(split.train, data.n_items), item_last_seen(data, split))
     valid_times = _training_times(data, split, offset=3)

@@ -169,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--users", type=int, default=300, help="users to replay")
     demo.add_argument("--events", type=int, default=20000, help="click events to replay at most")
 
-    status = sub.add_parser("status", help="one-screen summary of a running worker (see streamrec status -h)",
-                            add_help=False)
-    train = sub.add_parser("train", help="train the fused model (see streamrec train -h)", add_help=False)
+    # Their own parsers take the options (parse_known_args below passes them through).
+    sub.add_parser("status", help="one-screen summary of a running worker (see streamrec status -h)",
+                   add_help=False)
+    sub.add_parser("train", help="train the fused model (see streamrec train -h)", add_help=False)
     finetune = sub.add_parser("finetune", help="one fine-tuning cycle, or one every DURATION")
     finetune.add_argument("--every", help="run forever, one cycle per DURATION (e.g. 1h, 30m)")
     finetune.add_argument("--no-drain", action="store_true", help="train on the stored log only")

@@ -11,17 +11,15 @@ import asyncio
 import base64
 import io
 import shutil
-import statistics
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 from tqdm import tqdm
 
 from stream import movielens
 from stream.client import EventPublisher, ResponseListener, http_recommend
-from stream.events import CatalogItem, ClickEvent, ImageEvent, ImageRef, RecRequest, RecResponse
+from stream.events import CatalogItem, ClickEvent, ImageRef, RecRequest, RecResponse
 from stream.settings import Settings
 from stream.stack import LocalStack
 

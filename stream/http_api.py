@@ -58,11 +58,15 @@ def build_http_app(services: Services, health: "HealthState") -> web.Application
 
     async def get_user(request: web.Request) -> web.Response:
         user_id = request.match_info["user_id"]
-        hits = await asyncio.to_thread(services.store.retrieve, services.collections.users, [user_id])
+        serving = services.serving  # one version for the whole answer
+        hits = await asyncio.to_thread(services.store.retrieve, serving.collections.users, [user_id], ["user"])
         if user_id not in hits:
             return _error(404, "unknown_user", f"no state for user {user_id!r}")
-        payload = hits[user_id].payload
+        payload, vector = hits[user_id].payload, hits[user_id].vectors.get("user")
         return web.json_response({"user_id": user_id, "items": payload.get("items", []),
+                                  # The user's embedding in the serving model's space (null while cold).
+                                  "model_version": serving.model.version,
+                                  "vector": None if vector is None else [float(x) for x in vector],
                                   "actions": payload.get("actions", []),
                                   "last_event_time": payload.get("last_event_time"),
                                   # Where this user's state stands in each topic/partition,

@@ -6,7 +6,6 @@ visual-search events, so every path returns the same ranking for the same state.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass
 

@@ -15,6 +15,9 @@ registry's ``current`` version with the one it serves and, if they differ,
 
 Which collections hold which version's vectors is recorded in
 ``<data_dir>/store/serving.json`` so a restarted worker opens the right ones.
+The collections a swap replaces are kept for one more swap (requests in flight
+and other workers sharing a Qdrant server may still read them, and a rollback
+to the previous version finds them) and dropped at the swap after.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -59,27 +63,57 @@ def version_collections(settings: Settings, version: str) -> Collections:
                        queries=f"{prefix}queries_{slug}")
 
 
-def read_pointer(settings: Settings) -> dict[str, str] | None:
+def read_pointer(settings: Settings) -> dict[str, Any] | None:
     try:
         return json.loads(_pointer_path(settings).read_text())
     except (OSError, ValueError):
         return None
 
 
-def write_pointer(settings: Settings, model: ServingModel, collections: Collections) -> None:
+def write_pointer(settings: Settings, model: ServingModel, collections: Collections,
+                  retired: Collections | None = None) -> None:
     path = _pointer_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = path.with_suffix(f".{os.getpid()}.tmp")
     dims = {"text_dim": model.text_dim, "image_dim": model.image_dim, "fused_dim": model.fused_dim}
-    fresh.write_text(json.dumps({"version": model.version, **dataclasses.asdict(collections), **dims}))
+    record: dict[str, object] = {"version": model.version, **dataclasses.asdict(collections), **dims}
+    if retired is not None:
+        record["retired"] = dataclasses.asdict(retired)
+    fresh.write_text(json.dumps(record))
     os.replace(fresh, path)
+
+
+def _recorded(pointer: dict[str, Any] | None, key: str | None = None) -> Collections | None:
+    """The collections a pointer names (``key=None``) or keeps under ``key``; None when absent."""
+    record = pointer if key is None or pointer is None else pointer.get(key)
+    if not isinstance(record, dict):
+        return None
+    try:
+        return Collections(items=record["items"], users=record["users"], queries=record["queries"])
+    except KeyError:
+        return None
+
+
+def retire(services: Services, replaced: Collections, serving: Collections) -> Collections | None:
+    """Drop the collections retired by the previous swap; ``replaced`` is kept until the next one.
+
+    Returns what stays retired now (None when ``replaced`` is what serves).
+    """
+    earlier = _recorded(read_pointer(services.settings), "retired")
+    keep = {*dataclasses.astuple(replaced), *dataclasses.astuple(serving)}
+    if earlier is not None:
+        for name in dataclasses.astuple(earlier):
+            if name not in keep:
+                services.store.drop_collection(name)
+                log.info("dropped collection %s (replaced two swaps ago)", name)
+    return None if replaced == serving else replaced
 
 
 def serving_collections(settings: Settings, version: str) -> Collections:
     """The collections recorded for ``version``, else the plain names."""
     pointer = read_pointer(settings)
     if pointer and pointer.get("version") == version:
-        return Collections(items=pointer["items"], users=pointer["users"], queries=pointer["queries"])
+        return _recorded(pointer) or default_collections(settings)
     return default_collections(settings)
 
 
@@ -191,14 +225,19 @@ def build_state(services: Services, model: ServingModel, source: Collections | N
 
 
 # --- the swap itself ---------------------------------------------------------------
-def install(services: Services, state: ServingState) -> None:
-    """Switch every later request to ``state`` (one reference assignment)."""
+def install(services: Services, state: ServingState, replaced: Collections | None = None) -> None:
+    """Switch every later request to ``state`` (one reference assignment).
+
+    ``replaced``: the collections that held the vectors until now (default: the served ones).
+    """
+    replaced = replaced or services.serving.collections
     services.serving = state
     services.drift.reset()  # the reference window belongs to the model that serves
     services.metrics.model_info.info({"version": state.model.version})
     services.metrics.model_loaded_timestamp.set(time.time())
     services.metrics.model_swaps.labels("ok").inc()
-    write_pointer(services.settings, state.model, state.collections)
+    retired = retire(services, replaced, state.collections)
+    write_pointer(services.settings, state.model, state.collections, retired)
 
 
 async def hot_swap(services: Services, version: str | None = None) -> bool:
@@ -237,14 +276,14 @@ async def listen_for_updates(services: Services, stop: asyncio.Event) -> None:
     elif pointer.get("version") != services.model.version:
         # Promoted while this worker was down: the stored vectors belong to the
         # pointer's version; rebuild them for the model just loaded.
-        source = Collections(items=pointer["items"], users=pointer["users"], queries=pointer["queries"])
+        source = _recorded(pointer) or default_collections(settings)
         dims = SimpleNamespace(text_dim=pointer["text_dim"], image_dim=pointer["image_dim"],
                                fused_dim=pointer["fused_dim"])
         for spec in collection_specs(source, dims):  # type: ignore[arg-type]
             services.store.ensure_collection(spec)
         async with services.write_lock:
             state = await asyncio.to_thread(build_state, services, services.model, source)
-            install(services, state)
+            install(services, state, replaced=source)
     await hot_swap(services)
     consumer = AIOKafkaConsumer(
         settings.topic("model_updates"), bootstrap_servers=settings.bootstrap_list, group_id=None,

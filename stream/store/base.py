@@ -203,6 +203,14 @@ class VectorStore(ABC):
         """Every stored domain id, in no particular order."""
 
     @abstractmethod
+    def drop_collection(self, name: str) -> None:
+        """Delete a collection and everything in it; a name that does not exist is ignored.
+
+        Later calls that name it raise ``ConfigError`` until ``ensure_collection``
+        creates it again (empty).
+        """
+
+    @abstractmethod
     def optimize(self, collection: str) -> None:
         """Build the ANN index over what is stored; blocks until done."""
 

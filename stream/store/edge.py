@@ -24,6 +24,7 @@ written unpacked (before this format) are read as they are.
 from __future__ import annotations
 
 import functools
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,7 +50,6 @@ from stream.store.base import (
     check_price_bounds,
     check_query_matrix,
     check_same_spec,
-    check_same_vectors,
     check_vector,
     named_vectors,
     point_uuid,
@@ -139,6 +139,23 @@ class EdgeStore(VectorStore):
                 shard.close()  # release the log's lock so a retry can open it
                 raise
             self._shards[spec.name] = (spec, shard)
+
+    def drop_collection(self, name: str) -> None:
+        with self._registry_lock:
+            if self._closed:
+                raise StoreUnavailableError("edge store is closed")
+            opened = self._shards.pop(name, None)
+            if opened is not None:
+                _guard(f"close {name!r}", opened[1].close)
+            path = self._data_dir / name
+            if path.parent != self._data_dir:  # a name with a separator would leave the store
+                raise ValueError(f"not a collection name: {name!r}")
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreUnavailableError(f"edge store: drop {name!r} failed: {exc}") from exc
 
     def _edge_config(self, spec: CollectionSpec) -> qe.EdgeConfig:
         return qe.EdgeConfig(

@@ -113,6 +113,12 @@ class RemoteStore(VectorStore):
         except (ApiException, RuntimeError, OSError) as exc:
             raise _unavailable(f"create {spec.name!r}", exc) from exc
 
+    def drop_collection(self, name: str) -> None:
+        client = self._live_client()
+        self._specs.pop(name, None)
+        # delete_collection answers False (not an error) for a name that does not exist.
+        self._call(f"drop {name!r}", lambda: client.delete_collection(name))
+
     def _spec(self, collection: str) -> CollectionSpec:
         self._live_client()
         try:

@@ -25,6 +25,14 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
         yield running
 
 
+@pytest.fixture(scope="session")
+def base_artefact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small trained model (``tests.integration.synthetic``), trained once per session."""
+    from tests.integration.synthetic import train_walk_model
+
+    return train_walk_model(tmp_path_factory.mktemp("base") / "artefact")
+
+
 @pytest.fixture
 def settings(broker: EmbeddedBroker, models_dir: Path, tmp_path: Path) -> Settings:
     tag = uuid.uuid4().hex[:8]

@@ -13,20 +13,14 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from prometheus_client import CollectorRegistry
 
 from exporter.metrics import Metrics
-from model.data import InteractionData
 from model.finetune import InteractionLog, run_cycle
-from model.ranker_train import RankerSettings
-from model.registry import Registry
-from model.train import DEFAULT_RETRIEVAL, train_artefact
 from stream.broker import EmbeddedBroker, ensure_topics
 from stream.catalog import apply_catalog
 from stream.events import CatalogItem, ClickEvent, ModelUpdate, RecRequest
@@ -35,32 +29,7 @@ from stream.services import Services
 from stream.settings import Settings, load_settings
 from stream.swap import hot_swap, listen_for_updates
 from tests.integration.helpers import publish, read_topic
-
-N_ITEMS, N_USERS, LENGTH = 200, 300, 30
-T0 = 1_700_000_000.0
-
-
-def walk(start: int, step: int, length: int = LENGTH) -> list[int]:
-    return [(start - 1 + k * step) % N_ITEMS + 1 for k in range(length)]
-
-
-@pytest.fixture(scope="module")
-def base_artefact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small model that learned 'the next item is the following one'."""
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    sequences = [np.asarray(walk(int(rng.integers(1, N_ITEMS + 1)), 1), dtype=np.int64) for _ in range(N_USERS)]
-    attributes = np.zeros((N_ITEMS + 1, 1), dtype=np.int64)
-    attributes[1:, 0] = np.arange(N_ITEMS) % 10 + 1
-    data = InteractionData("synthetic", [f"u{u}" for u in range(N_USERS)], sequences,
-                           [f"i{i}" for i in range(1, N_ITEMS + 1)], attributes, [f"c{c}" for c in range(10)])
-    out = tmp_path_factory.mktemp("base") / "artefact"
-    train_artefact(data, "s3rec", None, out,
-                   tower_overrides={"fused_dim": 32, "max_sequence": 20, "n_layers": 1, "dropout": 0.1},
-                   retrieval=replace(DEFAULT_RETRIEVAL, epochs=4, minutes=0.3, eval_every=2),
-                   ranker=RankerSettings(epochs=1), progress=False)
-    return out
-
+from tests.integration.synthetic import LENGTH, N_ITEMS, N_USERS, T0, registry_with, walk
 
 def stream_clicks(step: int = 7, seed: int = 1) -> list[ClickEvent]:
     rng = np.random.default_rng(seed)
@@ -70,13 +39,6 @@ def stream_clicks(step: int = 7, seed: int = 1) -> list[ClickEvent]:
             events.append(ClickEvent(event_id=f"c{seed}-{user}-{k}", event_time=T0 + 60 * k + user,
                                      user_id=f"u{user}", item_id=f"i{item}", action="purchase"))
     return events
-
-
-def registry_with(base: Path, models: Path, towers: Path) -> Registry:
-    registry = Registry(models)
-    registry.promote(registry.add(base))
-    (models / "towers").symlink_to(towers.resolve())  # the exported content towers, shared
-    return registry
 
 
 @pytest.fixture

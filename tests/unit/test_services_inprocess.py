@@ -400,3 +400,34 @@ def test_an_item_without_a_price_never_passes_a_price_cap(world: World) -> None:
     apply_interactions(world.services, [world.click("fan", "tent-5", "purchase")])
     served = ids(world.recommend("newcomer", filters=cheap))
     assert served and "tent-5" not in served, served
+
+
+# --- swapping collections ---------------------------------------------------------
+
+
+def test_a_swap_keeps_the_replaced_collections_for_one_more_swap(world: World) -> None:
+    from stream.errors import ConfigError
+    from stream.services import ServingState, collection_specs, new_item_cache
+    from stream.swap import install, read_pointer, version_collections
+
+    services = world.services
+    world.catalogue()
+
+    def state_for(version: str) -> ServingState:
+        collections = version_collections(services.settings, version)
+        for spec in collection_specs(collections, services.model):
+            services.store.ensure_collection(spec)
+        return ServingState(services.model, collections, new_item_cache(services.settings, services.model))
+
+    first = services.collections
+    second, third = state_for("v2"), state_for("v3")
+    install(services, second)
+    assert services.store.count(first.items) == len(CATALOGUE)  # kept: requests in flight, rollback
+    assert read_pointer(services.settings)["retired"]["items"] == first.items  # type: ignore[index]
+    install(services, third)
+    for name in (first.items, first.users, first.queries):
+        with pytest.raises(ConfigError):
+            services.store.count(name)
+    assert services.store.count(second.collections.items) == 0  # the previous one is kept
+    assert not (services.settings.store_path / first.items).exists()
+    assert services.collections == third.collections

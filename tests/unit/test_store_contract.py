@@ -139,6 +139,25 @@ def test_collection_must_be_ensured_first(store: VectorStore) -> None:
         store.count("items")
 
 
+def test_dropped_collection_is_gone_and_can_be_created_again(backend: Backend, store: VectorStore) -> None:
+    other = CollectionSpec("other", {"text": 16})
+    store.ensure_collection(ITEMS)
+    store.ensure_collection(other)
+    store.upsert(ITEMS.name, [Point("a", {"text": np.ones(16), "image": np.ones(8)})])
+    store.upsert(other.name, [Point("b", {"text": np.ones(16)})])
+    store.drop_collection(ITEMS.name)
+    store.drop_collection("never-created")  # ignored
+    with pytest.raises(ConfigError):
+        store.count(ITEMS.name)
+    assert store.count(other.name) == 1  # only the named collection goes
+    store = backend.reopen(store)  # the drop is durable, not only forgotten by this object
+    store.ensure_collection(ITEMS)
+    store.ensure_collection(other)
+    assert store.count(ITEMS.name) == 0
+    assert store.count(other.name) == 1
+    store.close()
+
+
 def test_bad_collection_specs_are_config_errors() -> None:
     with pytest.raises(ConfigError):
         CollectionSpec("../escape", {"text": 4})
