@@ -117,6 +117,34 @@ def plot_result(path: Path, dataset: str, protocol: str, label: str, result: dic
     plt.close(figure)
 
 
+def sweep_plot_path(plot: Path) -> Path:
+    return plot.with_name(f"{plot.stem}-diversity{plot.suffix or '.png'}")
+
+
+def plot_sweep(path: Path, dataset: str, rows: list[dict[str, float]]) -> None:
+    """HR@10 against intra-list diversity, one point per MMR trade-off, labelled with it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    diversities = [row["intra_list_diversity"] for row in rows]
+    hit_rates = [row["hr@10"] for row in rows]
+    axis.plot(diversities, hit_rates, marker="o", color="#d1495b")
+    for row in rows:
+        axis.annotate(f"{row['trade_off']:.2f}", (row["intra_list_diversity"], row["hr@10"]),
+                      textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axis.set_xlabel("intra-list diversity@10 (mean pairwise content distance)")
+    axis.set_ylabel("HR@10")
+    axis.set_title(f"{dataset}: accuracy vs diversity over the MMR trade-off (labels)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def run(
     data: InteractionData,
     protocol: str,
@@ -196,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         plot_result(args.plot, data.name, args.protocol, args.model_name, result)
         print(f"plot written to {args.plot}")
+        if sweep_rows:
+            plot_sweep(sweep_plot_path(args.plot), data.name, sweep_rows)
+            print(f"diversity sweep plot written to {sweep_plot_path(args.plot)}")
     print(json.dumps(result))
     return 0
 

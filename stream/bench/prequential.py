@@ -49,6 +49,7 @@ from stream.prequential import (
     RiverMF,
     replay_order,
     select_users,
+    warmup_length,
     waves,
 )
 from stream.settings import Settings, load_settings
@@ -150,6 +151,35 @@ def click_of(interaction: Interaction) -> ClickEvent:
 
 
 # -- the stacks -----------------------------------------------------------------------
+
+
+def train_on_warmup(data_format: str, path: Path | None, fraction: float, max_per_user: int | None,
+                    minutes: float, out: Path) -> Path:
+    """Train an artefact on every user's warm-up prefix only, so no scored interaction is seen.
+
+    All users of the file contribute their prefix (the replay may sample fewer);
+    the prefix is what ``replay_order`` publishes before it scores anything.
+    """
+    from dataclasses import replace
+
+    from model.train import FORMAT_RETRIEVAL, train_artefact
+
+    data = load_ml100k(path) if data_format == "ml100k" else load_s3rec(path)  # type: ignore[arg-type]
+    prefixes: list = []
+    times: list | None = [] if data.timestamps is not None else None
+    for n, sequence in enumerate(data.sequences):
+        sequence = sequence[:max_per_user]
+        warm = warmup_length(len(sequence), fraction)
+        prefixes.append(sequence[:warm])
+        if times is not None and data.timestamps is not None:
+            times.append(data.timestamps[n][:warm])
+    warm_data = replace(data, name=data.name, sequences=prefixes, timestamps=times)
+    retrieval = replace(FORMAT_RETRIEVAL[data_format], minutes=minutes)
+    print(f"training on the warm-up prefixes of {len(prefixes)} users "
+          f"({sum(len(p) for p in prefixes)} interactions), at most {minutes:g} min ...", flush=True)
+    manifest = train_artefact(warm_data, data_format, path, out, retrieval=retrieval, progress=False)
+    print(f"  trained {manifest['version']} in {manifest['train_seconds']} s", flush=True)
+    return out
 
 
 def private_model_dir(base: Settings, artefact: Path, folder: Path) -> Path:
@@ -352,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep only each user's first N interactions (quick runs)")
     parser.add_argument("--warmup-fraction", type=float, default=0.5)
     parser.add_argument("--artefact", type=Path, default=None, help="trained model directory to serve")
+    parser.add_argument("--train-minutes", type=float, default=None,
+                        help="first train a model on the warm-up prefixes only (never on a scored "
+                             "interaction) and serve it; the budget in minutes")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of cumulative HR@10")
     args = parser.parse_args(argv)
 
@@ -362,8 +395,13 @@ def main(argv: list[str] | None = None) -> int:
           f"({sum(i.scored for i in interactions)} scored), {len(catalogue)} items", flush=True)
     base = load_settings()
     wall_started = time.monotonic()
+    if args.artefact is not None and args.train_minutes is not None:
+        raise ConfigError("give --artefact or --train-minutes, not both")
     with work_dir(args.work_dir, "prequential") as folder:
         overrides = {}
+        if args.train_minutes is not None:
+            args.artefact = train_on_warmup(args.data_format, args.data, args.warmup_fraction, args.max_per_user,
+                                            args.train_minutes, folder / "warmup-model")
         if args.artefact is not None:
             overrides["model_dir"] = private_model_dir(base, args.artefact, folder / "models")
         broker = start_broker(folder)

@@ -132,6 +132,9 @@ def test_bench_prints_json_last_and_writes_a_plot(tmp_path: Path, capsys: pytest
         assert key in result
     assert result["n_users"] == 39 and 0.0 <= result["hr@10"] <= 1.0
     assert plot.is_file() and plot.stat().st_size > 0
+    assert [row["trade_off"] for row in result["diversity_sweep"]] == [1.0, 0.9, 0.8, 0.7, 0.5, 0.3]
+    sweep_plot = tmp_path / "quality-diversity.png"
+    assert sweep_plot.is_file() and sweep_plot.stat().st_size > 0
     assert bench_main(["--data", str(path), "--model", "pop", "--protocol", "sampled"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["protocol"] == "sampled"
 
