@@ -255,8 +255,29 @@ def _ensure_tower(
     return {"dir": str(folder), "exported": exported, "sidecar": meta}
 
 
+def encoder_identities(
+    text_encoder_path: Path | None = None, image_weights_path: Path | None = None
+) -> dict[str, dict[str, str]]:
+    """Name and source fingerprint of each content encoder, as the tower sidecars record them.
+
+    A trained artefact stores these; a worker compares them with its exported
+    towers' sidecars, so a model is never served over another encoder's vectors.
+    """
+    text_path = (Path(text_encoder_path) if text_encoder_path else default_text_encoder_path()).resolve()
+    image_path = (Path(image_weights_path) if image_weights_path else default_image_weights_path()).resolve()
+    text_name = DEFAULT_ENCODER_NAME if text_path == default_text_encoder_path().resolve() else text_path.name
+    return {
+        "text": {"encoder": text_name, "source_fingerprint": _source_fingerprint(_text_sources(text_path))},
+        "image": {"encoder": IMAGE_ENCODER_NAME, "weights": image_path.name,
+                  "source_fingerprint": _source_fingerprint([image_path])},
+    }
+
+
 def build_towers(
-    out_dir: Path, force: bool = False, text_encoder_path: Path | None = None
+    out_dir: Path,
+    force: bool = False,
+    text_encoder_path: Path | None = None,
+    image_weights_path: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Export both towers into ``out_dir/text`` and ``out_dir/image`` unless already current.
 
@@ -270,7 +291,11 @@ def build_towers(
     encoder_path = (
         Path(text_encoder_path) if text_encoder_path else default_text_encoder_path()
     ).resolve()
-    weights_path = default_image_weights_path().resolve()
+    weights_path = (
+        Path(image_weights_path) if image_weights_path else default_image_weights_path()
+    ).resolve()
+    if not weights_path.is_file():
+        raise ModelLoadError(f"image encoder weights not found: {weights_path}")
     return {
         "text": _ensure_tower(
             out_dir / "text",
@@ -293,10 +318,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--text-encoder", type=Path, default=None)
+    parser.add_argument("--image-weights", type=Path, default=None,
+                        help="EfficientNet-Lite0 state dict (default: the packaged ImageNet weights)")
     parser.add_argument("--force", action="store_true")
     arguments = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    build_towers(arguments.out_dir, force=arguments.force, text_encoder_path=arguments.text_encoder)
+    build_towers(arguments.out_dir, force=arguments.force, text_encoder_path=arguments.text_encoder,
+                 image_weights_path=arguments.image_weights)
 
 
 if __name__ == "__main__":

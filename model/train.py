@@ -40,7 +40,6 @@ from model.serving import ACTION_CODE, ACTIONS
 from model.towers import TowerConfig, attribute_mixing
 from stream.errors import StreamrecError
 
-IMAGE_ENCODER_NAME = "efficientnet-lite0 (ImageNet features, 1280-d)"
 # What one interaction of each source format means to the action vocabulary.
 FORMAT_ACTION = {"s3rec": "purchase", "ml100k": "view"}
 # Share of the time budget kept for the ranker and the fine-tuning epochs.
@@ -60,11 +59,12 @@ FORMAT_RETRIEVAL: dict[str, RetrievalSettings] = {
 DEFAULT_RETRIEVAL = FORMAT_RETRIEVAL["s3rec"]
 
 
-def embed_titles(titles: list[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(N+1, 384) unit text vectors of the titles with the frozen text tower, (N+1,) has_text."""
-    from model.text_tower import MAX_TEXT_TOKENS, load_text_tower
+def embed_titles(titles: list[str], batch_size: int = 64,
+                 encoder_path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N+1, text_dim) unit text vectors of the titles with the frozen text tower, (N+1,) has_text."""
+    from model.text_tower import MAX_TEXT_TOKENS, default_text_encoder_path, load_text_tower
 
-    tower, tokenizer = load_text_tower()
+    tower, tokenizer = load_text_tower(encoder_path or default_text_encoder_path())
     vectors = np.zeros((len(titles), tower.dim), dtype=np.float32)
     present = np.asarray([bool(title.strip()) for title in titles])
     rows = np.flatnonzero(present)
@@ -77,6 +77,17 @@ def embed_titles(titles: list[str], batch_size: int = 64) -> tuple[np.ndarray, n
             )
             vectors[chunk] = tower(tokens["input_ids"], tokens["attention_mask"]).numpy()
     return vectors, present
+
+
+def text_encoder_dim(encoder_path: Path | None) -> int:
+    """Output width of a local Hugging Face encoder (its ``hidden_size``), without loading it."""
+    from model.text_tower import default_text_encoder_path
+
+    config_path = Path(encoder_path or default_text_encoder_path()) / "config.json"
+    try:
+        return int(json.loads(config_path.read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError) as error:
+        raise StreamrecError(f"cannot read the text encoder's width from {config_path}: {error}") from error
 
 
 def item_last_seen(data: InteractionData, split: LeaveOneOut) -> np.ndarray | None:
@@ -147,14 +158,26 @@ def train_artefact(
     retrieval: RetrievalSettings | None = None,
     ranker: RankerSettings = RankerSettings(),
     progress: bool = True,
+    text_encoder_path: Path | None = None,
+    image_weights_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, export and publish one artefact at ``out``; returns its manifest."""
+    """Train, export and publish one artefact at ``out``; returns its manifest.
+
+    ``text_encoder_path`` / ``image_weights_path``: the content encoders (default
+    all-MiniLM-L6-v2 and the packaged EfficientNet-Lite0 weights); their
+    identities are recorded so that workers serve the model only over towers
+    exported from the same encoders.
+    """
     from model.evaluate import evaluate_trained
     from model.trained import TrainedModel
 
     started, cpu_started = time.monotonic(), time.process_time()
     split = leave_one_out(data)
-    text, has_text = embed_titles(data.titles) if data.titles is not None else (None, None)
+    from model.onnx_export import encoder_identities
+
+    encoders = encoder_identities(text_encoder_path, image_weights_path)
+    text, has_text = (embed_titles(data.titles, encoder_path=text_encoder_path) if data.titles is not None
+                      else (None, None))
     attributes = torch.from_numpy(data.attributes)
     catalogue = Catalogue(
         attributes=attributes,
@@ -166,6 +189,7 @@ def train_artefact(
         n_items=data.n_items,
         n_attributes=data.n_attributes,
         max_attributes=data.attributes.shape[1],
+        text_dim=text.shape[1] if text is not None else text_encoder_dim(text_encoder_path),
         **{**FORMAT_TOWER[data_format], **(tower_overrides or {})},
     )
     retrieval = retrieval if retrieval is not None else FORMAT_RETRIEVAL[data_format]
@@ -205,7 +229,7 @@ def train_artefact(
         "ranker": asdict(ranker),
         "train_action": train_action,
         "actions": list(ACTIONS),
-        "encoders": {"text": "sentence-transformers/all-MiniLM-L6-v2", "image": IMAGE_ENCODER_NAME},
+        "encoders": encoders,
     }, indent=2) + "\n")
     (staging / "id_maps.json").write_text(json.dumps({
         "items": data.item_index(),
@@ -259,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=DEFAULT_RETRIEVAL.seed)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--text-encoder", type=Path, default=None,
+                        help="local Hugging Face encoder folder (default all-MiniLM-L6-v2); serve the "
+                             "model with STREAMREC_TEXT_ENCODER_PATH set to the same folder")
+    parser.add_argument("--image-weights", type=Path, default=None,
+                        help="EfficientNet-Lite0 state dict (default the packaged ImageNet weights); serve "
+                             "with STREAMREC_IMAGE_ENCODER_WEIGHTS set to the same file")
     return parser
 
 
@@ -275,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         manifest = train_artefact(data, args.data_format, args.data, args.out, retrieval=retrieval,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, text_encoder_path=args.text_encoder,
+                                  image_weights_path=args.image_weights)
     except StreamrecError as error:
         print(f"streamrec train: {error}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from exporter.drift import DriftMonitor, DriftThresholds
 from exporter.metrics import Metrics
 from model.serving import ServingModel
-from stream.errors import ModelLoadError
+from stream.errors import ConfigError, ModelLoadError
 from stream.settings import Settings
 from stream.store import CollectionSpec, VectorStore, open_store
 from stream.item_cache import ItemCache
@@ -79,6 +79,10 @@ class Services:
 
         towers_dir = prepare_towers(settings)
         model = load_serving_model(settings)
+        try:
+            check_encoders(model, towers_dir)
+        except ModelLoadError as error:
+            raise ConfigError(str(error)) from error
         store = open_store(
             settings.store_backend,
             data_dir=settings.store_path,
@@ -162,8 +166,37 @@ def prepare_towers(settings: Settings, *, check: bool = False) -> Path:
     if check or not exported:
         from model.onnx_export import build_towers
 
-        build_towers(towers_dir, text_encoder_path=settings.text_encoder_path)
+        build_towers(towers_dir, text_encoder_path=settings.text_encoder_path,
+                     image_weights_path=settings.image_encoder_weights)
     return towers_dir
+
+
+def check_encoders(model: ServingModel, towers_dir: Path) -> None:
+    """Refuse a trained model whose content encoders are not the exported towers.
+
+    Its item tower was trained on one encoder's text and image vectors; served
+    over another encoder's vectors it would place every item wrongly without
+    any error. Models that record no fingerprints (the rule model) pass.
+    """
+    recorded = getattr(model, "config", {}).get("encoders", {})
+    for kind in ("text", "image"):
+        wanted = recorded.get(kind)
+        if not isinstance(wanted, dict) or "source_fingerprint" not in wanted:
+            continue
+        sidecar_path = towers_dir / kind / f"{kind}_tower.json"
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot read {sidecar_path}: {error}; run `streamrec setup`") from error
+        if sidecar.get("source_fingerprint") != wanted["source_fingerprint"]:
+            variable = "STREAMREC_TEXT_ENCODER_PATH" if kind == "text" else "STREAMREC_IMAGE_ENCODER_WEIGHTS"
+            raise ModelLoadError(
+                f"model {model.version} was trained with the {kind} encoder {wanted.get('encoder')!r} "
+                f"(fingerprint {wanted['source_fingerprint'][:12]}), but the exported {kind} tower in "
+                f"{sidecar_path.parent} is {sidecar.get('encoder')!r} (fingerprint "
+                f"{str(sidecar.get('source_fingerprint'))[:12]}): set {variable} to the model's encoder and "
+                "run `streamrec setup`, or promote a model trained with this encoder"
+            )
 
 
 def load_serving_model(settings: Settings) -> ServingModel:

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     text_encoder_path: Path | None = Field(
         None, description="Local Hugging Face encoder folder; default all-MiniLM-L6-v2."
     )
+    image_encoder_weights: Path | None = Field(
+        None, description="EfficientNet-Lite0 state dict for the image tower; default the packaged ImageNet weights."
+    )
     onnx_threads: int = Field(1, ge=1, le=256)
 
     # --- serving ----------------------------------------------------------

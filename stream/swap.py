@@ -37,7 +37,14 @@ import numpy as np
 from model.registry import Registry
 from model.serving import ItemContent, ServingModel
 from stream.errors import ModelLoadError
-from stream.services import Collections, Services, ServingState, collection_specs, new_item_cache
+from stream.services import (
+    Collections,
+    Services,
+    ServingState,
+    check_encoders,
+    collection_specs,
+    new_item_cache,
+)
 from stream.settings import Settings
 from stream.store import Point
 
@@ -249,6 +256,7 @@ async def hot_swap(services: Services, version: str | None = None) -> bool:
         return False
     try:
         model = await asyncio.to_thread(registry.load, target, threads=settings.onnx_threads)
+        check_encoders(model, settings.models_path / "towers")
     except ModelLoadError as error:
         log.error("model %s refused, still serving %s: %s", target, services.model.version, error)
         services.metrics.model_swaps.labels("refused").inc()
