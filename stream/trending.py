@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import threading
 
 
 class Trending:
@@ -19,8 +20,14 @@ class Trending:
         self._origin: float | None = None
         self._stored: dict[str, float] = {}
         self._cache: tuple[float, int, list[tuple[str, float]]] | None = None
+        # Clicks are applied in one worker thread while requests rank in others.
+        self._lock = threading.Lock()
 
     def add(self, item_id: str, weight: float, at: float) -> None:
+        with self._lock:
+            self._add(item_id, weight, at)
+
+    def _add(self, item_id: str, weight: float, at: float) -> None:
         if self._origin is None:
             self._origin = at
         exponent = self._rate * (at - self._origin)
@@ -30,7 +37,8 @@ class Trending:
         self._stored[item_id] = self._stored.get(item_id, 0.0) + weight * math.exp(exponent)
 
     def _rebase(self, at: float) -> None:
-        assert self._origin is not None
+        if self._origin is None:
+            return
         factor = math.exp(-self._rate * (at - self._origin))
         self._stored = {k: v * factor for k, v in self._stored.items() if v * factor > 1e-9}
         self._origin = at
@@ -42,14 +50,12 @@ class Trending:
 
     def top(self, n: int, now: float, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, float]]:
         """The ``n`` items with the highest decayed count, best first."""
-        if self._origin is None:
+        with self._lock:  # a snapshot: iterating the live dict races with add()
+            origin, stored = self._origin, list(self._stored.items())
+        if origin is None:
             return []
-        factor = math.exp(-self._rate * (now - self._origin))
-        best = heapq.nlargest(
-            n + len(exclude),
-            self._stored.items(),
-            key=lambda kv: (kv[1], kv[0]),
-        )
+        factor = math.exp(-self._rate * (now - origin))
+        best = heapq.nlargest(n + len(exclude), stored, key=lambda kv: (kv[1], kv[0]))
         return [(k, v * factor) for k, v in best if k not in exclude][:n]
 
     def top_cached(self, n: int, now: float, exclude: set[str] | frozenset[str] = frozenset(),
@@ -66,7 +72,8 @@ class Trending:
         return ranked
 
     def forget(self, item_id: str) -> None:
-        self._stored.pop(item_id, None)
+        with self._lock:
+            self._stored.pop(item_id, None)
 
     def __len__(self) -> int:
         return len(self._stored)

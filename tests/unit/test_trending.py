@@ -142,3 +142,28 @@ def test_items_that_decayed_to_nothing_are_dropped_on_rebase() -> None:
     assert len(trending) == 1
     assert trending.score("fresh", T0 + 1000) == pytest.approx(1.0)
     assert trending.score("ancient", T0 + 1000) == 0.0
+
+
+def test_ranking_while_clicks_are_added_from_another_thread() -> None:
+    import threading
+
+    trending = Trending(HOUR)
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def add_clicks() -> None:
+        for n in range(200_000):
+            trending.add(f"item-{n}", 1.0, T0 + n * 1e-3)
+        done.set()
+
+    writer = threading.Thread(target=add_clicks)
+    writer.start()
+    while not done.is_set():
+        try:
+            trending.top(10, T0)
+        except RuntimeError as error:  # "dictionary changed size during iteration"
+            failures.append(error)
+            break
+    writer.join()
+    assert failures == []
+    assert len(trending) == 200_000
