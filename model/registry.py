@@ -95,7 +95,7 @@ class Registry:
             raise ModelLoadError(f"{folder} holds version {manifest.get('version')!r}, not {version!r}")
         return manifest
 
-    def load(self, version: str | None = None, *, threads: int = 1) -> Any:
+    def load(self, version: str | None = None, *, threads: int = 1, int8: bool = False) -> Any:
         """A verified ``TrainedModel`` of ``version`` (default: the current one)."""
         from model.trained import TrainedModel
 
@@ -103,7 +103,7 @@ class Registry:
         if version is None:
             raise ModelLoadError(f"no model is promoted in {self.root}")
         self.verify(version)
-        return TrainedModel(self.path(version), threads=threads, verify=False)
+        return TrainedModel(self.path(version), threads=threads, int8=int8, verify=False)
 
     def history(self) -> list[dict[str, Any]]:
         log = self.root / PROMOTIONS

@@ -56,12 +56,14 @@ class TrainedModel:
         self.stored_has_text: np.ndarray | None = stored.get("has_text")
         suffix = ".int8.onnx" if int8 else ".onnx"
         self._sessions = {}
+        self.served_files: dict[str, Path] = {}  # network -> the ONNX file its session runs
         for name in INPUT_NAMES:
             path = self.directory / f"{name}{suffix}"
             if int8 and not path.is_file():
                 path = self.directory / f"{name}.onnx"
             # Hashes were checked by read_manifest (when verify is on).
             self._sessions[name] = load_session(path, None, intra_op_threads=threads)
+            self.served_files[name] = path
 
     @property
     def n_items(self) -> int:

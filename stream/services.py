@@ -208,7 +208,7 @@ def load_serving_model(settings: Settings) -> ServingModel:
         from model.trained import TrainedModel
 
         try:
-            return TrainedModel(current.resolve(), threads=settings.onnx_threads)
+            return TrainedModel(current.resolve(), threads=settings.onnx_threads, int8=settings.onnx_int8)
         except ModelLoadError:
             log.exception("the promoted model cannot be loaded; serving the rule model")
     rule_dir = settings.models_path / "rule"

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
         None, description="EfficientNet-Lite0 state dict for the image tower; default the packaged ImageNet weights."
     )
     onnx_threads: int = Field(1, ge=1, le=256)
+    onnx_int8: bool = Field(
+        False, description="Serve a trained model's int8 copies (*.int8.onnx) where the artefact has them."
+    )
 
     # --- serving ----------------------------------------------------------
     http_host: str = "127.0.0.1"

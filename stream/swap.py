@@ -255,7 +255,8 @@ async def hot_swap(services: Services, version: str | None = None) -> bool:
     if target is None or target == services.model.version:
         return False
     try:
-        model = await asyncio.to_thread(registry.load, target, threads=settings.onnx_threads)
+        model = await asyncio.to_thread(registry.load, target, threads=settings.onnx_threads,
+                                        int8=settings.onnx_int8)
         check_encoders(model, settings.models_path / "towers")
     except ModelLoadError as error:
         log.error("model %s refused, still serving %s: %s", target, services.model.version, error)

@@ -164,6 +164,17 @@ def test_int8_copies_are_close_and_reported(artefact: Path, tmp_path: Path) -> N
     # Probabilities in [0, 1]: int8 may shift them a little, not a lot.
     assert report["ranker"]["max_abs_diff"] < 0.1
 
+    # A worker serves the copies when STREAMREC_ONNX_INT8 is set, the fp32 files otherwise.
+    from stream.services import load_serving_model
+    from stream.settings import load_settings
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "current").symlink_to(copy, target_is_directory=True)
+    for int8, suffix in ((True, ".int8.onnx"), (False, ".onnx")):
+        served = load_serving_model(load_settings(model_dir=models, data_dir=tmp_path / "data", onnx_int8=int8))
+        assert {path.name for path in served.served_files.values()} == {f"{n}{suffix}" for n in NETWORKS}
+
 
 def test_trained_model_serves_the_contract_shapes(artefact: Path) -> None:
     model = TrainedModel(artefact)
