@@ -27,7 +27,7 @@ from model.metrics import (
     target_ranks,
     top_k,
 )
-from model.ranker_train import ItemContext
+from model.serving import ItemContext
 from model.rerank import mmr
 from model.trained import TrainedModel
 from stream.errors import ConfigError

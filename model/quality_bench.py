@@ -137,7 +137,7 @@ def plot_sweep(path: Path, dataset: str, rows: list[dict[str, float]]) -> None:
                       textcoords="offset points", xytext=(5, 5), fontsize=8)
     axis.set_xlabel("intra-list diversity@10 (mean pairwise content distance)")
     axis.set_ylabel("HR@10")
-    axis.set_title(f"{dataset}: accuracy vs diversity over the MMR trade-off (labels)")
+    axis.set_title(f"{dataset}: HR@10 vs diversity (labels: MMR trade-off)")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,10 @@ from tqdm import tqdm
 from model.data import left_pad
 from model.metrics import exclude_history, ndcg, top_k
 from model.retrieval_train import Catalogue, RetrievalModel
-from model.serving import CONTEXT_FEATURES
+from model.serving import ItemContext
 from model.towers import Ranker, TowerConfig
 
 BLENDS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
-SECONDS_PER_DAY = 86400.0
 
 
 @dataclass(frozen=True)
@@ -39,30 +38,6 @@ class RankerSettings:
     weight_decay: float = 0.01
     holdout_share: float = 0.1
     seed: int = 7
-
-
-@dataclass(frozen=True)
-class ItemContext:
-    """What the context features are computed from.
-
-    popularity: (N+1,) training interactions per item
-    last_seen:  (N+1,) seconds of the item's latest training interaction, or None without times
-    """
-
-    popularity: np.ndarray
-    last_seen: np.ndarray | None = None
-
-    def features(
-        self, candidates: np.ndarray, retrieval_scores: np.ndarray, request_times: np.ndarray | None
-    ) -> np.ndarray:
-        """(U, K) item indices, (U, K) scores, (U,) seconds or None -> (U, K, len(CONTEXT_FEATURES))."""
-        log_popularity = np.log1p(self.popularity[candidates].astype(np.float32))
-        recency = np.zeros_like(log_popularity)
-        if self.last_seen is not None and request_times is not None:
-            age = request_times[:, None] - self.last_seen[candidates]
-            recency = (np.clip(age, 0.0, None) / SECONDS_PER_DAY).astype(np.float32)
-        columns = {"log_popularity": log_popularity, "recency_days": recency, "retrieval_score": retrieval_scores}
-        return np.stack([columns[name].astype(np.float32) for name in CONTEXT_FEATURES], axis=-1)
 
 
 @dataclass

@@ -78,3 +78,30 @@ class ServingModel(Protocol):
         candidate_fused (N, fused_dim), candidate_text (N, text_dim),
         candidate_image (N, image_dim), context (N, len(CONTEXT_FEATURES)) -> (N,)
         """
+
+
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class ItemContext:
+    """What the context features are computed from.
+
+    popularity: (N+1,) training interactions per item
+    last_seen:  (N+1,) seconds of the item's latest training interaction, or None without times
+    """
+
+    popularity: np.ndarray
+    last_seen: np.ndarray | None = None
+
+    def features(
+        self, candidates: np.ndarray, retrieval_scores: np.ndarray, request_times: np.ndarray | None
+    ) -> np.ndarray:
+        """(U, K) item indices, (U, K) scores, (U,) seconds or None -> (U, K, len(CONTEXT_FEATURES))."""
+        log_popularity = np.log1p(self.popularity[candidates].astype(np.float32))
+        recency = np.zeros_like(log_popularity)
+        if self.last_seen is not None and request_times is not None:
+            age = request_times[:, None] - self.last_seen[candidates]
+            recency = (np.clip(age, 0.0, None) / SECONDS_PER_DAY).astype(np.float32)
+        columns = {"log_popularity": log_popularity, "recency_days": recency, "retrieval_score": retrieval_scores}
+        return np.stack([columns[name].astype(np.float32) for name in CONTEXT_FEATURES], axis=-1)

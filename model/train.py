@@ -28,7 +28,7 @@ import torch
 from model.artefact import new_version, publish, staging_directory, utc_now, write_manifest
 from model.data import FORMATS, InteractionData, LeaveOneOut, item_counts, leave_one_out, load_interactions
 from model.export_fused import Networks, export_all
-from model.ranker_train import ItemContext, RankerInputs, RankerSettings, retrieve, train_ranker
+from model.ranker_train import RankerInputs, RankerSettings, retrieve, train_ranker
 from model.retrieval_train import (
     Catalogue,
     RetrievalModel,
@@ -36,7 +36,7 @@ from model.retrieval_train import (
     fine_tune_retrieval,
     train_retrieval,
 )
-from model.serving import ACTION_CODE, ACTIONS
+from model.serving import ACTION_CODE, ACTIONS, ItemContext
 from model.towers import TowerConfig, attribute_mixing
 from stream.errors import StreamrecError
 

@@ -13,7 +13,7 @@ import numpy as np
 from model.artefact import read_manifest
 from model.export_fused import INPUT_NAMES
 from model.runtime import load_session
-from model.serving import CONTEXT_FEATURES, ItemContent
+from model.serving import CONTEXT_FEATURES, ItemContent, ItemContext
 from model.towers import TowerConfig
 from stream.errors import ModelLoadError
 
@@ -148,6 +148,19 @@ class TrainedModel:
             for start in range(0, len(all_indices), batch_size)
         ]
         return np.concatenate(parts)
+
+    def context_features(self, item_ids: list[str], retrieval_scores: np.ndarray, now: float) -> np.ndarray:
+        """(N, len(CONTEXT_FEATURES)) float32, computed exactly as the ranker was trained on them.
+
+        Popularity is the item's training-interaction count (0 for items the
+        model never saw); recency is days from the item's last training
+        interaction to ``now``, the time of the user's latest event (the
+        trainer's request time), and 0 for a model trained without times.
+        """
+        indices = np.asarray([self.item_index.get(str(i), 0) for i in item_ids], dtype=np.int64)
+        context = ItemContext(self.popularity, self.last_seen)
+        scores = np.asarray(retrieval_scores, dtype=np.float32).reshape(1, -1)
+        return context.features(indices[None, :], scores, np.asarray([now], dtype=np.float64))[0]
 
     def user_vectors(self, sequences: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """(B, L, d) item vectors + (B, L) action codes, left-padded -> (B, d) float32."""

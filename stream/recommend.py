@@ -95,15 +95,7 @@ def recommend(
     # --- scoring -------------------------------------------------------------
     t1 = time.perf_counter()
     fused, text, image = (gathered.vectors[name] for name in ("fused", "text", "image"))
-    created = np.array([float(p.get("created_at") or now) for p in gathered.payloads])
-    context = np.stack(
-        [
-            np.log1p([services.trending.score(i, now) for i in gathered.item_ids]),
-            np.maximum(0.0, now - created) / 86400.0,
-            [c.retrieval_score for c in candidates],
-        ],
-        axis=1,
-    ).astype(np.float32)
+    context = _context(services, model, gathered, candidates, state, now)
     personal = user_vector if user_vector is not None else (
         query_vector if query_vector is not None else np.zeros(model.fused_dim, np.float32)
     )
@@ -126,6 +118,32 @@ def recommend(
     services.drift.update(scores=scores[order], user_vector=user_vector,
                           served=[item.item_id for item in chosen], impressions=len(chosen))
     return _response(services, request, chosen, started, path, model.version)
+
+
+def _context(services: Services, model: object, gathered: Gathered, candidates: list[Candidate],
+             state: UserState, now: float) -> np.ndarray:
+    """(N, 3) context features: log popularity, recency in days, retrieval score.
+
+    A trained model defines them as its ranker was trained on them (training
+    counts, days since the item's last training interaction at the time of the
+    user's latest event); feeding it live trending counts or catalogue ages
+    instead would put its ranker far outside what it learned. The rule scorer
+    reads the live ones: decayed trending counts and days since the item was
+    listed.
+    """
+    retrieval = np.asarray([c.retrieval_score for c in candidates], dtype=np.float32)
+    own = getattr(model, "context_features", None)
+    if own is not None:
+        return own(gathered.item_ids, retrieval, state.last_event_time or now)
+    created = np.array([float(p.get("created_at") or now) for p in gathered.payloads])
+    return np.stack(
+        [
+            np.log1p([services.trending.score(i, now) for i in gathered.item_ids]),
+            np.maximum(0.0, now - created) / 86400.0,
+            retrieval,
+        ],
+        axis=1,
+    ).astype(np.float32)
 
 
 def _gather(services: Services, serving: ServingState, pool: dict[str, Candidate], flt: SearchFilter) -> Gathered:

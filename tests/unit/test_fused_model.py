@@ -176,6 +176,20 @@ def test_int8_copies_are_close_and_reported(artefact: Path, tmp_path: Path) -> N
         assert {path.name for path in served.served_files.values()} == {f"{n}{suffix}" for n in NETWORKS}
 
 
+def test_context_features_are_the_ones_the_ranker_was_trained_on(artefact: Path) -> None:
+    model = TrainedModel(artefact)
+    known = model.item_ids[1]
+    scores = np.array([0.5, -0.25], np.float32)
+    context = model.context_features([known, "never-seen"], scores, now=1.7e9)
+    assert context.shape == (2, 3) and context.dtype == np.float32
+    columns = dict(zip(CONTEXT_FEATURES, context.T))
+    # Training counts, not live trending counts; the unknown item counts as never seen.
+    np.testing.assert_allclose(columns["log_popularity"], np.log1p([model.popularity[1], model.popularity[0]]))
+    # The synthetic training data has no times: recency was always 0 in training.
+    assert model.last_seen is None and not columns["recency_days"].any()
+    np.testing.assert_allclose(columns["retrieval_score"], scores)
+
+
 def test_trained_model_serves_the_contract_shapes(artefact: Path) -> None:
     model = TrainedModel(artefact)
     d = model.fused_dim
