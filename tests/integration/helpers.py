@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -91,3 +94,13 @@ def read_topic(settings: Settings, topic: str, count: int, timeout_s: float = 60
 def dead_letters(settings: Settings, count: int, timeout_s: float = 60) -> list[DeadLetter]:
     raw = read_topic(settings, settings.topic("deadletter"), count, timeout_s)
     return [DeadLetter.model_validate_json(v) for v in raw]
+
+
+def user_state(settings: Settings, user: str) -> dict:
+    """GET /users/{user} of the running worker; {} while the user is unknown."""
+    url = f"http://{settings.http_host}:{settings.http_port}/users/{user}"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError:
+        return {}

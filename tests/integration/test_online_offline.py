@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from model.serving import ACTION_CODE
 from stream.events import CatalogItem, ClickEvent
 from stream.settings import Settings
 from stream.stack import LocalStack
-from tests.integration.helpers import ask_http, ask_kafka, processed, publish, wait_until
+from tests.integration.helpers import ask_http, ask_kafka, processed, publish, user_state, wait_until
 from tests.integration.synthetic import N_ITEMS, category, registry_with, walk
 
 pytestmark = pytest.mark.integration
@@ -39,15 +38,6 @@ def trained_settings(settings: Settings, base_artefact: Path, models_dir: Path, 
     models = tmp_path / "models"
     registry_with(base_artefact, models, models_dir / "towers")
     return settings.model_copy(update={"model_dir": models})
-
-
-def user_state(settings: Settings, user: str) -> dict:
-    url = f"http://{settings.http_host}:{settings.http_port}/users/{user}"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return json.loads(reply.read())
-    except urllib.error.HTTPError:
-        return {}
 
 
 def offline_vectors(artefact: Path, models_dir: Path, catalogue: dict[int, CatalogItem],

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -18,6 +17,7 @@ from tests.integration.helpers import (
     processed,
     publish,
     read_topic,
+    user_state,
     wait_until,
 )
 
@@ -39,15 +39,6 @@ def _clicks(user: str, items: list[str], action: str = "purchase") -> list[Click
     ]
 
 
-def _user_state(settings: Settings, user: str) -> dict:
-    url = f"http://{settings.http_host}:{settings.http_port}/users/{user}"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return json.loads(reply.read())
-    except urllib.error.HTTPError:
-        return {}
-
-
 def _genre_share(item_ids: list[str], genre: str) -> float:
     return sum(genre in GENRES.get(i, ()) for i in item_ids) / max(1, len(item_ids))
 
@@ -58,7 +49,7 @@ def test_clicks_change_the_next_recommendations(settings: Settings, stack: Local
     children = [i for i, g in GENRES.items() if "Children's" in g][:6]
 
     publish(settings, _clicks("alice", horror))
-    wait_until(lambda: len(_user_state(settings, "alice").get("items", [])) == len(horror), 30, "clicks applied")
+    wait_until(lambda: len(user_state(settings, "alice").get("items", [])) == len(horror), 30, "clicks applied")
     first = ask_kafka(settings, "alice", k=10)
     first_ids = [i.item_id for i in first.items]
     assert len(first_ids) == 10
@@ -67,7 +58,7 @@ def test_clicks_change_the_next_recommendations(settings: Settings, stack: Local
     assert all(i.reason for i in first.items)
 
     publish(settings, _clicks("alice", children))
-    wait_until(lambda: len(_user_state(settings, "alice").get("items", [])) == 12, 30, "second burst applied")
+    wait_until(lambda: len(user_state(settings, "alice").get("items", [])) == 12, 30, "second burst applied")
     second_ids = [i.item_id for i in ask_kafka(settings, "alice", k=10).items]
     # The most recent burst dominates the user vector: the list moves toward it.
     assert _genre_share(second_ids, "Children's") > _genre_share(first_ids, "Children's")
@@ -89,7 +80,7 @@ def test_new_item_is_recommendable_at_once(settings: Settings, stack: LocalStack
 def test_http_and_kafka_rank_alike(settings: Settings, stack: LocalStack) -> None:
     _publish_catalogue(settings, stack)
     publish(settings, _clicks("carol", [i.item_id for i in CATALOGUE[10:16]]))
-    wait_until(lambda: len(_user_state(settings, "carol").get("items", [])) == 6, 30, "clicks applied")
+    wait_until(lambda: len(user_state(settings, "carol").get("items", [])) == 6, 30, "clicks applied")
     for fields in ({"k": 10}, {"k": 7, "query": "space adventure"}, {"k": 5, "filters": {"categories": ["Comedy"]}}):
         over_kafka = ask_kafka(settings, "carol", **fields)
         over_http = ask_http(settings, "carol", **fields)
@@ -114,7 +105,7 @@ def test_search_event_records_intent_and_answers(settings: Settings, stack: Loca
     search = SearchEvent(event_id=uuid.uuid4().hex, event_time=time.time(), user_id="erin",
                          query="toy story animation", k=5)
     publish(settings, [search])
-    wait_until(lambda: len(_user_state(settings, "erin").get("items", [])) == 1, 30, "search applied")
+    wait_until(lambda: len(user_state(settings, "erin").get("items", [])) == 1, 30, "search applied")
     responses = [json.loads(v) for v in read_topic(settings, settings.topic("responses"), 1, 30)]
     answer = next(r for r in responses if r["request_id"] == search.event_id)
     assert answer["items"][0]["title"].startswith("Toy Story")
@@ -129,6 +120,6 @@ def test_replayed_events_apply_once(settings: Settings, stack: LocalStack) -> No
     publish(settings, clicks)
     publish(settings, clicks[:3])  # the producer retries: same event ids again
     wait_until(lambda: processed(stack, "clicks") >= 8, 30, "all deliveries consumed")
-    wait_until(lambda: len(_user_state(settings, "frank").get("items", [])) >= 5, 30, "clicks applied")
-    assert _user_state(settings, "frank")["items"] == [c.item_id for c in clicks]
+    wait_until(lambda: len(user_state(settings, "frank").get("items", [])) >= 5, 30, "clicks applied")
+    assert user_state(settings, "frank")["items"] == [c.item_id for c in clicks]
     assert stack.worker.metric("streamrec_events_duplicate_total", {"topic": "clicks"}) == 3
