@@ -5,12 +5,18 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Property tests check what holds, not how fast: a per-example deadline only
+# makes them fail when the machine is busy with other work.
+settings.register_profile("streamrec", deadline=None)
+settings.load_profile("streamrec")
 
 
 @pytest.fixture(scope="session")
