@@ -21,7 +21,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +99,23 @@ def stack_settings(base: Settings, broker: EmbeddedBroker, data_dir: Path, tag: 
         **overrides,
     }
     return load_settings(**fields)
+
+
+def run_on_one_stack(
+    args: argparse.Namespace,
+    name: str,
+    run: Callable[[argparse.Namespace, Settings, Path], dict[str, Any]],
+) -> tuple[dict[str, Any], Settings]:
+    """Start a broker in the work folder, run ``run(args, settings, folder)`` on one
+    isolated stack (``args.partitions`` partitions), stop the broker; the result and the settings."""
+    base = load_settings()
+    with work_dir(args.work_dir, name) as folder:
+        broker = start_broker(folder / "logs")
+        try:
+            settings = stack_settings(base, broker, folder / name, name, partitions=args.partitions)
+            return run(args, settings, folder), settings
+        finally:
+            broker.stop()
 
 
 def start_worker(settings: Settings, log_path: Path, *, ready_timeout_s: float = 180.0) -> WorkerProcess:

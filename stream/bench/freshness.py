@@ -29,11 +29,18 @@ from pathlib import Path
 
 import aiohttp
 
-from stream.bench.common import bench_parser, paced, percentiles, report, stack_settings, start_broker, start_worker, work_dir
+from stream.bench.common import (
+    bench_parser,
+    paced,
+    percentiles,
+    report,
+    run_on_one_stack,
+    start_worker,
+)
 from stream.bench.ingest import item_id, item_vectors, seed_catalogue
 from stream.client import EventPublisher, http_recommend
 from stream.events import ClickEvent, RecRequest
-from stream.settings import Settings, load_settings
+from stream.settings import Settings
 
 PROBE_TIMEOUT_S = 10.0
 
@@ -122,14 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--background-users", type=int, default=5000)
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args(argv)
-    base = load_settings()
-    with work_dir(args.work_dir, "freshness") as folder:
-        broker = start_broker(folder / "logs")
-        try:
-            settings = stack_settings(base, broker, folder / "freshness", "freshness", partitions=args.partitions)
-            result = run(args, settings, folder)
-        finally:
-            broker.stop()
+    result, _ = run_on_one_stack(args, "freshness", run)
     report(f"freshness: {args.probes} probes under {args.background_rate:.0f} background clicks/s, "
            f"{args.items} items", result)
     return 0

@@ -38,7 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.bench.common import bench_parser, report, stack_settings, start_broker, work_dir
+from stream.bench.common import (
+    bench_parser,
+    report,
+    run_on_one_stack,
+)
 from stream.broker import ensure_topics
 from stream.events import ClickEvent
 from stream.settings import Settings, load_settings
@@ -89,7 +93,8 @@ def item_points(vectors: np.ndarray, first: int, created_at: float) -> list[Poin
 
 def collection_specs(settings: Settings) -> dict[str, CollectionSpec]:
     """The collections a worker with these settings serves from (as ``Services.open`` opens them)."""
-    from stream.services import collection_specs as specs_of, load_serving_model
+    from stream.services import collection_specs as specs_of
+    from stream.services import load_serving_model
     from stream.swap import serving_collections
 
     model = load_serving_model(settings)
@@ -365,14 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         run_faust_probe(args.probe, args.probe_topic, args.events, args.probe_result)
         return 0
-    base = load_settings()
-    with work_dir(args.work_dir, "ingest") as folder:
-        broker = start_broker(folder / "logs")
-        try:
-            settings = stack_settings(base, broker, folder / "ingest", "ingest", partitions=args.partitions)
-            result = run(args, settings, folder)
-        finally:
-            broker.stop()
+    result, _ = run_on_one_stack(args, "ingest", run)
     report(f"ingest: {args.events} clicks of {args.users} users on {args.items} items, "
            f"{args.partitions} partitions", result)
     return 0

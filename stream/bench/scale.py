@@ -15,10 +15,22 @@ import asyncio
 import sys
 from pathlib import Path
 
-from stream.bench.common import bench_parser, percentiles, report, stack_settings, start_broker, start_worker, work_dir
+from stream.bench.common import (
+    bench_parser,
+    percentiles,
+    report,
+    run_on_one_stack,
+    start_worker,
+)
 from stream.bench.ingest import item_vectors, seed_catalogue
-from stream.bench.serve import ann_recall, http_load, latency_summary, seed_users, user_vectors_sample
-from stream.settings import Settings, load_settings
+from stream.bench.serve import (
+    ann_recall,
+    http_load,
+    latency_summary,
+    seed_users,
+    user_vectors_sample,
+)
+from stream.settings import Settings
 
 
 def resident_mb(pid: int) -> float:
@@ -39,14 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recall-queries", type=int, default=20)
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args(argv)
-    base = load_settings()
-    with work_dir(args.work_dir, "scale") as folder:
-        broker = start_broker(folder / "logs")
-        try:
-            settings = stack_settings(base, broker, folder / "scale", "scale", partitions=args.partitions)
-            result = run(args, settings, folder)
-        finally:
-            broker.stop()
+    result, _ = run_on_one_stack(args, "scale", run)
     report(f"scale: {args.items} items, {args.users} users, {args.clients} concurrent HTTP clients", result)
     return 0
 

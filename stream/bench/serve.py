@@ -32,11 +32,23 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from stream.bench.common import bench_parser, percentiles, report, stack_settings, start_broker, start_worker, work_dir
-from stream.bench.ingest import click_stream, collection_specs, item_vectors, open_bench_store, seed_catalogue
+from stream.bench.common import (
+    bench_parser,
+    percentiles,
+    report,
+    run_on_one_stack,
+    start_worker,
+)
+from stream.bench.ingest import (
+    click_stream,
+    collection_specs,
+    item_vectors,
+    open_bench_store,
+    seed_catalogue,
+)
 from stream.client import EventPublisher, ResponseListener, http_recommend
 from stream.events import RecRequest
-from stream.settings import Settings, load_settings
+from stream.settings import Settings
 
 SEED_SOURCE = "bench.seed"  # the pseudo-topic seeded users' applied offsets are recorded under
 QUANTILES = (50, 99, 99.9)
@@ -265,14 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recall-queries", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args(argv)
-    base = load_settings()
-    with work_dir(args.work_dir, "serve") as folder:
-        broker = start_broker(folder / "logs")
-        try:
-            settings = stack_settings(base, broker, folder / "serve", "serve", partitions=args.partitions)
-            result = run(args, settings, folder)
-        finally:
-            broker.stop()
+    result, settings = run_on_one_stack(args, "serve", run)
     result.update(scoring_costs(settings))
     result["onnx_vs_torch_speedup"] = round(result["served_torch_eager_ms"] / result["served_onnx_fp32_ms"], 3) \
         if "served_torch_eager_ms" in result else None
