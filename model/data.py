@@ -175,6 +175,16 @@ def _read_atomic(path: Path) -> tuple[list[str], list[list[str]]]:
     return header, [line.split("\t") for line in lines[1:] if line]
 
 
+def film_title(title: str, year: str) -> str:
+    """A MovieLens film's title as the catalogue publishes it and the text tower reads it.
+
+    Training and the catalogue events (``stream.movielens``) must embed the same
+    string: "Toy Story" and "Toy Story (1995)" are different text vectors, and a
+    served item would no longer be the item the model learned.
+    """
+    return f"{title} ({year})" if year else title
+
+
 def load_ml100k(folder: Path | None = None) -> InteractionData:
     """MovieLens-100k: every rating is an interaction, ordered by timestamp."""
     folder = folder if folder is not None else recbole_ml100k_dir()
@@ -188,7 +198,7 @@ def load_ml100k(folder: Path | None = None) -> InteractionData:
         by_user.setdefault(row[user_col], []).append((float(row[time_col]), row_number, row[item_col]))
 
     item_header, item_rows = _read_atomic(folder / "ml-100k.item")
-    title_col, genre_col = item_header.index("movie_title"), item_header.index("class")
+    title_col, year_col, genre_col = (item_header.index(c) for c in ("movie_title", "release_year", "class"))
     item_info = {row[0]: row for row in item_rows}
     item_ids = _sorted_ids({item for events in by_user.values() for _, _, item in events})
     index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
@@ -201,7 +211,7 @@ def load_ml100k(folder: Path | None = None) -> InteractionData:
         row = item_info.get(item_id)
         if row is None:
             continue
-        titles[i] = row[title_col]
+        titles[i] = film_title(row[title_col], row[year_col] if year_col < len(row) else "")
         per_item[i] = [genre_index[g] for g in row[genre_col].split()]
 
     user_ids = _sorted_ids(set(by_user))

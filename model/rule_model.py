@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.serving import ACTION_CODE, CONTEXT_FEATURES, ItemContent
+from model.serving import ACTION_CODE, CONTENT_TEXT_FIELDS, CONTEXT_FEATURES, ItemContent
 
 if TYPE_CHECKING:
     import torch
@@ -116,6 +116,7 @@ class RuleModel:
 
     version = RULE_VERSION
     max_sequence = 50
+    text_fields = CONTENT_TEXT_FIELDS
 
     def __init__(self, model_dir: Path, *, text_dim: int = 384, image_dim: int = 1280,
                  threads: int = 1) -> None:

@@ -6,6 +6,7 @@ registry. Workers only ever talk to ``ServingModel``; shapes are the contract.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,12 +39,25 @@ class ItemContent:
     categories: list[str]
 
 
+# Which catalogue fields an item's text-tower input is made of, joined by ". ".
+# A trained model must be fed the text it was trained on; the rule model reads
+# everything, category words included, since text is all it has.
+CONTENT_TEXT_FIELDS = ("title", "category", "description")
+TRAINED_TEXT_FIELDS = ("title",)  # training data carries titles only
+
+
+def compose_text(fields: Sequence[str], values: Mapping[str, object]) -> str:
+    """The text-tower input of one item: its non-empty ``fields`` in order, joined by ". "."""
+    return ". ".join(str(values[f]) for f in fields if values.get(f))
+
+
 class ServingModel(Protocol):
     version: str
     fused_dim: int
     text_dim: int
     image_dim: int
     max_sequence: int
+    text_fields: tuple[str, ...]  # what item text is made of for this model (``compose_text``)
 
     def item_vectors(self, content: ItemContent) -> np.ndarray:
         """(N, fused_dim) float32 item vectors in the retrieval space."""

@@ -36,7 +36,7 @@ from model.retrieval_train import (
     fine_tune_retrieval,
     train_retrieval,
 )
-from model.serving import ACTION_CODE, ACTIONS, ItemContext
+from model.serving import ACTION_CODE, ACTIONS, TRAINED_TEXT_FIELDS, ItemContext
 from model.towers import TowerConfig, attribute_mixing
 from stream.errors import StreamrecError
 
@@ -229,6 +229,7 @@ def train_artefact(
         "ranker": asdict(ranker),
         "train_action": train_action,
         "actions": list(ACTIONS),
+        "text_fields": list(TRAINED_TEXT_FIELDS),  # what serving must embed as an item's text
         "encoders": encoders,
     }, indent=2) + "\n")
     (staging / "id_maps.json").write_text(json.dumps({

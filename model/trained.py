@@ -13,7 +13,7 @@ import numpy as np
 from model.artefact import read_manifest
 from model.export_fused import INPUT_NAMES
 from model.runtime import load_session
-from model.serving import CONTEXT_FEATURES, ItemContent, ItemContext
+from model.serving import CONTEXT_FEATURES, TRAINED_TEXT_FIELDS, ItemContent, ItemContext
 from model.towers import TowerConfig
 from stream.errors import ModelLoadError
 
@@ -44,6 +44,7 @@ class TrainedModel:
         self.image_dim = self.tower.image_dim
         self.max_sequence = self.tower.max_sequence
         self.train_action: int = int(config.get("train_action", 1))
+        self.text_fields: tuple[str, ...] = tuple(config.get("text_fields", TRAINED_TEXT_FIELDS))
         self.item_index: dict[str, int] = {str(k): int(v) for k, v in id_maps["items"].items()}
         self.attribute_index: dict[str, int] = {str(k): int(v) for k, v in id_maps["attributes"].items()}
         self.item_ids: list[str] = [""] * (self.tower.n_items + 1)

@@ -98,7 +98,7 @@ def apply_catalog(services: Services, items: list[CatalogItem]) -> list[Rejected
             hit = existing.get(upserts[n].item_id)
             if hit is not None and "image" in hit.vectors:
                 image[n], has_image[n] = hit.vectors["image"], True
-    texts = [item.text for item in upserts]
+    texts = [item.text_for(services.model.text_fields) for item in upserts]
     has_text = np.array([bool(t) for t in texts])
     text = services.text_encoder.encode(texts)
     text[~has_text] = 0.0
@@ -133,6 +133,7 @@ def item_payload(item: CatalogItem, *, has_image: bool) -> dict[str, object]:
     return {
         "title": item.title,
         "category": item.category,
+        "description": item.description,  # with title and category: the text a new model may re-embed
         "price": item.price,
         "attributes": dict(item.attributes),
         "created_at": item.event_time,

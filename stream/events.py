@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from model.serving import CONTENT_TEXT_FIELDS, compose_text
 from stream.errors import DecodeError
 
 SCHEMA_VERSION = 1
@@ -124,9 +126,13 @@ class CatalogItem(Event):
 
     @property
     def text(self) -> str:
-        """What the text tower reads for this item."""
-        parts = [self.title, self.category, self.description]
-        return ". ".join(p for p in parts if p)
+        """All of the item's text: what the content (rule) model's text tower reads."""
+        return self.text_for(CONTENT_TEXT_FIELDS)
+
+    def text_for(self, fields: Sequence[str]) -> str:
+        """The text a model with these ``text_fields`` embeds for this item."""
+        return compose_text(fields, {"title": self.title, "category": self.category,
+                                     "description": self.description})
 
 
 class RequestFilters(BaseModel):

@@ -3,11 +3,17 @@
 Fetching 500 candidates' named vectors from the store on every request costs
 more than everything else a request does (the vectors cross into Python as
 lists), and so does assembling per-candidate rows into matrices. The worker
-therefore keeps every item it has written or read in one matrix per named
-vector (row = item), so a request gathers its candidates with one fancy index
-per vector. Rows older than ``ttl_s`` are re-read from the store (another worker
-may have updated them); with the in-process store there is no other writer and
-the TTL can be infinite.
+therefore keeps the items it has written or read in one matrix per named
+vector, so a request gathers its candidates with one fancy index per vector.
+Rows older than ``ttl_s`` are re-read from the store (another worker may have
+updated them); with the in-process store there is no other writer and the TTL
+can be infinite.
+
+Memory is bounded: each named vector has its own matrix holding only the items
+that have that vector (photos are often missing, and a 1280-d image row is most
+of an item's bytes), and at most ``max_items`` items are kept: beyond that the
+least recently used eighth is evicted and read from the store again when asked
+for.
 
 Requests (HTTP views in a thread pool, the request consumer) and click batches
 use one cache from several threads at once, so every change and every gather
@@ -36,35 +42,72 @@ class Gathered:
     payloads: list[dict[str, Any]]
 
 
+MIN_ITEMS = 1024  # the least ``max_items`` may be: a request's candidates must fit many times over
+EVICT_SHARE = 8  # a full cache evicts 1/EVICT_SHARE of its items at once
+
+
+class _Column:
+    """One named vector's matrix; a slot per item that has the vector, free slots reused."""
+
+    def __init__(self, dim: int, capacity: int) -> None:
+        self.data = np.zeros((capacity, dim), np.float32)
+        self.free: list[int] = list(range(capacity - 1, -1, -1))
+
+    def take(self, limit: int) -> int:
+        if not self.free:
+            old = len(self.data)
+            new = max(old + 1, min(old * 2, limit))
+            grown = np.zeros((new, self.data.shape[1]), np.float32)
+            grown[:old] = self.data
+            self.data = grown
+            self.free.extend(range(new - 1, old - 1, -1))
+        return self.free.pop()
+
+
 class ItemCache:
-    def __init__(self, dims: dict[str, int], ttl_s: float = float("inf"), capacity: int = 1024) -> None:
+    def __init__(self, dims: dict[str, int], ttl_s: float = float("inf"), capacity: int = 1024,
+                 max_items: int = 1_000_000) -> None:
+        if max_items < MIN_ITEMS:
+            raise ValueError(f"max_items must be at least {MIN_ITEMS}, got {max_items}")
         self.dims = dict(dims)
         self.ttl_s = ttl_s
+        self.max_items = max_items
+        capacity = max(1, min(capacity, max_items))
         self._rows: dict[str, int] = {}
-        self._free: list[int] = []
-        self._vectors = {name: np.zeros((capacity, dim), np.float32) for name, dim in dims.items()}
-        self._present = {name: np.zeros(capacity, bool) for name in dims}
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._columns = {name: _Column(dim, capacity) for name, dim in dims.items()}
+        self._slots = {name: np.full(capacity, -1, np.int64) for name in dims}  # row -> slot, -1: absent
         self._payloads: list[dict[str, Any] | None] = [None] * capacity
-        self._stamp = np.zeros(capacity, np.float64)
-        # Growing replaces the matrices: a reader between two threads' writes
+        self._ids: list[str | None] = [None] * capacity
+        self._stamp = np.zeros(capacity, np.float64)  # when the row was written or fetched (TTL)
+        self._used = np.zeros(capacity, np.float64)  # when the row was last written or gathered (eviction)
+        self.evictions = 0
+        # Growing replaces the arrays: a reader between two threads' writes
         # would index rows that are not there yet.
         self._lock = threading.Lock()
 
     def _grow(self) -> None:
         old = len(self._payloads)
-        new = old * 2
+        new = max(old + 1, min(old * 2, self.max_items))
         for name in self.dims:
-            grown = np.zeros((new, self.dims[name]), np.float32)
-            grown[:old] = self._vectors[name]
-            self._vectors[name] = grown
-            present = np.zeros(new, bool)
-            present[:old] = self._present[name]
-            self._present[name] = present
-        stamp = np.zeros(new, np.float64)
-        stamp[:old] = self._stamp
-        self._stamp = stamp
+            slots = np.full(new, -1, np.int64)
+            slots[:old] = self._slots[name]
+            self._slots[name] = slots
+        for attribute in ("_stamp", "_used"):
+            grown = np.zeros(new, np.float64)
+            grown[:old] = getattr(self, attribute)
+            setattr(self, attribute, grown)
         self._payloads.extend([None] * (new - old))
+        self._ids.extend([None] * (new - old))
         self._free.extend(range(new - 1, old - 1, -1))
+
+    def _evict(self) -> None:
+        """Forget the least recently used eighth of the items."""
+        rows = np.fromiter(self._rows.values(), np.int64, len(self._rows))
+        count = max(1, len(rows) // EVICT_SHARE)
+        oldest = rows[np.argpartition(self._used[rows], count - 1)[:count]]
+        self._drop([self._ids[row] for row in oldest.tolist()])  # type: ignore[misc]
+        self.evictions += count
 
     def put(self, item_id: str, vectors: dict[str, np.ndarray], payload: dict[str, Any]) -> None:
         with self._lock:
@@ -73,19 +116,27 @@ class ItemCache:
     def _put(self, item_id: str, vectors: dict[str, np.ndarray], payload: dict[str, Any]) -> None:
         row = self._rows.get(item_id)
         if row is None:
+            if len(self._rows) >= self.max_items:
+                self._evict()
             if not self._free:
-                if len(self._rows) < len(self._payloads):
-                    self._free.extend(range(len(self._payloads) - 1, len(self._rows) - 1, -1))
-                else:
-                    self._grow()
+                self._grow()
             row = self._free.pop()
             self._rows[item_id] = row
-        for name in self.dims:
+            self._ids[row] = item_id
+        for name, column in self._columns.items():
             vector = vectors.get(name)
-            self._present[name][row] = vector is not None
-            self._vectors[name][row] = vector if vector is not None else 0.0
+            slot = int(self._slots[name][row])
+            if vector is None:
+                if slot >= 0:
+                    column.free.append(slot)
+                    self._slots[name][row] = -1
+                continue
+            if slot < 0:
+                slot = column.take(self.max_items)
+                self._slots[name][row] = slot
+            column.data[slot] = vector
         self._payloads[row] = {k: v for k, v in payload.items() if k != "id"}
-        self._stamp[row] = time.monotonic()
+        self._stamp[row] = self._used[row] = time.monotonic()
 
     def drop(self, item_ids: Sequence[str]) -> None:
         with self._lock:
@@ -96,18 +147,27 @@ class ItemCache:
             row = self._rows.pop(item_id, None)
             if row is not None:
                 self._payloads[row] = None
-                for name in self.dims:
-                    self._present[name][row] = False
+                self._ids[row] = None
+                for name, column in self._columns.items():
+                    slot = int(self._slots[name][row])
+                    if slot >= 0:
+                        column.free.append(slot)
+                        self._slots[name][row] = -1
                 self._free.append(row)
 
     def gather(self, item_ids: Sequence[str], fetch: Callable[[list[str]], dict[str, Hit]]) -> Gathered:
         """Rows for ``item_ids`` (in order, unknown ids left out); ``fetch`` loads missing or stale ones."""
         now = time.monotonic()
         with self._lock:
-            missing = [
-                i for i in item_ids
-                if (row := self._rows.get(i)) is None or now - self._stamp[row] >= self.ttl_s
-            ]
+            missing, cached = [], []
+            for i in item_ids:
+                row = self._rows.get(i)
+                if row is None or now - self._stamp[row] >= self.ttl_s:
+                    missing.append(i)
+                else:
+                    cached.append(row)
+            # Marked before any fetched row is put: an eviction then spares this request's rows.
+            self._used[cached] = now
         fetched = fetch(missing) if missing else {}
         with self._lock:
             for item_id, hit in fetched.items():
@@ -119,25 +179,23 @@ class ItemCache:
     def _rows_of(self, item_ids: Sequence[str]) -> Gathered:
         found = [i for i in item_ids if i in self._rows]
         rows = np.fromiter((self._rows[i] for i in found), np.int64, len(found))
-        present = {name: self._present[name][rows] for name in self.dims}
+        slots = {name: self._slots[name][rows] for name in self.dims}
         return Gathered(
             item_ids=found,
-            vectors={name: self._matrix(name, rows, present[name]) for name in self.dims},
-            present=present,
+            vectors={name: self._matrix(name, slots[name]) for name in self.dims},
+            present={name: slots[name] >= 0 for name in self.dims},
             payloads=[self._payloads[r] for r in rows],  # type: ignore[misc]
         )
 
-    def _matrix(self, name: str, rows: np.ndarray, present: np.ndarray) -> np.ndarray:
-        """(n, dim) rows of one named vector; copies only rows that have it.
-
-        Photos are often missing, and their 1280-d rows were most of the bytes
-        a request copied.
-        """
+    def _matrix(self, name: str, slots: np.ndarray) -> np.ndarray:
+        """(n, dim) rows of one named vector; zero rows where an item lacks it."""
+        data = self._columns[name].data
+        present = slots >= 0
         if present.all():
-            return self._vectors[name][rows]
-        matrix = np.zeros((len(rows), self.dims[name]), np.float32)
+            return data[slots]
+        matrix = np.zeros((len(slots), self.dims[name]), np.float32)
         if present.any():
-            matrix[present] = self._vectors[name][rows[present]]
+            matrix[present] = data[slots[present]]
         return matrix
 
     def __len__(self) -> int:

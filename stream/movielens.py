@@ -11,6 +11,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.data import film_title
 from stream.errors import ConfigError
 from stream.events import CatalogItem, ClickEvent
 
@@ -52,7 +53,7 @@ def catalog_events(folder: Path | None = None, *, event_time: float = 874_724_71
                 event_id=f"ml-item-{item_id}",
                 event_time=event_time,
                 item_id=f"m{item_id}",
-                title=f"{title} ({year})" if year else title,
+                title=film_title(title, year),
                 category=genre_list[0] if genre_list else "",
                 attributes={"genres": " ".join(genre_list), "year": year},
             )

@@ -141,6 +141,7 @@ def new_item_cache(settings: Settings, model: ServingModel) -> ItemCache:
         {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
         # The in-process store has no other writer; a shared server may.
         ttl_s=float("inf") if settings.store_backend == "edge" else settings.item_cache_ttl_s,
+        max_items=settings.item_cache_items,
     )
 
 

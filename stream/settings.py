@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     item_cache_ttl_s: float = Field(
         30.0, gt=0, description="With a shared Qdrant server: how long cached item vectors are trusted."
     )
+    item_cache_items: int = Field(
+        1_000_000, ge=1024,
+        description="Items whose vectors a worker keeps in memory (about 1.5 KB each per 384-d vector it "
+                    "has); the least recently used are evicted beyond it.",
+    )
 
     # --- models -----------------------------------------------------------
     model_dir: Path | None = Field(

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from model.registry import Registry
-from model.serving import ItemContent, ServingModel
+from model.serving import ItemContent, ServingModel, compose_text
 from stream.errors import ModelLoadError
 from stream.services import (
     Collections,
@@ -137,7 +137,14 @@ def _chunks(ids: Iterator[str]) -> Iterator[list[str]]:
 
 
 def _rebuild_items(services: Services, model: ServingModel, old: Collections, new: ServingState) -> int:
+    """The new version's item vectors, from each item's stored text and photo vectors.
+
+    A version that reads other fields as item text (the rule model reads title,
+    category and description; a trained model the title it was trained on)
+    gets its text vectors re-embedded from the payload's fields.
+    """
     store, count = services.store, 0
+    reembed = tuple(model.text_fields) != tuple(services.serving.model.text_fields)
     for ids in _chunks(store.scroll_ids(old.items)):
         hits = store.retrieve(old.items, ids, with_vectors=["text", "image"])
         found = [hits[i] for i in ids if i in hits]
@@ -147,8 +154,13 @@ def _rebuild_items(services: Services, model: ServingModel, old: Collections, ne
         image = np.zeros((len(found), model.image_dim), np.float32)
         has_text = np.array(["text" in h.vectors for h in found])
         has_image = np.array(["image" in h.vectors for h in found])
+        if reembed:
+            texts = [compose_text(model.text_fields, hit.payload) for hit in found]
+            has_text = np.array([bool(t) for t in texts])
+            if has_text.any():
+                text[has_text] = services.text_encoder.encode([t for t in texts if t])  # type: ignore[union-attr]
         for row, hit in enumerate(found):
-            if has_text[row]:
+            if has_text[row] and not reembed:
                 text[row] = hit.vectors["text"]
             if has_image[row]:
                 image[row] = hit.vectors["image"]

@@ -21,7 +21,7 @@ import torch
 
 from model.content import TextEncoder
 from model.export_fused import Networks
-from model.serving import ACTION_CODE
+from model.serving import ACTION_CODE, TRAINED_TEXT_FIELDS
 from stream.events import CatalogItem, ClickEvent
 from stream.settings import Settings
 from stream.stack import LocalStack
@@ -48,7 +48,9 @@ def offline_vectors(artefact: Path, models_dir: Path, catalogue: dict[int, Catal
     networks.user_tower.eval()
     numbers = sorted(catalogue)
     items = [catalogue[i] for i in numbers]
-    text = TextEncoder.from_dir(models_dir / "towers" / "text").encode([item.text for item in items])
+    # A trained model's item text is what it was trained on (the title), not every text field.
+    encoder = TextEncoder.from_dir(models_dir / "towers" / "text")
+    text = encoder.encode([item.text_for(TRAINED_TEXT_FIELDS) for item in items])
     count = len(items)
     with torch.no_grad():
         item_vectors = networks.item_tower(

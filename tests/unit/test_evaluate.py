@@ -148,3 +148,42 @@ def test_pop_all_reproduces_the_published_poprec_row(name: str, hr: float, ndcg:
     metrics = evaluate_popularity(data, leave_one_out(data), "test", "full", "pop-all").metrics
     assert metrics["hr@10"] == pytest.approx(hr, rel=0.03)
     assert metrics["ndcg@10"] == pytest.approx(ndcg, rel=0.03)
+
+
+def test_training_and_the_catalogue_embed_the_same_film_titles(tmp_path: Path) -> None:
+    """A trained ML-100k model must meet its films under the titles it learned them by."""
+    from model.data import load_ml100k
+    from stream.movielens import catalog_events
+
+    (tmp_path / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        "1\tToy Story\t1995\tAnimation Children's Comedy\n"
+        "2\tUntitled\t\tDrama\n"
+    )
+    (tmp_path / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t10\n1\t2\t3\t20\n"
+    )
+    data = load_ml100k(tmp_path)
+    assert data.titles is not None
+    trained = {item_id: data.titles[n] for n, item_id in enumerate(data.item_ids, start=1)}
+    published = {item.item_id.removeprefix("m"): item.title for item in catalog_events(tmp_path)}
+    assert trained == published == {"1": "Toy Story (1995)", "2": "Untitled"}
+
+
+def test_the_served_rerank_chooses_among_the_best_fifty_only() -> None:
+    from stream.recommend import MMR_POOL, rerank
+
+    rng = np.random.default_rng(0)
+    scores = rng.random(500).astype(np.float32)
+    vectors = rng.standard_normal((500, 8)).astype(np.float32)
+    best = set(np.argsort(-scores)[:MMR_POOL].tolist())
+    # Even a strong diversity weight picks nothing from below the pool.
+    chosen = rerank(scores, vectors, 10, 0.3)
+    assert len(chosen) == 10 and set(chosen.tolist()) <= best
+    assert chosen[0] == int(np.argmax(scores))
+    np.testing.assert_array_equal(rerank(scores, vectors, 10, 1.0), np.argsort(-scores)[:10])
+    # Asking for more than the pool widens it to k.
+    assert len(set(rerank(scores, vectors, 80, 0.8).tolist())) == 80
+    # Within the pool it is the MMR choice.
+    top = np.argsort(-scores, kind="stable")[:MMR_POOL]
+    np.testing.assert_array_equal(rerank(scores, vectors, 10, 0.5), top[mmr(scores[top], vectors[top], 10, 0.5)])

@@ -131,3 +131,50 @@ def test_growth_keeps_every_row(clock: Clock) -> None:
     assert found.item_ids == ids
     np.testing.assert_array_equal(found.vectors["fused"][:, 0], [float(i[1:]) for i in ids])
     assert [p["n"] for p in found.payloads] == [int(i[1:]) for i in ids]
+
+
+def test_a_full_cache_evicts_the_least_recently_used_and_refetches_them(clock: Clock) -> None:
+    cache = ItemCache(DIMS, max_items=1024)
+    ids = [f"i{n}" for n in range(1024)]
+    store = Store(ids + ["new"])
+    for n, item_id in enumerate(ids):
+        clock.now += 1.0
+        cache.put(item_id, vectors(float(n)), {"n": n})
+    clock.now += 1.0
+    cache.gather(ids[:10], store.fetch)  # the oldest ten are used again: they stay
+    clock.now += 1.0
+    cache.put("new", vectors(-1.0), {"n": -1})
+    assert len(cache) == 1024 - 1024 // 8 + 1
+    assert cache.evictions == 128
+    found = cache.gather(ids[:10] + ["new"], store.fetch)
+    assert store.requests == []  # nothing had to be fetched
+    np.testing.assert_array_equal(found.vectors["fused"][:, 0], list(range(10)) + [-1.0])
+    # The evicted ones (the least recently used: i10 .. i137) come back from the store.
+    again = cache.gather(["i10", "i137", "i138"], store.fetch)
+    assert store.requests == [["i10", "i137"]]
+    assert again.item_ids == ["i10", "i137", "i138"]
+    np.testing.assert_array_equal(again.vectors["fused"][:, 0], [10.0, 137.0, 138.0])
+
+
+def test_items_without_a_vector_take_no_room_in_its_matrix(clock: Clock) -> None:
+    cache = ItemCache({"fused": 4, "image": 1280}, capacity=2)
+    for n in range(100):
+        image = {"image": np.full(1280, float(n), np.float32)} if n % 50 == 0 else {}
+        cache.put(f"i{n}", {**vectors(float(n)), **image}, {})
+    assert len(cache._columns["image"].data) <= 2  # two photos among a hundred items
+    assert len(cache._columns["fused"].data) >= 100
+    found = cache.gather(["i0", "i1", "i50"], Store([]).fetch)
+    np.testing.assert_array_equal(found.present["image"], [True, False, True])
+    np.testing.assert_array_equal(found.vectors["image"][:, 0], [0.0, 0.0, 50.0])
+    # A photo removed by a rewrite frees its slot for the next item that has one.
+    cache.put("i50", vectors(50.0), {})
+    cache.put("i99", {**vectors(99.0), "image": np.full(1280, 99.0, np.float32)}, {})
+    assert len(cache._columns["image"].data) <= 2
+    found = cache.gather(["i50", "i99"], Store([]).fetch)
+    np.testing.assert_array_equal(found.present["image"], [False, True])
+    assert found.vectors["image"][1, 0] == 99.0
+
+
+def test_max_items_below_the_minimum_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_items"):
+        ItemCache(DIMS, max_items=10)

@@ -431,3 +431,33 @@ def test_a_swap_keeps_the_replaced_collections_for_one_more_swap(world: World) -
     assert services.store.count(second.collections.items) == 0  # the previous one is kept
     assert not (services.settings.store_path / first.items).exists()
     assert services.collections == third.collections
+
+
+def test_a_version_reading_other_text_fields_gets_its_item_text_re_embedded(world: World) -> None:
+    """Rule model (title, category, description) -> a version trained on titles: each item's
+    text vector is rebuilt from the payload's fields, so it is what that version learned."""
+    import copy
+
+    from stream.swap import build_state
+
+    services = world.services
+    world.catalogue()
+    titles_only = copy.copy(services.model)
+    titles_only.text_fields = ("title",)  # type: ignore[misc]
+    titles_only.version = "titles-only"  # type: ignore[misc]
+    state = build_state(services, titles_only)
+    ids = [item_id for item_id, *_ in CATALOGUE]
+    rebuilt = services.store.retrieve(state.collections.items, ids, with_vectors=["text"])
+    before = services.store.retrieve(services.collections.items, ids, with_vectors=["text"])
+    encoder = services.text_encoder
+    titles = encoder.encode([title for _, title, _, _ in CATALOGUE])  # type: ignore[union-attr]
+    full = encoder.encode([f"{title}. {category}" for _, title, category, _ in CATALOGUE])  # type: ignore[union-attr]
+    for n, item_id in enumerate(ids):
+        np.testing.assert_allclose(rebuilt[item_id].vectors["text"], titles[n], atol=1e-5)
+        np.testing.assert_allclose(before[item_id].vectors["text"], full[n], atol=1e-5)
+    # The same fields: the stored vectors are reused as they are.
+    same = copy.copy(services.model)
+    same.version = "same-fields"  # type: ignore[misc]
+    kept = services.store.retrieve(build_state(services, same).collections.items, ids, with_vectors=["text"])
+    for item_id in ids:
+        np.testing.assert_array_equal(kept[item_id].vectors["text"], before[item_id].vectors["text"])
