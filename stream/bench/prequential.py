@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 
 from model.data import InteractionData, load_ml100k, load_s3rec
 from stream import movielens
@@ -316,6 +317,81 @@ async def replay(interactions: Sequence[Interaction], stacks: dict[str, Settings
     return evaluation
 
 
+# -- the same requests, offline -------------------------------------------------------
+
+
+@dataclass
+class OfflineRequest:
+    worker: str  # "online" or "frozen": whose state the request is asked against
+    history: list[int]  # the model's item indices the worker's user state holds, oldest first
+    seen: list[int]  # what the request excludes (everything the user did so far)
+    time: float  # the user's latest event time in that state
+    target: str
+
+
+def offline_requests(interactions: Sequence[Interaction], item_index: dict[str, int]) -> list[OfflineRequest]:
+    """Every scored interaction asked of both workers, as each worker's state stood at that point."""
+    history: dict[str, list[int]] = {}
+    warm: dict[str, tuple[list[int], float]] = {}
+    latest: dict[str, float] = {}
+    requests = []
+    for interaction in interactions:
+        user = interaction.user_id
+        done = history.setdefault(user, [])
+        if interaction.scored:
+            frozen_history, frozen_time = warm[user]
+            requests.append(OfflineRequest("online", list(done), list(done), latest[user], interaction.item_id))
+            requests.append(OfflineRequest("frozen", frozen_history, list(done), frozen_time, interaction.item_id))
+        done.append(item_index.get(interaction.item_id, 0))
+        latest[user] = click_of(interaction).event_time
+        if not interaction.scored:
+            warm[user] = (list(done), latest[user])
+    return requests
+
+
+def offline_replay(artefact: Path, interactions: Sequence[Interaction], settings: Settings,
+                   batch: int = 256) -> dict[str, RankingScore]:
+    """HR@10 of the served artefact's own networks on the replay's requests, without the pipeline.
+
+    Retrieval is exact (dot product over the artefact's catalogue, seen items
+    left out), then the ranker with the model's context features at the
+    user's latest event, then the diversity re-rank the workers run. What the
+    workers add that this does not: trending candidates, and content-only
+    vectors for items the model has no id for (here never retrieved). The
+    replay's online and frozen figures should match these; a gap means the
+    pipeline serves something other than what the model predicts.
+    """
+    from model.data import left_pad
+    from model.serving import ACTION_CODE
+    from model.trained import TrainedModel
+    from stream.recommend import rerank
+
+    model = TrainedModel(artefact, threads=2)
+    vectors = model.catalogue_vectors()  # (N+1, d), row 0 unknown
+    text = model.catalogue_content(np.arange(model.n_items + 1)).text
+    item_ids = np.asarray(model.item_ids, dtype=object)
+    image = np.zeros((settings.candidates, model.image_dim), np.float32)
+    scores = {name: RankingScore(K) for name in ("online", "frozen")}
+    requests = offline_requests(interactions, model.item_index)
+    for start in range(0, len(requests), batch):
+        chunk = requests[start:start + batch]
+        padded = left_pad([np.asarray(r.history, dtype=np.int64) for r in chunk], model.max_sequence)
+        users = model.user_vectors(vectors[padded], np.where(padded > 0, ACTION_CODE["click"], 0))
+        retrieval = users @ vectors.T  # (b, N+1)
+        retrieval[:, 0] = -np.inf
+        for row, request in enumerate(chunk):
+            retrieval[row, request.seen] = -np.inf
+            count = min(settings.candidates, int(np.isfinite(retrieval[row]).sum()))
+            pool = np.argpartition(-retrieval[row], count - 1)[:count] if count else np.zeros(0, np.int64)
+            pool = pool[np.argsort(-retrieval[row, pool], kind="stable")]
+            pool_scores = retrieval[row, pool].astype(np.float32)
+            context = model.context_features(item_ids[pool].tolist(), pool_scores, request.time)
+            probabilities = model.score(users[row], None, vectors[pool], text[pool], image[:count], context)
+            order = rerank(probabilities.astype(np.float32), vectors[pool], K, settings.diversity)
+            scores[request.worker].update(item_ids[pool[order]].tolist(), request.target)
+    return scores
+
+
 async def publish_catalogue(stacks: dict[str, Settings], items: list[CatalogItem]) -> None:
     for settings in stacks.values():
         async with RecordingPublisher(settings) as publisher:
@@ -386,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="first train a model on the warm-up prefixes only (never on a scored "
                              "interaction) and serve it; the budget in minutes")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of cumulative HR@10")
+    parser.add_argument("--offline-check", action="store_true",
+                        help="also rank the same requests with the served artefact's networks offline "
+                             "(offline_*_hr@10): the replay should match them")
     args = parser.parse_args(argv)
 
     replay_data = load_replay(args.data_format, args.data, args.users, args.seed, args.max_per_user)
@@ -428,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
             for worker in workers.values():
                 worker.stop()
             broker.stop()
+        offline = None
+        if args.offline_check:
+            if args.artefact is None:
+                raise ConfigError("--offline-check needs a trained model (--artefact or --train-minutes)")
+            print("ranking the same requests offline with the artefact's networks ...", flush=True)
+            offline = offline_replay(args.artefact, interactions, stacks["online"])
     if args.plot is not None:
         name = args.data.stem if args.data else args.data_format
         plot_curves(evaluation, args.plot, f"prequential HR@10, {name}, {len(replay_data.sequences)} users")
@@ -450,5 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         "publishing_seconds": round(evaluation.publishing_s, 1),
         "plot": str(args.plot) if args.plot else None,
     })
+    if offline is not None:
+        for name, score in offline.items():
+            result[f"offline_{name}_hr@10"] = round(score.hit_rate, 4)
+            result[f"offline_{name}_ndcg@10"] = round(score.ndcg, 4)
     report("prequential evaluation (HTTP /recommend, k=10, seen items excluded)", result)
     return 0

@@ -24,6 +24,8 @@ written unpacked (before this format) are read as they are.
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,6 +59,8 @@ from stream.store.base import (
     to_hit,
     wanted_vectors,
 )
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -125,10 +129,10 @@ class EdgeStore(VectorStore):
                 check_same_spec(spec, open_spec[0])
                 return
             path = self._data_dir / spec.name
-            config = self._edge_config(spec)
             if path.is_dir() and any(path.iterdir()):
-                shard = _open_existing(path, config, spec)
+                shard = _open_existing(path, self._edge_config(spec, half=_stored_half(path, spec)), spec)
             else:
+                config = self._edge_config(spec, half=spec.half)
                 shard = _guard(
                     f"create collection {spec.name!r}",
                     lambda: qe.EdgeShard.create(str(path), config),
@@ -157,11 +161,13 @@ class EdgeStore(VectorStore):
             except OSError as exc:
                 raise StoreUnavailableError(f"edge store: drop {name!r} failed: {exc}") from exc
 
-    def _edge_config(self, spec: CollectionSpec) -> qe.EdgeConfig:
+    def _edge_config(self, spec: CollectionSpec, *, half: frozenset[str]) -> qe.EdgeConfig:
         return qe.EdgeConfig(
             vectors={
                 name: qe.EdgeVectorParams(
-                    size=dim, distance=qe.Distance.Dot if name in spec.dot else qe.Distance.Cosine
+                    size=dim,
+                    distance=qe.Distance.Dot if name in spec.dot else qe.Distance.Cosine,
+                    datatype=qe.VectorStorageDatatype.Float16 if name in half else None,
                 )
                 for name, dim in spec.vectors.items()
             },
@@ -433,6 +439,24 @@ def _update_existing(shard: qe.EdgeShard, operation: Any, collection: str, point
         raise StoreUnavailableError(
             f"edge store: update of {point_id!r} in {collection!r} failed: {exc}"
         ) from exc
+
+
+def _stored_half(path: Path, spec: CollectionSpec) -> frozenset[str]:
+    """The vectors of ``spec.half`` that the shard at ``path`` really stores as float16.
+
+    A collection created before its spec asked for half precision keeps float32
+    (the engine cannot convert a shard in place); the next rebuild, a model
+    swap, writes new collections in float16.
+    """
+    try:
+        stored = json.loads((path / "edge_config.json").read_text())["vectors"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return spec.half  # the engine's own check decides
+    kept = frozenset(name for name in spec.half if (stored.get(name) or {}).get("datatype") == "float16")
+    if kept != spec.half:
+        log.info("collection %s keeps float32 %s vectors (created before half precision)",
+                 spec.name, ", ".join(sorted(spec.half - kept)))
+    return kept
 
 
 def _open_existing(path: Path, config: qe.EdgeConfig, spec: CollectionSpec) -> qe.EdgeShard:

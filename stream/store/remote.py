@@ -98,7 +98,9 @@ class RemoteStore(VectorStore):
     def _create(self, spec: CollectionSpec) -> None:
         vectors_config = {
             name: models.VectorParams(
-                size=dim, distance=models.Distance.DOT if name in spec.dot else models.Distance.COSINE
+                size=dim,
+                distance=models.Distance.DOT if name in spec.dot else models.Distance.COSINE,
+                datatype=models.Datatype.FLOAT16 if name in spec.half else None,
             )
             for name, dim in spec.vectors.items()
         }

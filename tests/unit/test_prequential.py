@@ -111,3 +111,22 @@ def test_river_learns_that_co_clicked_items_belong_together() -> None:
                 river.learn_one(f"u{user}", item)
     top = river.rank("u0", set(), 5)
     assert len(set(top) & set(group_a)) >= 4
+
+
+def test_offline_requests_mirror_what_each_worker_holds() -> None:
+    from stream.bench.prequential import CATALOGUE_TIME, offline_requests
+
+    # Two users taking turns, no times (S3-Rec): u1 a b c d, u2 x y z; warm-up half.
+    interactions = replay_order({"u1": ["a", "b", "c", "d"], "u2": ["x", "y", "z"]}, None, 0.5)
+    index = {"a": 1, "b": 2, "c": 3, "d": 4, "x": 5, "y": 6}  # "z" unknown to the model
+    requests = offline_requests(interactions, index)
+    asked = [(r.worker, r.target, r.history, r.seen, r.time - CATALOGUE_TIME) for r in requests]
+    assert asked == [
+        # u2's second event is scored: online and frozen hold the same warm-up.
+        ("online", "y", [5], [5], 0.0), ("frozen", "y", [5], [5], 0.0),
+        ("online", "c", [1, 2], [1, 2], 1.0), ("frozen", "c", [1, 2], [1, 2], 1.0),
+        ("online", "z", [5, 6], [5, 6], 1.0), ("frozen", "z", [5], [5, 6], 0.0),
+        # The frozen worker never got "c": its state stops at the warm-up, but
+        # the request still excludes everything the user did.
+        ("online", "d", [1, 2, 3], [1, 2, 3], 2.0), ("frozen", "d", [1, 2], [1, 2, 3], 1.0),
+    ]

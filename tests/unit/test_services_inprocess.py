@@ -452,9 +452,10 @@ def test_a_version_reading_other_text_fields_gets_its_item_text_re_embedded(worl
     encoder = services.text_encoder
     titles = encoder.encode([title for _, title, _, _ in CATALOGUE])  # type: ignore[union-attr]
     full = encoder.encode([f"{title}. {category}" for _, title, category, _ in CATALOGUE])  # type: ignore[union-attr]
-    for n, item_id in enumerate(ids):
-        np.testing.assert_allclose(rebuilt[item_id].vectors["text"], titles[n], atol=1e-5)
-        np.testing.assert_allclose(before[item_id].vectors["text"], full[n], atol=1e-5)
+    for n, item_id in enumerate(ids):  # text vectors are stored in float16: three digits
+        np.testing.assert_allclose(rebuilt[item_id].vectors["text"], titles[n], atol=1e-3)
+        np.testing.assert_allclose(before[item_id].vectors["text"], full[n], atol=1e-3)
+        assert float(titles[n] @ full[n]) < 0.99  # the two texts really are different vectors
     # The same fields: the stored vectors are reused as they are.
     same = copy.copy(services.model)
     same.version = "same-fields"  # type: ignore[misc]

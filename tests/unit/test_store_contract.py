@@ -542,3 +542,36 @@ def test_dot_vectors_keep_their_length_and_rank_by_dot_product(store: VectorStor
     np.testing.assert_allclose(stored, long_far, rtol=1e-6)
     with pytest.raises(ConfigError):
         store.ensure_collection(CollectionSpec("dotspace", {"v": 3}))  # same dims, other distance
+
+
+HALF = CollectionSpec("halves", {"text": 16, "fused": 8}, dot=frozenset({"fused"}), half=frozenset({"text"}))
+
+
+def test_half_precision_vectors_read_back_rounded_and_rank_as_float32(store: VectorStore) -> None:
+    store.ensure_collection(HALF)
+    rng = np.random.default_rng(5)
+    text = unit_rows(rng.standard_normal((300, 16)).astype(np.float32))
+    fused = rng.standard_normal((300, 8)).astype(np.float32)
+    store.upsert(HALF.name, [Point(f"item-{i}", {"text": text[i], "fused": fused[i]}, {}) for i in range(300)])
+    back = store.retrieve(HALF.name, ["item-7"], with_vectors=True)["item-7"].vectors
+    np.testing.assert_allclose(back["text"], text[7], atol=1e-3)  # three significant digits
+    np.testing.assert_array_equal(back["fused"], fused[7])  # float32 vectors are untouched
+    query = rng.standard_normal(16).astype(np.float32)
+    found = [h.id for h in store.search(HALF.name, "text", query, 10, exact=True)]
+    assert found == brute_force(text, query, 10, np.ones(300, bool))
+
+
+def test_a_float32_edge_collection_opens_under_a_half_spec(tmp_path: Path) -> None:
+    """A store written before its spec asked for float16 keeps float32 and stays usable."""
+    full = CollectionSpec(HALF.name, HALF.vectors, dot=HALF.dot)
+    store = EdgeStore(tmp_path)
+    store.ensure_collection(full)
+    vector = unit_rows(np.arange(1, 17, dtype=np.float32)[None, :])[0]
+    store.upsert(HALF.name, [Point("a", {"text": vector, "fused": np.ones(8, np.float32)}, {})])
+    store.close()
+    reopened = EdgeStore(tmp_path)
+    reopened.ensure_collection(HALF)
+    np.testing.assert_array_equal(reopened.retrieve(HALF.name, ["a"], with_vectors=True)["a"].vectors["text"], vector)
+    reopened.upsert(HALF.name, [Point("b", {"text": vector, "fused": np.ones(8, np.float32)}, {})])
+    assert reopened.count(HALF.name) == 2
+    reopened.close()
