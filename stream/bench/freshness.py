@@ -37,7 +37,7 @@ from stream.bench.common import (
     run_on_one_stack,
     start_worker,
 )
-from stream.bench.ingest import item_id, item_vectors, seed_catalogue
+from stream.bench.ingest import item_id, item_vectors, seed_catalogue, served_fused_dim
 from stream.client import EventPublisher, http_recommend
 from stream.events import ClickEvent, RecRequest
 from stream.settings import Settings
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str, object]:
     print(f"seeding {args.items} items ...", flush=True)
-    seed_catalogue(settings, item_vectors(args.items, 384, args.seed), optimize=False)
+    seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed), optimize=False)
     worker = start_worker(settings, folder / "logs" / "worker.log")
     try:
         print(f"{args.probes} probes ...", flush=True)

@@ -102,6 +102,11 @@ def collection_specs(settings: Settings) -> dict[str, CollectionSpec]:
     return dict(zip(("items", "users", "queries"), specs))
 
 
+def served_fused_dim(settings: Settings) -> int:
+    """Width of the retrieval space the worker serves (384 for the rule model, the trained model's own)."""
+    return collection_specs(settings)["items"].vectors["fused"]
+
+
 def open_bench_store(settings: Settings) -> VectorStore:
     """The worker's store with its collections open; only while no worker runs on it."""
     store = open_store(settings.store_backend, data_dir=settings.store_path, url=settings.qdrant_url,
@@ -388,7 +393,7 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
     asyncio.run(ensure_topics(settings))
     asyncio.run(ensure_topics(settings, [ceiling_topic, baseline_topic]))
     print(f"seeding {args.items} items and publishing {args.events} clicks ...", flush=True)
-    seeded = seed_catalogue(settings, item_vectors(args.items, 384, args.seed), optimize=False)
+    seeded = seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed), optimize=False)
     clicks = click_stream(events=args.events, users=args.users, items=args.items, seed=args.seed,
                           start_time=time.time())
     messages = [(c.user_id.encode(), c.to_bytes()) for c in clicks]

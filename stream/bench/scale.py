@@ -1,6 +1,7 @@
 """``streamrec bench scale``: a large catalogue: upsert rate, index build, worker memory, request latency.
 
-``--items`` synthetic items (clustered 384-d unit vectors, ``fused`` only) are
+``--items`` synthetic items (clustered unit vectors of the served model's
+retrieval width, 384-d for the rule model; ``fused`` only) are
 written through ``VectorStore.upsert`` with their vectors given, in batches of
 1,000, then indexed with HNSW (``optimize``), both in this process before the
 worker starts (the embedded store has one owner at a time). Users get a
@@ -22,7 +23,7 @@ from stream.bench.common import (
     run_on_one_stack,
     start_worker,
 )
-from stream.bench.ingest import item_vectors, seed_catalogue
+from stream.bench.ingest import item_vectors, seed_catalogue, served_fused_dim
 from stream.bench.serve import (
     ann_recall,
     http_load,
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str, object]:
     print(f"generating {args.items} item vectors ...", flush=True)
-    vectors = item_vectors(args.items, 384, args.seed)
+    vectors = item_vectors(args.items, served_fused_dim(settings), args.seed)
     print("upserting and indexing ...", flush=True)
     seeded = seed_catalogue(settings, vectors, optimize=True)
     del vectors

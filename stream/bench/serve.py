@@ -45,6 +45,7 @@ from stream.bench.ingest import (
     item_vectors,
     open_bench_store,
     seed_catalogue,
+    served_fused_dim,
 )
 from stream.client import EventPublisher, ResponseListener, http_recommend
 from stream.events import RecRequest
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str, object]:
     print(f"seeding {args.items} items and building their index ...", flush=True)
-    seeded = seed_catalogue(settings, item_vectors(args.items, 384, args.seed), optimize=True)
+    seeded = seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed), optimize=True)
     print(f"  upserts {seeded.items / seeded.upsert_seconds:.0f}/s, index {seeded.index_seconds:.1f} s\n"
           f"seeding {args.users} users ({args.clicks_per_user} clicks each) ...", flush=True)
     seed_users(settings, users=args.users, clicks_per_user=args.clicks_per_user, items=args.items, seed=args.seed)
