@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from model.registry import Registry
-from model.serving import ItemContent, ServingModel, compose_text
+from model.serving import CONTENT_TEXT_FIELDS, ItemContent, ServingModel, compose_text
 from stream.errors import ModelLoadError
 from stream.services import (
     Collections,
@@ -83,7 +83,8 @@ def write_pointer(settings: Settings, model: ServingModel, collections: Collecti
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = path.with_suffix(f".{os.getpid()}.tmp")
     dims = {"text_dim": model.text_dim, "image_dim": model.image_dim, "fused_dim": model.fused_dim}
-    record: dict[str, object] = {"version": model.version, **dataclasses.asdict(collections), **dims}
+    record: dict[str, object] = {"version": model.version, **dataclasses.asdict(collections), **dims,
+                                 "text_fields": list(model.text_fields)}
     if retired is not None:
         record["retired"] = dataclasses.asdict(retired)
     fresh.write_text(json.dumps(record))
@@ -136,15 +137,17 @@ def _chunks(ids: Iterator[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _rebuild_items(services: Services, model: ServingModel, old: Collections, new: ServingState) -> int:
+def _rebuild_items(services: Services, model: ServingModel, old: Collections, new: ServingState,
+                   stored_fields: tuple[str, ...]) -> int:
     """The new version's item vectors, from each item's stored text and photo vectors.
 
-    A version that reads other fields as item text (the rule model reads title,
+    ``stored_fields``: what the stored text vectors were embedded from. A
+    version that reads other fields as item text (the rule model reads title,
     category and description; a trained model the title it was trained on)
     gets its text vectors re-embedded from the payload's fields.
     """
     store, count = services.store, 0
-    reembed = tuple(model.text_fields) != tuple(services.serving.model.text_fields)
+    reembed = tuple(model.text_fields) != tuple(stored_fields)
     for ids in _chunks(store.scroll_ids(old.items)):
         hits = store.retrieve(old.items, ids, with_vectors=["text", "image"])
         found = [hits[i] for i in ids if i in hits]
@@ -220,10 +223,12 @@ def _rebuild_users(services: Services, old: Collections, new: ServingState) -> i
     return count
 
 
-def build_state(services: Services, model: ServingModel, source: Collections | None = None) -> ServingState:
+def build_state(services: Services, model: ServingModel, source: Collections | None = None,
+                source_text_fields: tuple[str, ...] | None = None) -> ServingState:
     """Vectors of every stored item, query and user for ``model``, in new collections.
 
-    ``source``: where the current items, queries and users are (default: the served ones).
+    ``source``: where the current items, queries and users are (default: the served ones);
+    ``source_text_fields``: what their text vectors were embedded from (default: the served model's).
     """
     settings, old = services.settings, source or services.serving.collections
     collections = version_collections(settings, model.version)
@@ -233,7 +238,8 @@ def build_state(services: Services, model: ServingModel, source: Collections | N
         services.store.ensure_collection(spec)
     state = ServingState(model, collections, new_item_cache(settings, model))
     started = time.monotonic()
-    items = _rebuild_items(services, model, old, state)
+    stored_fields = source_text_fields or tuple(services.serving.model.text_fields)
+    items = _rebuild_items(services, model, old, state, stored_fields)
     queries = _rebuild_queries(services, model, old, collections)
     users = _rebuild_users(services, old, state)
     if items:
@@ -303,7 +309,10 @@ async def listen_for_updates(services: Services, stop: asyncio.Event) -> None:
         for spec in collection_specs(source, dims):  # type: ignore[arg-type]
             services.store.ensure_collection(spec)
         async with services.write_lock:
-            state = await asyncio.to_thread(build_state, services, services.model, source)
+            # Pointers written before models declared their text fields: every
+            # text vector was embedded from all of an item's text.
+            stored_fields = tuple(pointer.get("text_fields", CONTENT_TEXT_FIELDS))
+            state = await asyncio.to_thread(build_state, services, services.model, source, stored_fields)
             install(services, state, replaced=source)
     await hot_swap(services)
     consumer = AIOKafkaConsumer(

@@ -456,9 +456,25 @@ def test_a_version_reading_other_text_fields_gets_its_item_text_re_embedded(worl
         np.testing.assert_allclose(rebuilt[item_id].vectors["text"], titles[n], atol=1e-3)
         np.testing.assert_allclose(before[item_id].vectors["text"], full[n], atol=1e-3)
         assert float(titles[n] @ full[n]) < 0.99  # the two texts really are different vectors
+    # Rebuilding from those title-only vectors for a version that reads every field (as a
+    # worker does at start-up, told by the pointer what the stored vectors were made of).
+    back = copy.copy(services.model)
+    back.version = "all-fields-again"  # type: ignore[misc]
+    again = build_state(services, back, state.collections, source_text_fields=("title",))
+    restored = services.store.retrieve(again.collections.items, ids, with_vectors=["text"])
+    for n, item_id in enumerate(ids):
+        np.testing.assert_allclose(restored[item_id].vectors["text"], full[n], atol=1e-3)
     # The same fields: the stored vectors are reused as they are.
     same = copy.copy(services.model)
     same.version = "same-fields"  # type: ignore[misc]
     kept = services.store.retrieve(build_state(services, same).collections.items, ids, with_vectors=["text"])
     for item_id in ids:
         np.testing.assert_array_equal(kept[item_id].vectors["text"], before[item_id].vectors["text"])
+
+
+def test_the_pointer_records_what_item_text_was_made_of(world: World) -> None:
+    from stream.swap import read_pointer, write_pointer
+
+    services = world.services
+    write_pointer(services.settings, services.model, services.collections)
+    assert read_pointer(services.settings)["text_fields"] == ["title", "category", "description"]  # type: ignore[index]
