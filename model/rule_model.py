@@ -117,6 +117,7 @@ class RuleModel:
     version = RULE_VERSION
     max_sequence = 50
     text_fields = CONTENT_TEXT_FIELDS
+    rank_pool = None  # the rule scorer was not fitted on any candidate pool
 
     def __init__(self, model_dir: Path, *, text_dim: int = 384, image_dim: int = 1280,
                  threads: int = 1) -> None:

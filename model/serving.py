@@ -58,6 +58,10 @@ class ServingModel(Protocol):
     image_dim: int
     max_sequence: int
     text_fields: tuple[str, ...]  # what item text is made of for this model (``compose_text``)
+    # How many of a request's best candidates by retrieval score ``score`` was
+    # trained to order (a trained ranker saw only the retrieval top-K); the
+    # rest follow in retrieval order. None: ``score`` orders any candidates.
+    rank_pool: int | None
 
     def item_vectors(self, content: ItemContent) -> np.ndarray:
         """(N, fused_dim) float32 item vectors in the retrieval space."""

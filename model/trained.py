@@ -45,6 +45,8 @@ class TrainedModel:
         self.max_sequence = self.tower.max_sequence
         self.train_action: int = int(config.get("train_action", 1))
         self.text_fields: tuple[str, ...] = tuple(config.get("text_fields", TRAINED_TEXT_FIELDS))
+        # The ranker learnt to re-order the retrieval top-K only (``RankerSettings.candidates``).
+        self.rank_pool: int | None = int(config.get("ranker", {}).get("candidates", 0)) or None
         self.item_index: dict[str, int] = {str(k): int(v) for k, v in id_maps["items"].items()}
         self.attribute_index: dict[str, int] = {str(k): int(v) for k, v in id_maps["attributes"].items()}
         self.item_ids: list[str] = [""] * (self.tower.n_items + 1)

@@ -105,7 +105,9 @@ def recommend(
 
     # --- re-ranking and reasons ------------------------------------------------
     k = min(request.k, settings.max_k, len(candidates))
-    order = rerank(scores.astype(np.float32), fused, k, settings.diversity)
+    retrieval = np.asarray([c.retrieval_score for c in candidates], dtype=np.float32)
+    order = rerank(scores.astype(np.float32), fused, k, settings.diversity,
+                   retrieval=retrieval, rank_pool=model.rank_pool)
     explain = _Explainer(services, serving, state)
     chosen = [
         RecommendedItem(
@@ -121,7 +123,8 @@ def recommend(
     return _response(services, request, chosen, started, path, model.version)
 
 
-def rerank(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: float) -> np.ndarray:
+def rerank(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: float, *,
+           retrieval: np.ndarray | None = None, rank_pool: int | None = None) -> np.ndarray:
     """Positions of the ``k`` candidates to answer with, best first: MMR over the best ``MMR_POOL``.
 
     MMR rescales relevance to [0, 1] over the candidates it is given; over all
@@ -129,7 +132,22 @@ def rerank(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: float) -> n
     decides alone (on MovieLens a 0.8 trade-off then lost a third of the hits).
     Over the best 50, as the quality bench's diversity sweep measures it, the
     trade-off means what that sweep shows.
+
+    ``rank_pool`` (the model's, with each candidate's ``retrieval`` score):
+    ``scores`` only order the ``rank_pool`` best candidates by retrieval, the
+    pool a trained ranker learnt to re-order; candidates beyond it follow in
+    retrieval order. A ranker's correction on candidates it never saw in
+    training can lift far-down items over the retrieval top.
     """
+    if rank_pool is None or retrieval is None or len(scores) <= rank_pool:
+        return _mmr_over_best(scores, fused, k, trade_off)
+    by_retrieval = np.argsort(-retrieval, kind="stable")
+    ranked, rest = by_retrieval[:rank_pool], by_retrieval[rank_pool:]
+    head = ranked[_mmr_over_best(scores[ranked], fused[ranked], min(k, rank_pool), trade_off)]
+    return np.concatenate([head, rest[: k - len(head)]])
+
+
+def _mmr_over_best(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: float) -> np.ndarray:
     pool = min(len(scores), max(MMR_POOL, k))
     best = np.argsort(-scores, kind="stable")[:pool]
     return best[mmr(scores[best], fused[best], k, trade_off)]

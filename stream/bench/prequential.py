@@ -355,7 +355,8 @@ def offline_replay(artefact: Path, interactions: Sequence[Interaction], settings
 
     Retrieval is exact (dot product over the artefact's catalogue, seen items
     left out), then the ranker with the model's context features at the
-    user's latest event, then the diversity re-rank the workers run. What the
+    user's latest event over its pool (the retrieval top ``rank_pool``), then
+    the diversity re-rank the workers run. What the
     workers add that this does not: trending candidates, and content-only
     vectors for items the model has no id for (here never retrieved). The
     replay's online and frozen figures should match these; a gap means the
@@ -387,7 +388,8 @@ def offline_replay(artefact: Path, interactions: Sequence[Interaction], settings
             pool_scores = retrieval[row, pool].astype(np.float32)
             context = model.context_features(item_ids[pool].tolist(), pool_scores, request.time)
             probabilities = model.score(users[row], None, vectors[pool], text[pool], image[:count], context)
-            order = rerank(probabilities.astype(np.float32), vectors[pool], K, settings.diversity)
+            order = rerank(probabilities.astype(np.float32), vectors[pool], K, settings.diversity,
+                           retrieval=pool_scores, rank_pool=model.rank_pool)
             scores[request.worker].update(item_ids[pool[order]].tolist(), request.target)
     return scores
 

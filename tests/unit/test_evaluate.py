@@ -187,3 +187,27 @@ def test_the_served_rerank_chooses_among_the_best_fifty_only() -> None:
     # Within the pool it is the MMR choice.
     top = np.argsort(-scores, kind="stable")[:MMR_POOL]
     np.testing.assert_array_equal(rerank(scores, vectors, 10, 0.5), top[mmr(scores[top], vectors[top], 10, 0.5)])
+
+
+def test_a_trained_ranker_orders_only_the_retrieval_pool_it_was_trained_on() -> None:
+    from stream.recommend import rerank
+
+    rng = np.random.default_rng(1)
+    retrieval = rng.standard_normal(500).astype(np.float32)
+    vectors = rng.standard_normal((500, 8)).astype(np.float32)
+    by_retrieval = np.argsort(-retrieval, kind="stable")
+    pool = by_retrieval[:50]
+    scores = rng.random(500).astype(np.float32)
+    scores[by_retrieval[400]] = 2.0  # the ranker's correction lifts a far-down candidate
+    chosen = rerank(scores, vectors, 10, 1.0, retrieval=retrieval, rank_pool=50)
+    # Inside the pool the ranker's order stands; nothing from below the pool is lifted.
+    np.testing.assert_array_equal(chosen, pool[np.argsort(-scores[pool], kind="stable")[:10]])
+    # Without a pool (the rule scorer) the lifted candidate comes first.
+    assert rerank(scores, vectors, 10, 1.0)[0] == by_retrieval[400]
+    # Asking for more than the pool: the pool in ranker order, then the rest in retrieval order.
+    longer = rerank(scores, vectors, 80, 1.0, retrieval=retrieval, rank_pool=50)
+    assert set(longer[:50].tolist()) == set(pool.tolist())
+    np.testing.assert_array_equal(longer[50:], by_retrieval[50:80])
+    # Fewer candidates than the pool: plain ordering by score.
+    np.testing.assert_array_equal(rerank(scores[:30], vectors[:30], 5, 1.0, retrieval=retrieval[:30], rank_pool=50),
+                                  np.argsort(-scores[:30], kind="stable")[:5])

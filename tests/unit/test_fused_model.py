@@ -188,6 +188,9 @@ def test_context_features_are_the_ones_the_ranker_was_trained_on(artefact: Path)
     # The synthetic training data has no times: recency was always 0 in training.
     assert model.last_seen is None and not columns["recency_days"].any()
     np.testing.assert_allclose(columns["retrieval_score"], scores)
+    # Serving lets the ranker order only the retrieval top-K it was trained on.
+    config = json.loads((artefact / "config.json").read_text())
+    assert model.rank_pool == config["ranker"]["candidates"] > 0
 
 
 def test_trained_model_serves_the_contract_shapes(artefact: Path) -> None:
