@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from model.artefact import new_version, staging_directory, utc_now, write_manifest
+from model.covisit import FILE_NAME as TRANSITIONS_FILE
+from model.covisit import build_table
 from model.data import InteractionData, leave_one_out
 from model.export_fused import Networks, export_all
 from model.registry import Registry
@@ -249,12 +251,29 @@ def build_catalogue(parent: Any) -> Catalogue:
     return Catalogue(attributes, attribute_mixing(attributes, parent.tower.n_attributes), text, has_text)
 
 
-def write_candidate(networks: Networks, parent_dir: Path, staging: Path, manifest: dict[str, Any]) -> dict[str, float]:
-    """Export the networks and copy the parent's vocabulary and features into ``staging``."""
+def write_candidate(networks: Networks, parent: Any, staging: Path, manifest: dict[str, Any],
+                    data: InteractionData | None = None) -> dict[str, float]:
+    """Export the networks, copy the parent's vocabulary and features into ``staging``
+    and extend its item-to-item transitions with the window's newer interactions."""
     parity = export_all(networks, staging)
     torch.save(networks.state_dicts(), staging / "weights.pt")
-    for name in ("config.json", "id_maps.json", "item_features.npz"):
-        shutil.copy2(parent_dir / name, staging / name)
+    for name in ("id_maps.json", "item_features.npz"):
+        shutil.copy2(parent.directory / name, staging / name)
+    config = dict(parent.config)
+    if data is not None and data.timestamps is not None and (parent.transitions is not None or data.sequences):
+        covisit = dict(config.get("covisit", {}))
+        # Interactions the parent's table already holds are not counted twice.
+        through = float(covisit.get("through", float("-inf")))
+        fresh = [times > through for times in data.timestamps]
+        table = build_table(data.sequences, parent.n_items, base=parent.transitions, fresh=fresh)
+        table.save(staging / TRANSITIONS_FILE)
+        newest = max((float(times.max()) for times in data.timestamps if len(times)), default=through)
+        covisit.update(through=max(through, newest))
+        covisit.setdefault("weight", parent.covisit_weight)
+        config["covisit"] = covisit
+    elif (parent.directory / TRANSITIONS_FILE).is_file():
+        shutil.copy2(parent.directory / TRANSITIONS_FILE, staging / TRANSITIONS_FILE)
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_manifest(staging, manifest)
     return parity
 
@@ -347,7 +366,7 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
     }
     staging = staging_directory(settings.models_path / "staging" / version)
     try:
-        manifest["metrics"]["onnx_parity_max_abs_diff"] = write_candidate(networks, parent_dir, staging, manifest)
+        manifest["metrics"]["onnx_parity_max_abs_diff"] = write_candidate(networks, serving, staging, manifest, data)
         mark = lap("export", mark)
         candidate_metrics = evaluate_on_newest(TrainedModel(staging, threads=settings.onnx_threads), data)
         serving_metrics = evaluate_on_newest(serving, data)

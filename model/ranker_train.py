@@ -155,8 +155,8 @@ def training_rows(
 
 
 @torch.no_grad()
-def rerank_ranks(ranker: Ranker, lists: CandidateLists, inputs: RankerInputs, blend: float) -> np.ndarray:
-    """0-based rank of each target after re-ranking its top K (K or more when absent)."""
+def reranked(ranker: Ranker, lists: CandidateLists, inputs: RankerInputs, blend: float) -> np.ndarray:
+    """(U, K) each list's candidates in the ranker's order at ``blend``."""
     ranker.blend.fill_(blend)
     users, k = lists.candidates.shape
     rows = np.repeat(np.arange(users), k)
@@ -164,9 +164,20 @@ def rerank_ranks(ranker: Ranker, lists: CandidateLists, inputs: RankerInputs, bl
         *inputs.batch(lists.users[rows], lists.candidates.reshape(-1), lists.context.reshape(users * k, -1))
     ).numpy().reshape(users, k)
     order = np.argsort(-logits, axis=1, kind="stable")
-    reranked = np.take_along_axis(lists.candidates, order, axis=1)
-    hits = reranked == lists.targets[:, None]
-    return np.where(hits.any(axis=1), hits.argmax(axis=1), k).astype(np.int64)
+    return np.take_along_axis(lists.candidates, order, axis=1)
+
+
+def rerank_ranks(ranker: Ranker, lists: CandidateLists, inputs: RankerInputs, blend: float) -> np.ndarray:
+    """0-based rank of each target after re-ranking its top K (K or more when absent)."""
+    hits = reranked(ranker, lists, inputs, blend) == lists.targets[:, None]
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), lists.candidates.shape[1]).astype(np.int64)
+
+
+def holdout_split(count: int, settings: RankerSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-out rows) of ``count`` users, both sorted; the same for the same settings."""
+    order = np.random.default_rng(settings.seed).permutation(count)
+    n_holdout = max(1, int(settings.holdout_share * count))
+    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
 
 
 def train_ranker(
@@ -180,9 +191,8 @@ def train_ranker(
     blend that re-rank best on the held-out rest."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    order = rng.permutation(len(lists.targets))
-    n_holdout = max(1, int(settings.holdout_share * len(order)))
-    fit, holdout = _subset(lists, np.sort(order[n_holdout:])), _subset(lists, np.sort(order[:n_holdout]))
+    fit_rows, holdout_rows = holdout_split(len(lists.targets), settings)
+    fit, holdout = subset(lists, fit_rows), subset(lists, holdout_rows)
 
     ranker = Ranker(config)
     all_context = fit.context.reshape(-1, fit.context.shape[-1])
@@ -220,7 +230,7 @@ def train_ranker(
     return ranker, report
 
 
-def _subset(lists: CandidateLists, rows: np.ndarray) -> CandidateLists:
+def subset(lists: CandidateLists, rows: np.ndarray) -> CandidateLists:
     return CandidateLists(
         users=lists.users[rows],
         candidates=lists.candidates[rows],

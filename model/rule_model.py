@@ -118,6 +118,8 @@ class RuleModel:
     max_sequence = 50
     text_fields = CONTENT_TEXT_FIELDS
     rank_pool = None  # the rule scorer was not fitted on any candidate pool
+    transitions = None  # no training data; co-visits come from the stream alone
+    covisit_weight = 1.0  # nothing held out to choose by: the two rankings count alike
 
     def __init__(self, model_dir: Path, *, text_dim: int = 384, image_dim: int = 1280,
                  threads: int = 1) -> None:

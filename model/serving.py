@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from model.covisit import CoVisitTable
 
 # Action types in the order of their integer codes (0 is padding).
 ACTIONS: tuple[str, ...] = ("pad", "view", "click", "add_to_cart", "purchase", "search")
@@ -62,6 +65,10 @@ class ServingModel(Protocol):
     # trained to order (a trained ranker saw only the retrieval top-K); the
     # rest follow in retrieval order. None: ``score`` orders any candidates.
     rank_pool: int | None
+    # Item-to-item transitions learnt in training (``model.covisit``; None: none)
+    # and the weight of their ranking in the fused order (0: not used).
+    transitions: CoVisitTable | None
+    covisit_weight: float
 
     def item_vectors(self, content: ItemContent) -> np.ndarray:
         """(N, fused_dim) float32 item vectors in the retrieval space."""

@@ -26,9 +26,12 @@ import numpy as np
 import torch
 
 from model.artefact import new_version, publish, staging_directory, utc_now, write_manifest
+from model.covisit import FILE_NAME as TRANSITIONS_FILE
+from model.covisit import NEIGHBOURS, WINDOW, build_table, choose_weight
 from model.data import FORMATS, InteractionData, LeaveOneOut, item_counts, leave_one_out, load_interactions
 from model.export_fused import Networks, export_all
-from model.ranker_train import RankerInputs, RankerSettings, retrieve, train_ranker
+from model.ranker_train import (RankerInputs, RankerSettings, holdout_split, reranked, retrieve, subset,
+                                train_ranker)
 from model.retrieval_train import (
     Catalogue,
     RetrievalModel,
@@ -149,6 +152,22 @@ def _item_features(
     return features
 
 
+def covisit_choice(ranker: Any, lists: Any, inputs: RankerInputs, split: LeaveOneOut, n_items: int,
+                   settings: RankerSettings) -> tuple[float, dict[str, float]]:
+    """The co-visit fusion weight, chosen on the ranker's held-out users.
+
+    Their validation step, as it would be served: the ranker's order of the
+    retrieval top-K, fused with co-visits from a table of the training part
+    only (items[:-2], which never holds the validation target).
+    """
+    _, holdout_rows = holdout_split(len(lists.targets), settings)
+    held = subset(lists, holdout_rows)
+    orders = reranked(ranker, held, inputs, float(ranker.blend))
+    histories = [split.train[row].tolist() for row in holdout_rows]
+    table = build_table(split.train, n_items)
+    return choose_weight(orders.tolist(), histories, held.targets.tolist(), table)
+
+
 def train_artefact(
     data: InteractionData,
     data_format: str,
@@ -207,6 +226,7 @@ def train_artefact(
         vectors = model.catalogue_vectors(catalogue).numpy()
     inputs = RankerInputs(vectors=vectors, text=text, config=config)
     fitted_ranker, ranker_report = train_ranker(config, ranker, lists, inputs, progress)
+    covisit_weight, covisit_report = covisit_choice(fitted_ranker, lists, inputs, split, data.n_items, ranker)
     if retrieval.fine_tune_epochs > 0:
         # The validation step has done its job (epoch choice, ranker fit); the
         # towers now learn it too, as the fine-tuner does with each new window.
@@ -230,6 +250,7 @@ def train_artefact(
         "train_action": train_action,
         "actions": list(ACTIONS),
         "text_fields": list(TRAINED_TEXT_FIELDS),  # what serving must embed as an item's text
+        "covisit": {"window": WINDOW, "neighbours": NEIGHBOURS, "weight": covisit_weight},
         "encoders": encoders,
     }, indent=2) + "\n")
     (staging / "id_maps.json").write_text(json.dumps({
@@ -237,6 +258,8 @@ def train_artefact(
         "attributes": {name: i + 1 for i, name in enumerate(data.attribute_names)},
     }))
     np.savez_compressed(staging / "item_features.npz", **_item_features(data, split, text, has_text))
+    # Transitions of everything the towers learnt from (items[:-1]); workers add the stream's.
+    build_table(split.inputs("test"), data.n_items).save(staging / TRANSITIONS_FILE)
     manifest: dict[str, Any] = {
         "version": new_version(data.name),
         "parent": None,
@@ -261,6 +284,7 @@ def train_artefact(
             "epochs_run": report.epochs_run,
             "valid_retrieval": report.validation,
             "ranker": ranker_report,
+            "covisit": {**covisit_report, "weight": covisit_weight},
             "onnx_parity_max_abs_diff": parity,
         },
     }

@@ -1,7 +1,7 @@
 """A trained artefact served through onnxruntime; implements ``ServingModel``.
 
-Only the ONNX files, ``config.json``, ``id_maps.json`` and ``item_features.npz``
-are read: serving never unpickles torch weights.
+Only the ONNX files, ``config.json``, ``id_maps.json``, ``item_features.npz``
+and ``transitions.npz`` are read: serving never unpickles torch weights.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from model.artefact import read_manifest
+from model.covisit import FILE_NAME as TRANSITIONS_FILE
+from model.covisit import CoVisitTable
 from model.export_fused import INPUT_NAMES
 from model.runtime import load_session
 from model.serving import CONTEXT_FEATURES, TRAINED_TEXT_FIELDS, ItemContent, ItemContext
@@ -47,6 +49,15 @@ class TrainedModel:
         self.text_fields: tuple[str, ...] = tuple(config.get("text_fields", TRAINED_TEXT_FIELDS))
         # The ranker learnt to re-order the retrieval top-K only (``RankerSettings.candidates``).
         self.rank_pool: int | None = int(config.get("ranker", {}).get("candidates", 0)) or None
+        # Artefacts from before co-visits have no table and weight 0: served as they were evaluated.
+        self.covisit_weight = float(config.get("covisit", {}).get("weight", 0.0))
+        transitions_path = self.directory / TRANSITIONS_FILE
+        try:
+            self.transitions: CoVisitTable | None = (
+                CoVisitTable.load(transitions_path) if transitions_path.is_file() else None
+            )
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"cannot read artefact {self.directory}: {error}") from error
         self.item_index: dict[str, int] = {str(k): int(v) for k, v in id_maps["items"].items()}
         self.attribute_index: dict[str, int] = {str(k): int(v) for k, v in id_maps["attributes"].items()}
         self.item_ids: list[str] = [""] * (self.tower.n_items + 1)

@@ -11,14 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.covisit import fused_relevance, ranked
 from model.rerank import mmr
+from stream.covisit import fusion_weight
 from stream.events import RecommendedItem, RecRequest, RecResponse
-from stream.services import Services, ServingState
 from stream.item_cache import Gathered
+from stream.services import Services, ServingState
 from stream.store import Hit, SearchFilter
 from stream.users import QUERY_PREFIX, UserState
 
 TRENDING_CANDIDATES = 50
+COVISIT_CANDIDATES = 50  # the best "chosen next" items a request considers
+RETRIEVED = frozenset({"personal", "query", "image"})  # sources whose retrieval_score is a search score
 COLD_SCAN = 2000  # catalogue items looked at when there is no signal at all
 MMR_POOL = 50  # the best-scored candidates the diversity re-ranker chooses among
 CANDIDATE_VECTORS = ["fused", "text", "image"]
@@ -28,7 +32,7 @@ CANDIDATE_VECTORS = ["fused", "text", "image"]
 class Candidate:
     item_id: str
     retrieval_score: float
-    source: str  # "personal", "query", "image", "trending" or "catalogue"
+    source: str  # "personal", "query", "image", "covisit", "trending" or "catalogue"
 
 
 def recommend(
@@ -77,6 +81,13 @@ def recommend(
         add(store.search(items, "fused", user_vector, limit, flt, with_payload=False), "personal")
     now = time.time()
     excluded_set = set(excluded)
+    covisit_order: list[str] = []
+    covisit_weight = fusion_weight(settings.covisit_weight, model)
+    if covisit_weight > 0.0 and text_query is None and image_vector is None:
+        covisit_order = _covisits(services, model, state, excluded_set)
+        for item_id in covisit_order:
+            if item_id not in pool:
+                pool[item_id] = Candidate(item_id, 0.0, "covisit")
     for item_id, _ in services.trending.top_cached(TRENDING_CANDIDATES, now, exclude=excluded_set):
         if item_id not in pool:
             pool[item_id] = Candidate(item_id, 0.0, "trending")
@@ -105,15 +116,24 @@ def recommend(
 
     # --- re-ranking and reasons ------------------------------------------------
     k = min(request.k, settings.max_k, len(candidates))
-    retrieval = np.asarray([c.retrieval_score for c in candidates], dtype=np.float32)
+    # Only search hits carry a retrieval score; other sources follow every search hit.
+    retrieval = np.asarray([c.retrieval_score if c.source in RETRIEVED else -np.inf for c in candidates],
+                           dtype=np.float32)
+    position = {c.item_id: n for n, c in enumerate(candidates)}
+    covisit = [position[i] for i in covisit_order if i in position]
     order = rerank(scores.astype(np.float32), fused, k, settings.diversity,
-                   retrieval=retrieval, rank_pool=model.rank_pool)
+                   retrieval=retrieval, rank_pool=model.rank_pool,
+                   covisit=covisit, covisit_weight=covisit_weight)
+    # Explained as "chosen after" where the co-visit ranking put it higher than the model did.
+    model_rank = np.empty(len(candidates), np.int64)
+    model_rank[_model_order(scores, retrieval, model.rank_pool)] = np.arange(len(candidates))
+    by_covisit = {n for rank, n in enumerate(covisit) if rank < model_rank[n]}
     explain = _Explainer(services, serving, state)
     chosen = [
         RecommendedItem(
             item_id=candidates[i].item_id,
             score=round(float(scores[i]), 6),
-            reason=explain.reason(candidates[i], fused[i], request.query),
+            reason=explain.reason(candidates[i], fused[i], request.query, int(i) in by_covisit),
             title=str(gathered.payloads[i].get("title") or ""),
         )
         for i in order
@@ -124,7 +144,8 @@ def recommend(
 
 
 def rerank(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: float, *,
-           retrieval: np.ndarray | None = None, rank_pool: int | None = None) -> np.ndarray:
+           retrieval: np.ndarray | None = None, rank_pool: int | None = None,
+           covisit: list[int] | None = None, covisit_weight: float = 0.0) -> np.ndarray:
     """Positions of the ``k`` candidates to answer with, best first: MMR over the best ``MMR_POOL``.
 
     MMR rescales relevance to [0, 1] over the candidates it is given; over all
@@ -138,13 +159,40 @@ def rerank(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: float, *,
     pool a trained ranker learnt to re-order; candidates beyond it follow in
     retrieval order. A ranker's correction on candidates it never saw in
     training can lift far-down items over the retrieval top.
+
+    ``covisit``: candidate positions in co-visit order (``model.covisit``);
+    with a positive ``covisit_weight`` the model's order and this one are fused
+    by reciprocal rank, and MMR chooses by the fused relevance.
     """
+    model_order = _model_order(scores, retrieval, rank_pool)
+    if covisit and covisit_weight > 0.0:
+        fusion = fused_relevance(model_order.tolist(), covisit, covisit_weight)
+        relevance = np.asarray([fusion[n] for n in range(len(scores))], dtype=np.float32)
+        return _mmr_over_best(relevance, fused, k, trade_off)
     if rank_pool is None or retrieval is None or len(scores) <= rank_pool:
         return _mmr_over_best(scores, fused, k, trade_off)
-    by_retrieval = np.argsort(-retrieval, kind="stable")
-    ranked, rest = by_retrieval[:rank_pool], by_retrieval[rank_pool:]
-    head = ranked[_mmr_over_best(scores[ranked], fused[ranked], min(k, rank_pool), trade_off)]
+    ranked_pool, rest = model_order[:rank_pool], model_order[rank_pool:]
+    head = ranked_pool[_mmr_over_best(scores[ranked_pool], fused[ranked_pool], min(k, rank_pool), trade_off)]
     return np.concatenate([head, rest[: k - len(head)]])
+
+
+def _model_order(scores: np.ndarray, retrieval: np.ndarray | None, rank_pool: int | None) -> np.ndarray:
+    """Every candidate position in the model's order: by score within the rank pool, then by retrieval."""
+    if rank_pool is None or retrieval is None or len(scores) <= rank_pool:
+        return np.argsort(-scores, kind="stable")
+    by_retrieval = np.argsort(-retrieval, kind="stable")
+    pool, rest = by_retrieval[:rank_pool], by_retrieval[rank_pool:]
+    return np.concatenate([pool[np.argsort(-scores[pool], kind="stable")], rest])
+
+
+def _covisits(services: Services, model: object, state: UserState, excluded: set[str]) -> list[str]:
+    """The best items chosen after the user's latest ones, by the model's and the stream's transitions."""
+    history = state.recent_items(services.covisit.window)
+    if not history:
+        return []
+    scores = services.covisit.scores(history, getattr(model, "transitions", None),
+                                     getattr(model, "item_index", None), getattr(model, "item_ids", None))
+    return ranked(scores, excluded | set(history), COVISIT_CANDIDATES)
 
 
 def _mmr_over_best(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: float) -> np.ndarray:
@@ -238,13 +286,15 @@ class _Explainer:
         self._titles = [str(p.get("title") or i) for i, p in zip(found.item_ids, found.payloads)]
         self._vectors = found.vectors["fused"]  # (R, fused_dim)
 
-    def reason(self, candidate: Candidate, fused: np.ndarray, query: str | None) -> str:
+    def reason(self, candidate: Candidate, fused: np.ndarray, query: str | None, chosen_after: bool = False) -> str:
         if candidate.source == "query" and query:
             return f"matches your search '{query}'"
         if candidate.source == "image":
             return "looks like your photo"
         if candidate.source == "catalogue":
             return "from the catalogue (no activity yet to go on)"
+        if (candidate.source == "covisit" or chosen_after) and self._titles:
+            return f"often chosen after '{self._titles[0]}'"
         if candidate.source == "trending" or not self._titles:
             return "trending now"
         closest = int(np.argmax(self._vectors @ fused))

@@ -21,6 +21,7 @@ from stream.errors import ConfigError, ModelLoadError
 from stream.settings import Settings
 from stream.store import CollectionSpec, VectorStore, open_store
 from stream.item_cache import ItemCache
+from stream.covisit import StreamTransitions
 from stream.trending import Trending
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Services:
     metrics: Metrics
     trending: Trending
     serving: ServingState
+    covisit: StreamTransitions
     started_at: float = field(default_factory=time.time)
     drift: DriftMonitor = field(default_factory=DriftMonitor)
     # Serialises writes to user and item state between agents (clicks and
@@ -113,6 +115,7 @@ class Services:
             metrics=metrics,
             trending=Trending(settings.trending_half_life_s),
             serving=ServingState(model, collections, new_item_cache(settings, model)),
+            covisit=StreamTransitions(settings.covisit_items),
             drift=drift_monitor(settings),
         )
 

@@ -124,6 +124,16 @@ class Settings(BaseSettings):
     diversity: float = Field(
         0.8, ge=0.0, le=1.0, description="MMR trade-off: 1.0 = relevance only."
     )
+    covisit_weight: float | None = Field(
+        None, ge=0.0, le=100.0,
+        description="Weight of the co-visit ranking in the fused order; unset: the served model's "
+                    "(chosen in training); 0 turns co-visits off.",
+    )
+    covisit_items: int = Field(
+        200_000, ge=1024,
+        description="Items whose stream-learnt successors a worker keeps (at most 200 each); the least "
+                    "recently updated are forgotten beyond it.",
+    )
 
     # --- fine-tuning and drift (docs/finetuning.md) --------------------------
     finetune_epochs: int = Field(3, ge=1, le=1000, description="Most passes over the recent data per cycle.")

@@ -93,6 +93,16 @@ class UserState:
         newest = self.applied_time.get(source, float("inf"))
         return delivery.offset <= self.applied.get(source, -1) and delivery.event.event_time <= newest
 
+    def recent_items(self, count: int) -> list[str]:
+        """The user's last ``count`` items (searches left out), oldest first."""
+        recent: list[str] = []
+        for entry in reversed(self.items):
+            if len(recent) == count:
+                break
+            if not entry.startswith(QUERY_PREFIX):
+                recent.append(entry)
+        return recent[::-1]
+
     def append(self, delivery: Delivery, entry: str, action: int, max_length: int, window: int) -> None:
         self.items.append(entry)
         self.actions.append(action)
@@ -145,6 +155,7 @@ def apply_interactions(services: Services, deliveries: list[Delivery]) -> int:
         if isinstance(event, ClickEvent):
             entry, action = event.item_id, ACTION_CODE[event.action]
             services.trending.add(event.item_id, ACTION_WEIGHT_FOR_TRENDING[event.action], now)
+            services.covisit.learn(state.recent_items(services.covisit.window), event.item_id)
         else:
             entry, action = QUERY_PREFIX + event.event_id, ACTION_CODE["search"]
         state.append(delivery, entry, action, settings.user_sequence_length, settings.dedup_window)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from stream.bench.common import (
 )
 from stream.broker import ensure_topics
 from stream.client import http_recommend
+from stream.covisit import StreamTransitions, fusion_weight
 from stream.errors import ConfigError, StreamrecError
 from stream.events import CatalogItem, ClickEvent, RecRequest, RequestFilters
 from stream.prequential import (
@@ -327,25 +328,51 @@ class OfflineRequest:
     seen: list[int]  # what the request excludes (everything the user did so far)
     time: float  # the user's latest event time in that state
     target: str
+    covisit: list[str] = field(default_factory=list)  # the worker's co-visit candidates, best first
 
 
-def offline_requests(interactions: Sequence[Interaction], item_index: dict[str, int]) -> list[OfflineRequest]:
-    """Every scored interaction asked of both workers, as each worker's state stood at that point."""
+CoVisitRanking = Callable[[StreamTransitions, list[str], set[str]], list[str]]
+
+
+def offline_requests(interactions: Sequence[Interaction], item_index: dict[str, int],
+                     covisit: CoVisitRanking | None = None) -> list[OfflineRequest]:
+    """Every scored interaction asked of both workers, as each worker's state stood at that point.
+
+    ``covisit(transitions, recent item ids, excluded ids)`` ranks co-visit
+    candidates given what that worker's stream taught it so far: the online
+    worker learns from every interaction, the frozen one from the warm-up ones.
+    """
     history: dict[str, list[int]] = {}
-    warm: dict[str, tuple[list[int], float]] = {}
+    history_ids: dict[str, list[str]] = {}
+    warm: dict[str, tuple[list[int], list[str], float]] = {}
     latest: dict[str, float] = {}
+    learnt = {name: StreamTransitions(max_items=1 << 30) for name in ("online", "frozen")}
     requests = []
-    for interaction in interactions:
-        user = interaction.user_id
-        done = history.setdefault(user, [])
-        if interaction.scored:
-            frozen_history, frozen_time = warm[user]
-            requests.append(OfflineRequest("online", list(done), list(done), latest[user], interaction.item_id))
-            requests.append(OfflineRequest("frozen", frozen_history, list(done), frozen_time, interaction.item_id))
-        done.append(item_index.get(interaction.item_id, 0))
-        latest[user] = click_of(interaction).event_time
-        if not interaction.scored:
-            warm[user] = (list(done), latest[user])
+    # As the replay asks: a wave's requests all see the state before the wave
+    # (co-visits are learnt across users, so this matters for them).
+    for wave in waves(interactions):
+        for interaction in wave:
+            if not interaction.scored:
+                continue
+            user = interaction.user_id
+            done, done_ids = history.setdefault(user, []), history_ids.setdefault(user, [])
+            frozen_history, frozen_ids, frozen_time = warm[user]
+            seen = set(done_ids)
+            for name, ids, indices, at in (("online", done_ids, done, latest[user]),
+                                           ("frozen", frozen_ids, frozen_history, frozen_time)):
+                suggested = covisit(learnt[name], ids[-learnt[name].window:], seen) if covisit else []
+                requests.append(OfflineRequest(name, list(indices), list(done), at, interaction.item_id, suggested))
+        for interaction in wave:
+            user = interaction.user_id
+            done, done_ids = history.setdefault(user, []), history_ids.setdefault(user, [])
+            learnt["online"].learn(done_ids, interaction.item_id)
+            if not interaction.scored:
+                learnt["frozen"].learn(done_ids, interaction.item_id)
+            done.append(item_index.get(interaction.item_id, 0))
+            done_ids.append(interaction.item_id)
+            latest[user] = click_of(interaction).event_time
+            if not interaction.scored:
+                warm[user] = (list(done), list(done_ids), latest[user])
     return requests
 
 
@@ -355,25 +382,36 @@ def offline_replay(artefact: Path, interactions: Sequence[Interaction], settings
 
     Retrieval is exact (dot product over the artefact's catalogue, seen items
     left out), then the ranker with the model's context features at the
-    user's latest event over its pool (the retrieval top ``rank_pool``), then
-    the diversity re-rank the workers run. What the
-    workers add that this does not: trending candidates, and content-only
-    vectors for items the model has no id for (here never retrieved). The
-    replay's online and frozen figures should match these; a gap means the
-    pipeline serves something other than what the model predicts.
+    user's latest event over its pool (the retrieval top ``rank_pool``), fused
+    with the co-visit candidates each worker's transitions give (the model's
+    table plus what that worker's clicks taught it), then the diversity
+    re-rank the workers run. What the workers add that this does not: trending
+    candidates, and content-only vectors for items the model has no id for
+    (here never retrieved). The replay's online and frozen figures should
+    match these; a gap means the pipeline serves something other than what
+    the model predicts.
     """
+    from model.covisit import ranked
     from model.data import left_pad
     from model.serving import ACTION_CODE
     from model.trained import TrainedModel
-    from stream.recommend import rerank
+    from stream.recommend import COVISIT_CANDIDATES, rerank
 
     model = TrainedModel(artefact, threads=2)
     vectors = model.catalogue_vectors()  # (N+1, d), row 0 unknown
     text = model.catalogue_content(np.arange(model.n_items + 1)).text
     item_ids = np.asarray(model.item_ids, dtype=object)
-    image = np.zeros((settings.candidates, model.image_dim), np.float32)
     scores = {name: RankingScore(K) for name in ("online", "frozen")}
-    requests = offline_requests(interactions, model.item_index)
+
+    weight = fusion_weight(settings.covisit_weight, model)
+
+    def covisit(learnt: StreamTransitions, recent: list[str], seen: set[str]) -> list[str]:
+        if weight <= 0.0 or not recent:
+            return []
+        found = learnt.scores(recent, model.transitions, model.item_index, model.item_ids)
+        return ranked(found, seen | set(recent), COVISIT_CANDIDATES)
+
+    requests = offline_requests(interactions, model.item_index, covisit)
     for start in range(0, len(requests), batch):
         chunk = requests[start:start + batch]
         padded = left_pad([np.asarray(r.history, dtype=np.int64) for r in chunk], model.max_sequence)
@@ -385,12 +423,22 @@ def offline_replay(artefact: Path, interactions: Sequence[Interaction], settings
             count = min(settings.candidates, int(np.isfinite(retrieval[row]).sum()))
             pool = np.argpartition(-retrieval[row], count - 1)[:count] if count else np.zeros(0, np.int64)
             pool = pool[np.argsort(-retrieval[row, pool], kind="stable")]
-            pool_scores = retrieval[row, pool].astype(np.float32)
-            context = model.context_features(item_ids[pool].tolist(), pool_scores, request.time)
-            probabilities = model.score(users[row], None, vectors[pool], text[pool], image[:count], context)
-            order = rerank(probabilities.astype(np.float32), vectors[pool], K, settings.diversity,
-                           retrieval=pool_scores, rank_pool=model.rank_pool)
-            scores[request.worker].update(item_ids[pool[order]].tolist(), request.target)
+            in_pool = set(pool.tolist())
+            extra = [model.item_index[i] for i in request.covisit
+                     if i in model.item_index and model.item_index[i] not in in_pool]
+            candidates = np.concatenate([pool, np.asarray(extra, dtype=np.int64)])
+            pool_scores = np.concatenate([retrieval[row, pool].astype(np.float32), np.zeros(len(extra), np.float32)])
+            context = model.context_features(item_ids[candidates].tolist(), pool_scores, request.time)
+            image = np.zeros((len(candidates), model.image_dim), np.float32)
+            probabilities = model.score(users[row], None, vectors[candidates], text[candidates], image, context)
+            position = {int(item): n for n, item in enumerate(candidates.tolist())}
+            order = rerank(probabilities.astype(np.float32), vectors[candidates], K, settings.diversity,
+                           retrieval=np.concatenate([pool_scores[:len(pool)], np.full(len(extra), -np.inf, np.float32)]),
+                           rank_pool=model.rank_pool,
+                           covisit=[position[model.item_index[i]] for i in request.covisit
+                                    if model.item_index.get(i, 0) in position],
+                           covisit_weight=weight)
+            scores[request.worker].update(item_ids[candidates[order]].tolist(), request.target)
     return scores
 
 
@@ -537,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         "publishing_seconds": round(evaluation.publishing_s, 1),
         "plot": str(args.plot) if args.plot else None,
     })
+    if args.artefact is not None:
+        from model.trained import TrainedModel
+
+        result["covisit_weight"] = fusion_weight(base.covisit_weight, TrainedModel(args.artefact))
     if offline is not None:
         for name, score in offline.items():
             result[f"offline_{name}_hr@10"] = round(score.hit_rate, 4)

@@ -86,6 +86,9 @@ def test_a_trained_model_is_served_as_it_ranks_offline(
     data.write_text("\n".join(lines) + "\n")
     (tmp_path / "Walk_item2attributes.json").write_text(json.dumps(attributes))
 
+    # Whatever weight the trainer picks on this tiny data, serve the co-visit
+    # fusion too: the workers' stream-learnt transitions must match the replay's.
+    monkeypatch.setenv("STREAMREC_COVISIT_WEIGHT", "1.0")
     result = run_bench(["--data", str(data), "--format", "s3rec", "--train-minutes", "0.3",
                         "--offline-check", "--work-dir", str(tmp_path / "work")],
                        models_dir, monkeypatch, capsys)

@@ -211,3 +211,17 @@ def test_a_trained_ranker_orders_only_the_retrieval_pool_it_was_trained_on() -> 
     # Fewer candidates than the pool: plain ordering by score.
     np.testing.assert_array_equal(rerank(scores[:30], vectors[:30], 5, 1.0, retrieval=retrieval[:30], rank_pool=50),
                                   np.argsort(-scores[:30], kind="stable")[:5])
+
+
+def test_co_visits_are_fused_with_the_models_order_by_reciprocal_rank() -> None:
+    from stream.recommend import rerank
+
+    scores = np.linspace(1.0, 0.0, 60).astype(np.float32)  # the model's order is 0, 1, 2, ...
+    vectors = np.eye(60, dtype=np.float32)
+    # Candidate 59, last for the model, is the best co-visit; 1 is second for both:
+    # 1/61 + 2/61 for 1, 1/119 + 2/60 for 59, 1/60 for 0.
+    chosen = rerank(scores, vectors, 3, 1.0, covisit=[59, 1], covisit_weight=2.0)
+    assert chosen.tolist() == [1, 59, 0]
+    # Weight 0 or no co-visits: the model's order alone.
+    assert rerank(scores, vectors, 3, 1.0, covisit=[59, 1], covisit_weight=0.0).tolist() == [0, 1, 2]
+    assert rerank(scores, vectors, 3, 1.0, covisit=[], covisit_weight=2.0).tolist() == [0, 1, 2]

@@ -254,3 +254,45 @@ def test_artefact_is_complete_and_hashes_are_checked(artefact: Path, tmp_path: P
 
     with pytest.raises(ModelLoadError):
         TrainedModel(broken)
+
+
+def test_the_artefact_carries_the_item_transitions_of_its_training_data(artefact: Path) -> None:
+    from model.covisit import WEIGHTS
+
+    model = TrainedModel(artefact)
+    assert model.transitions is not None
+    # Every user walks the catalogue in order: an item's heaviest successor is the next one.
+    indices, weights = model.transitions.row(model.item_index["sku-7"])
+    assert model.item_ids[int(indices[0])] == "sku-8" and weights[0] == weights.max()
+    config = json.loads((artefact / "config.json").read_text())
+    assert config["covisit"]["weight"] == model.covisit_weight and model.covisit_weight in WEIGHTS
+    report = json.loads((artefact / "manifest.json").read_text())["metrics"]["covisit"]
+    assert {f"holdout_ndcg@10_covisit_{w:g}" for w in WEIGHTS} <= set(report)
+    # The table is part of what the manifest's hashes protect.
+    assert "transitions.npz" in read_manifest(artefact)["files"]
+
+
+def test_a_fine_tuned_version_adds_the_windows_transitions_once(artefact: Path, tmp_path: Path) -> None:
+    from model.finetune import write_candidate
+
+    parent = TrainedModel(artefact)
+    first, second = parent.item_index["sku-3"], parent.item_index["sku-17"]  # never adjacent in training
+    assert second not in parent.transitions.row(first)[0].tolist()
+    window = InteractionData(
+        name="window", user_ids=["a", "b"], sequences=[np.array([first, second]), np.array([first, second])],
+        item_ids=parent.item_ids[1:], attributes=parent.stored_attributes, attribute_names=[],
+        timestamps=[np.array([10.0, 11.0]), np.array([12.0, 13.0])],
+    )
+    manifest = {"version": "child", "parent": parent.version}
+    for name in ("child", "grandchild"):
+        (tmp_path / name).mkdir()
+    write_candidate(Networks.load(artefact), parent, tmp_path / "child", manifest, window)
+    child = TrainedModel(tmp_path / "child")
+    indices, weights = child.transitions.row(first)
+    assert dict(zip(indices.tolist(), weights.tolist()))[second] == pytest.approx(2.0)
+    assert child.config["covisit"]["through"] == 13.0
+    assert child.covisit_weight == parent.covisit_weight
+    # The same window again (the fine-tuner keeps a rolling log): nothing is counted twice.
+    write_candidate(Networks.load(artefact), child, tmp_path / "grandchild", manifest, window)
+    grandchild = TrainedModel(tmp_path / "grandchild")
+    np.testing.assert_array_equal(grandchild.transitions.weights, child.transitions.weights)

@@ -130,3 +130,19 @@ def test_offline_requests_mirror_what_each_worker_holds() -> None:
         # the request still excludes everything the user did.
         ("online", "d", [1, 2, 3], [1, 2, 3], 2.0), ("frozen", "d", [1, 2], [1, 2, 3], 1.0),
     ]
+    assert all(r.covisit == [] for r in requests)  # no co-visit ranking asked for
+
+    # Co-visits: each worker's transitions as its clicks taught them, at the
+    # start of the request's wave (waves: [a x b] [y c] [z d]); the online
+    # worker learnt the scored events too, the frozen one only the warm-up.
+    def suggest(learnt, recent, seen):  # type: ignore[no-untyped-def]
+        scores = learnt.scores(recent)
+        return sorted(scores, key=lambda item: (-scores[item], item))
+
+    requests = offline_requests(interactions, index, suggest)
+    by_ask = {(r.worker, r.target): r.covisit for r in requests}
+    assert by_ask[("online", "y")] == by_ask[("frozen", "y")] == []  # x alone taught nothing
+    assert by_ask[("online", "c")] == by_ask[("frozen", "c")] == ["a", "b"]  # a -> b both ways
+    # y and c were scored in the wave before: only the online worker learnt x -> y and b -> c.
+    assert by_ask[("online", "z")] == ["x", "y"] and by_ask[("frozen", "z")] == []
+    assert by_ask[("online", "d")] == ["b", "c", "a"] and by_ask[("frozen", "d")] == ["a", "b"]

@@ -378,6 +378,26 @@ def test_a_personal_user_is_served_close_to_what_they_did(world: World) -> None:
     assert all(reason.startswith("because you viewed") for _, reason in served), served
 
 
+def test_what_others_chose_next_is_suggested_after_the_same_item(world: World) -> None:
+    world.catalogue()
+    apply_interactions(world.services, [world.click("camper", "tent-1", "purchase")])
+    # Content alone puts tents next to a tent, not a bird guide.
+    assert ids(world.recommend("camper", k=3))[0] != "book-3"
+    # Shoppers who bought the tent bought the bird guide next.
+    walks = [d for n in range(4) for d in (world.click(f"birder-{n}", "tent-1", "purchase"),
+                                           world.click(f"birder-{n}", "book-3", "purchase"))]
+    assert apply_interactions(world.services, walks) == 8
+    served = world.recommend("camper", k=3)
+    assert ids(served)[0] == "book-3", served
+    assert dict(served)["book-3"] == "often chosen after 'Two-person backpacking tent'"
+    # Filters hold for co-visit candidates as for any other.
+    shoes = ids(world.recommend("camper", filters=RequestFilters(categories=["shoes"])))
+    assert shoes and "book-3" not in shoes
+    # Once the camper has the guide it is not suggested again.
+    apply_interactions(world.services, [world.click("camper", "book-3", "purchase")])
+    assert "book-3" not in ids(world.recommend("camper"))
+
+
 def test_a_cold_user_with_a_filter_gets_matching_items_whatever_is_trending(world: World) -> None:
     world.catalogue()
     apply_interactions(world.services, [world.click("runner", "shoe-1"), world.click("runner", "shoe-2")])
