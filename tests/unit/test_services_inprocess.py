@@ -453,6 +453,33 @@ def test_a_swap_keeps_the_replaced_collections_for_one_more_swap(world: World) -
     assert services.collections == third.collections
 
 
+def test_a_version_with_its_own_transitions_replaces_what_the_stream_taught(world: World) -> None:
+    import copy
+
+    from model.covisit import build_table
+    from stream.services import ServingState, collection_specs, new_item_cache
+    from stream.swap import install, version_collections
+
+    services = world.services
+    world.catalogue()
+    apply_interactions(services, [world.click("a", "tent-1"), world.click("a", "book-3")])
+    assert services.covisit.row("tent-1") == {"book-3": 1.0}
+
+    def state_for(version: str, model: object) -> ServingState:
+        collections = version_collections(services.settings, version)
+        for spec in collection_specs(collections, services.model):
+            services.store.ensure_collection(spec)
+        return ServingState(model, collections, new_item_cache(services.settings, services.model))  # type: ignore[arg-type]
+
+    install(services, state_for("v2", services.model))  # no table of its own: the stream's stays
+    assert services.covisit.row("tent-1") == {"book-3": 1.0}
+    # A fine-tuned version's table already holds those clicks: they are not counted twice.
+    tuned = copy.copy(services.model)
+    tuned.transitions = build_table([], n_items=1)  # type: ignore[misc]
+    install(services, state_for("v3", tuned))
+    assert len(services.covisit) == 0
+
+
 def test_a_version_reading_other_text_fields_gets_its_item_text_re_embedded(world: World) -> None:
     """Rule model (title, category, description) -> a version trained on titles: each item's
     text vector is rebuilt from the payload's fields, so it is what that version learned."""
