@@ -125,9 +125,11 @@ def recommend(
                    retrieval=retrieval, rank_pool=model.rank_pool,
                    covisit=covisit, covisit_weight=covisit_weight)
     # Explained as "chosen after" where the co-visit ranking put it higher than the model did.
-    model_rank = np.empty(len(candidates), np.int64)
-    model_rank[_model_order(scores, retrieval, model.rank_pool)] = np.arange(len(candidates))
-    by_covisit = {n for rank, n in enumerate(covisit) if rank < model_rank[n]}
+    by_covisit: set[int] = set()
+    if covisit and covisit_weight > 0.0:
+        model_rank = np.empty(len(candidates), np.int64)
+        model_rank[_model_order(scores, retrieval, model.rank_pool)] = np.arange(len(candidates))
+        by_covisit = {n for rank, n in enumerate(covisit) if rank < model_rank[n]}
     explain = _Explainer(services, serving, state)
     chosen = [
         RecommendedItem(
