@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from model.covisit import BACKWARD_SHARE, NEIGHBOURS, WINDOW, CoVisitTable, ranked
+from model.covisit import BACKWARD_SHARE, NEIGHBOURS, WINDOW, CoVisitTable, history_scores, ranked
 
 
 def fusion_weight(configured: float | None, model: object) -> float:
@@ -79,16 +79,16 @@ class StreamTransitions:
                item_index: dict[str, int] | None = None, item_ids: Sequence[str] | None = None) -> dict[str, float]:
         """Co-visit score per item id after ``history`` (oldest first): the stream's
         transitions plus, when given, the model's ``table`` (over ``item_index``)."""
-        scores: dict[str, float] = {}
         recent = list(history)[-self.window:]
         with self._lock:
             rows = [dict(self._rows.get(source, {})) for source in recent]
-        for recency, (source, row) in enumerate(zip(reversed(recent), reversed(rows)), start=1):
+        scores: dict[str, float] = {}
+        for recency, row in enumerate(reversed(rows), start=1):
             for target, weight in row.items():
                 scores[target] = scores.get(target, 0.0) + weight / recency
-            if table is not None and item_index is not None and item_ids is not None:
-                indices, weights = table.row(item_index.get(source, 0))
-                for index, weight in zip(indices.tolist(), weights.tolist()):
-                    target = item_ids[index]
-                    scores[target] = scores.get(target, 0.0) + weight / recency
+        if table is not None and item_index is not None and item_ids is not None:
+            known = [item_index.get(source, 0) for source in recent]  # 0: no row
+            for index, score in history_scores(table, known, self.window).items():
+                target = item_ids[index]
+                scores[target] = scores.get(target, 0.0) + score
         return scores
