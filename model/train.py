@@ -152,20 +152,36 @@ def _item_features(
     return features
 
 
-def covisit_choice(ranker: Any, lists: Any, inputs: RankerInputs, split: LeaveOneOut, n_items: int,
+def covisit_choice(ranker: Any, lists: Any, inputs: RankerInputs, data: InteractionData, split: LeaveOneOut,
                    settings: RankerSettings) -> tuple[float, dict[str, float]]:
     """The co-visit fusion weight, chosen on the ranker's held-out users.
 
     Their validation step, as it would be served: the ranker's order of the
-    retrieval top-K, fused with co-visits from a table of the training part
-    only (items[:-2], which never holds the validation target).
+    retrieval top-K, fused with co-visits from a table of what precedes the
+    validation step (items[:-2] of the split's users, which never holds a
+    validation target, and the whole of the sequences too short for the split).
     """
     _, holdout_rows = holdout_split(len(lists.targets), settings)
     held = subset(lists, holdout_rows)
     orders = reranked(ranker, held, inputs, float(ranker.blend))
     histories = [split.train[row].tolist() for row in holdout_rows]
-    table = build_table(split.train, n_items)
+    table = build_table(split.train + unsplit_sequences(data, split), data.n_items)
     return choose_weight(orders.tolist(), histories, held.targets.tolist(), table)
+
+
+def table_through(data: InteractionData) -> dict[str, float]:
+    """``{"through": newest interaction time}`` of timestamped data: the fine-tuner extends
+    the table only with later interactions, so a replay of the training data is not counted twice."""
+    if data.timestamps is None:
+        return {}
+    newest = [float(times.max()) for times in data.timestamps if len(times)]
+    return {"through": max(newest)} if newest else {}
+
+
+def unsplit_sequences(data: InteractionData, split: LeaveOneOut) -> list[np.ndarray]:
+    """The sequences leave-one-out leaves out (fewer than 3 items): they still hold transitions."""
+    kept = set(split.users.tolist())
+    return [sequence for user, sequence in enumerate(data.sequences) if user not in kept]
 
 
 def train_artefact(
@@ -226,7 +242,7 @@ def train_artefact(
         vectors = model.catalogue_vectors(catalogue).numpy()
     inputs = RankerInputs(vectors=vectors, text=text, config=config)
     fitted_ranker, ranker_report = train_ranker(config, ranker, lists, inputs, progress)
-    covisit_weight, covisit_report = covisit_choice(fitted_ranker, lists, inputs, split, data.n_items, ranker)
+    covisit_weight, covisit_report = covisit_choice(fitted_ranker, lists, inputs, data, split, ranker)
     if retrieval.fine_tune_epochs > 0:
         # The validation step has done its job (epoch choice, ranker fit); the
         # towers now learn it too, as the fine-tuner does with each new window.
@@ -250,7 +266,8 @@ def train_artefact(
         "train_action": train_action,
         "actions": list(ACTIONS),
         "text_fields": list(TRAINED_TEXT_FIELDS),  # what serving must embed as an item's text
-        "covisit": {"window": WINDOW, "neighbours": NEIGHBOURS, "weight": covisit_weight},
+        "covisit": {"window": WINDOW, "neighbours": NEIGHBOURS, "weight": covisit_weight,
+                    **table_through(data)},
         "encoders": encoders,
     }, indent=2) + "\n")
     (staging / "id_maps.json").write_text(json.dumps({
@@ -258,8 +275,10 @@ def train_artefact(
         "attributes": {name: i + 1 for i, name in enumerate(data.attribute_names)},
     }))
     np.savez_compressed(staging / "item_features.npz", **_item_features(data, split, text, has_text))
-    # Transitions of everything the towers learnt from (items[:-1]); workers add the stream's.
-    build_table(split.inputs("test"), data.n_items).save(staging / TRANSITIONS_FILE)
+    # Transitions of every training sequence, whole: the newest step and the users too short
+    # for the split hold the most recent ones. The test metrics below rank with the networks
+    # alone, so the table may hold items[-1]. Workers add the stream's transitions.
+    build_table(data.sequences, data.n_items).save(staging / TRANSITIONS_FILE)
     manifest: dict[str, Any] = {
         "version": new_version(data.name),
         "parent": None,
@@ -273,7 +292,8 @@ def train_artefact(
             "interactions": int(sum(len(s) for s in data.sequences)),
             "window": (
                 "leave-one-out per user: towers trained on items[:-2] with early stopping on items[-2], "
-                "ranker fitted on the items[-2] step, then towers fine-tuned on items[:-1]; items[-1] never seen"
+                "ranker fitted on the items[-2] step, then towers fine-tuned on items[:-1]; items[-1] never seen "
+                "by the networks; co-visit table from every interaction"
             ),
         },
         "train_seconds": round(train_seconds, 1),

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from model.artefact import read_manifest
+from model.covisit import build_table
 from model.data import InteractionData
 from model.export_fused import NETWORKS, Networks, format_int8_report, parity, quantize_int8
 from model.ranker_train import RankerSettings
 from model.retrieval_train import RetrievalSettings
 from model.serving import ACTION_CODE, CONTEXT_FEATURES, ItemContent
 from model.towers import ItemTower, Ranker, TowerConfig, UserTower
-from model.train import train_artefact
+from model.train import table_through, train_artefact, unsplit_sequences
 from model.trained import TrainedModel
 
 N_ITEMS = 30
@@ -264,12 +265,34 @@ def test_the_artefact_carries_the_item_transitions_of_its_training_data(artefact
     # Every user walks the catalogue in order: an item's heaviest successor is the next one.
     indices, weights = model.transitions.row(model.item_index["sku-7"])
     assert model.item_ids[int(indices[0])] == "sku-8" and weights[0] == weights.max()
+    # The table holds every training interaction, each user's newest step included.
+    expected = build_table(successor_data().sequences, N_ITEMS)
+    for stored, built in zip(model.transitions.pairs(), expected.pairs()):
+        np.testing.assert_array_equal(stored, built)
     config = json.loads((artefact / "config.json").read_text())
     assert config["covisit"]["weight"] == model.covisit_weight and model.covisit_weight in WEIGHTS
     report = json.loads((artefact / "manifest.json").read_text())["metrics"]["covisit"]
     assert {f"holdout_ndcg@10_covisit_{w:g}" for w in WEIGHTS} <= set(report)
     # The table is part of what the manifest's hashes protect.
     assert "transitions.npz" in read_manifest(artefact)["files"]
+
+
+def test_the_co_visit_choice_sees_the_sequences_too_short_for_the_split() -> None:
+    from model.data import leave_one_out
+
+    data = successor_data(users=4)
+    data = InteractionData(
+        name="short", user_ids=["a", "b", "c", "d"],
+        sequences=[np.array([1, 2]), np.array([1, 2, 3, 4]), np.array([5]), np.array([2, 3, 4])],
+        item_ids=data.item_ids, attributes=data.attributes, attribute_names=data.attribute_names,
+        timestamps=[np.array([1.0, 2.0]), np.array([3.0, 9.0, 4.0, 5.0]), np.array([6.0]), np.array([7.0, 7.5, 8.0])],
+    )
+    short = unsplit_sequences(data, leave_one_out(data))
+    assert [sequence.tolist() for sequence in short] == [[1, 2], [5]]
+    assert table_through(data) == {"through": 9.0}
+    assert table_through(InteractionData(
+        name="untimed", user_ids=["a"], sequences=[np.array([1, 2, 3])], item_ids=data.item_ids,
+        attributes=data.attributes, attribute_names=data.attribute_names)) == {}
 
 
 def test_a_fine_tuned_version_adds_the_windows_transitions_once(artefact: Path, tmp_path: Path) -> None:
