@@ -512,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="first train a model on the warm-up prefixes only (never on a scored "
                              "interaction) and serve it; the budget in minutes")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of cumulative HR@10")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="partitions per topic of the two stacks (default: STREAMREC_PARTITIONS); "
+                             "long replays on the embedded broker run faster with more (docs/prequential.md)")
     parser.add_argument("--offline-check", action="store_true",
                         help="also rank the same requests with the served artefact's networks offline "
                              "(offline_*_hr@10): the replay should match them")
@@ -527,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.artefact is not None and args.train_minutes is not None:
         raise ConfigError("give --artefact or --train-minutes, not both")
     with work_dir(args.work_dir, "prequential") as folder:
-        overrides = {}
+        overrides: dict[str, object] = {} if args.partitions is None else {"partitions": args.partitions}
         if args.train_minutes is not None:
             args.artefact = train_on_warmup(args.data_format, args.data, args.warmup_fraction, args.max_per_user,
                                             args.train_minutes, folder / "warmup-model")
@@ -583,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         "waiting_seconds": round(evaluation.waiting_s, 1),
         "asking_seconds": round(evaluation.asking_s, 1),
         "publishing_seconds": round(evaluation.publishing_s, 1),
+        "partitions": args.partitions if args.partitions is not None else base.partitions,
         "plot": str(args.plot) if args.plot else None,
     })
     if args.artefact is not None:

@@ -66,11 +66,14 @@ def test_synthetic_sequences_replay_through_both_workers(
 def test_movielens_users_replay_in_time_order(
     tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = run_bench(["--format", "ml100k", "--users", "20", "--max-per-user", "8",
+    result = run_bench(["--format", "ml100k", "--users", "20", "--max-per-user", "8", "--partitions", "8",
                         "--work-dir", str(tmp_path / "work")], models_dir, monkeypatch, capsys)
 
     # Every MovieLens user has at least 20 ratings: 8 kept, 4 warm-up, 4 scored.
     check_result(result, users=20, events=160, scored=80)
+    # Topics of 8 partitions: the 20 users' clicks spread over them, and every request
+    # waited until its worker had applied them all, so all 8 were consumed.
+    assert result["partitions"] == 8
 
 
 def test_a_trained_model_is_served_as_it_ranks_offline(
