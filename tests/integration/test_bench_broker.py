@@ -25,7 +25,10 @@ def test_one_record_per_batch_is_measured_and_read_back(tmp_path: Path, capsys: 
     assert result["consumed"] == 600
     assert all(segment["ms_per_send"] > 0 for segment in segments)
     # The embedded broker's CPU is read from /proc: it did work for every segment.
-    assert all(segment["broker_cpu_share"] is not None and segment["broker_cpu_share"] >= 0 for segment in segments)
+    for segment in segments:
+        assert segment["broker_cpu_share"] is not None and segment["broker_cpu_share"] >= 0
+        assert segment["broker_cpu_ms_per_record"] == pytest.approx(
+            segment["broker_cpu_share"] * segment["ms_per_send"], abs=1e-3)
     assert result["partitions"] == 3 and result["consumer"] is True and result["embedded_broker"] is True
     assert (tmp_path / "broker.log").exists()
 
