@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,10 +31,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from stream.bench.common import bench_parser, report, start_broker, work_dir
 from stream.errors import ConfigError, StreamrecError
 
-TOPIC = "bench-broker"
+TOPIC_PREFIX = "bench-broker-"  # a new topic per run: an outside broker may hold earlier ones
 VALUE_BYTES = 100
 KEYS = 997  # distinct keys, spread over the partitions
-JOIN_TIMEOUT_S = 60.0
+WAIT_S = 60.0  # for the consumer's group join, and for it to catch up at the end
 
 
 @dataclass(frozen=True)
@@ -57,42 +58,44 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 async def measure(bootstrap: str, records: int, every: int, partitions: int, consume: bool,
-                  broker_pid: int | None, drained: list[int]) -> list[Segment]:
-    """The segments; ``drained`` gets the records consumed once the consumer caught up (or gave up)."""
+                  broker_pid: int | None) -> tuple[list[Segment], int]:
+    """The segments, and the records consumed once the consumer caught up (or ``WAIT_S`` passed)."""
+    topic = f"{TOPIC_PREFIX}{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(TOPIC, partitions, 1)])
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
     finally:
         await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
-    consumer = AIOKafkaConsumer(TOPIC, bootstrap_servers=bootstrap, group_id="bench-broker",
-                                auto_offset_reset="earliest")
     await producer.start()
+    consumer = None
     consumed = 0
 
-    async def read_along() -> None:
+    async def read_along(consumer: AIOKafkaConsumer) -> None:
         nonlocal consumed
         while True:
             batches = await consumer.getmany(timeout_ms=200)
             consumed += sum(len(batch) for batch in batches.values())
 
     reader = None
-    if consume:
-        # The consumer joins its group first, so it reads along from the first record.
-        await consumer.start()
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        while len(consumer.assignment()) < partitions:
-            if time.monotonic() > deadline:
-                raise StreamrecError(f"the consumer got no assignment of {TOPIC} in {JOIN_TIMEOUT_S:g} s")
-            await consumer.getmany(timeout_ms=100)
-        reader = asyncio.create_task(read_along())
     segments: list[Segment] = []
     cpu = (lambda: process_cpu_seconds(broker_pid)) if broker_pid else (lambda: 0.0)
     try:
+        if consume:
+            # The consumer joins its group first, so it reads along from the first record.
+            consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=topic,
+                                        auto_offset_reset="earliest")
+            await consumer.start()
+            deadline = time.monotonic() + WAIT_S
+            while len(consumer.assignment()) < partitions:
+                if time.monotonic() > deadline:
+                    raise StreamrecError(f"the consumer got no assignment of {topic} in {WAIT_S:g} s")
+                await consumer.getmany(timeout_ms=100)
+            reader = asyncio.create_task(read_along(consumer))
         started, cpu_started = time.monotonic(), cpu()
         for n in range(1, records + 1):
-            await producer.send_and_wait(TOPIC, b"x" * VALUE_BYTES, key=str(n % KEYS).encode())
+            await producer.send_and_wait(topic, b"x" * VALUE_BYTES, key=str(n % KEYS).encode())
             if n % every == 0:
                 now, cpu_now = time.monotonic(), cpu()
                 share = round((cpu_now - cpu_started) / (now - started), 3) if broker_pid else None
@@ -102,17 +105,17 @@ async def measure(bootstrap: str, records: int, every: int, partitions: int, con
                       + ("-" if share is None else f"{100 * share:.0f}%, {segment.broker_cpu_ms_per_record:.2f} ms "
                          "per record"), flush=True)
                 started, cpu_started = now, cpu_now
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        deadline = time.monotonic() + WAIT_S
         while reader is not None and consumed < records and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        drained.append(consumed)
     finally:
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+        if consumer is not None:
             await consumer.stop()
         await producer.stop()
-    return segments
+    return segments, consumed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,17 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         broker = None if args.bootstrap else start_broker(Path(folder))
         try:
             bootstrap = args.bootstrap or broker.bootstrap  # type: ignore[union-attr]
-            drained: list[int] = []
-            segments = asyncio.run(measure(bootstrap, args.records, min(args.every, args.records),
-                                           args.partitions, not args.no_consumer,
-                                           None if broker is None else broker.pid, drained))
+            segments, consumed = asyncio.run(measure(bootstrap, args.records, min(args.every, args.records),
+                                                     args.partitions, not args.no_consumer,
+                                                     None if broker is None else broker.pid))
         finally:
             if broker is not None:
                 broker.stop()
     report("broker cost per record (one record per batch)", {
         "records": args.records, "partitions": args.partitions, "consumer": not args.no_consumer,
         "embedded_broker": args.bootstrap is None,
-        "consumed": drained[0] if drained else 0,
+        "consumed": consumed,
         "first_ms_per_send": segments[0].ms_per_send, "last_ms_per_send": segments[-1].ms_per_send,
         "first_broker_cpu_ms_per_record": segments[0].broker_cpu_ms_per_record,
         "last_broker_cpu_ms_per_record": segments[-1].broker_cpu_ms_per_record,
