@@ -19,7 +19,6 @@ another (its CPU is then not read).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from stream.bench.common import bench_parser, report, start_broker, work_dir
+from stream.bench.common import bench_parser, process_cpu_seconds, report, start_broker, work_dir
 from stream.errors import ConfigError, StreamrecError
 
 TOPIC_PREFIX = "bench-broker-"  # a new topic per run: an outside broker may hold earlier ones
@@ -48,13 +47,6 @@ class Segment:
     def broker_cpu_ms_per_record(self) -> float | None:
         """Broker CPU per record sent: less bent than wall time by other work on the machine."""
         return None if self.broker_cpu_share is None else round(self.broker_cpu_share * self.ms_per_send, 3)
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux ``/proc``)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(bootstrap: str, records: int, every: int, partitions: int, consume: bool,

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import json
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -75,6 +76,12 @@ def work_dir(path: Path | None, prefix: str) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_broker(log_dir: Path) -> EmbeddedBroker:

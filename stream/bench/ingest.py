@@ -40,6 +40,7 @@ import numpy as np
 
 from stream.bench.common import (
     bench_parser,
+    process_cpu_seconds,
     report,
     run_on_one_stack,
 )
@@ -232,12 +233,6 @@ class Rate:
     @property
     def per_cpu_s(self) -> float:
         return (self.events - self.first_seen) / self.cpu_seconds if self.cpu_seconds > 0 else float("nan")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ProgressFile:
