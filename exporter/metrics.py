@@ -91,7 +91,7 @@ class Metrics:
             "streamrec_drift_popularity_gini", "Gini coefficient of how often each item is served.",
             registry=registry,
         )
-        # --- fine-tuning (model.finetune) ------------------------------------------
+        # --- fine-tuning (finetune.job) ------------------------------------------
         self.finetune_decisions = Counter(
             "streamrec_finetune_decisions_total",
             "Fine-tuning cycles by outcome (promoted, rejected, skipped).", ["decision"], registry=registry,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.errors import ConfigError
+from core.errors import ConfigError
 
 Labels = dict[str, str]
 
@@ -267,7 +267,7 @@ def fetch_health(url: str, timeout_s: float) -> dict[str, object] | None:
 
 
 def default_metrics_url() -> str:
-    from stream.settings import load_settings
+    from core.settings import load_settings
 
     settings = load_settings()
     # A worker listening on every interface is reached on loopback.

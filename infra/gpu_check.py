@@ -97,8 +97,8 @@ def compare(path: Path, feed_rows: int, repeats: int, rng: np.random.Generator) 
 def ranker_onnx(folder: Path) -> Path | None:
     """The trained ranker's architecture exported with random weights; None without torch."""
     try:
-        from model.export_fused import Networks, export_network
-        from model.towers import TowerConfig
+        from model.export.fused import Networks, export_network
+        from model.nets.towers import TowerConfig
     except ImportError:
         return None
     networks = Networks.build(TowerConfig(n_items=1000, n_attributes=100, max_attributes=8))

@@ -7,13 +7,13 @@ import logging
 import faust
 from aiokafka.admin import AIOKafkaAdminClient
 
+from core.settings import Settings
 from stream import swap
 from stream.agents import catalog, clicks, images, recommend, searches
 from stream.agents.base import DeadLetters
 from stream.http_api import HealthState, serve_http
 from stream.lag import LAG_TOPICS, measure_lag
 from stream.services import Services
-from stream.settings import Settings
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)

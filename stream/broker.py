@@ -19,8 +19,8 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from stream.errors import ConfigError, StreamrecError
-from stream.settings import TOPIC_KEYS, Settings
+from core.errors import ConfigError, StreamrecError
+from core.settings import TOPIC_KEYS, Settings
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.serving import ItemContent
-from stream.errors import DecodeError
-from stream.events import CatalogItem, ImageEvent, ImageRef
+from core.errors import DecodeError
+from core.events import CatalogItem, ImageEvent, ImageRef
+from model.serving.contract import ItemContent
 from stream.images import read_image_bytes
 from stream.services import Services
 from stream.store import Point

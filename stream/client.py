@@ -14,7 +14,7 @@ import uuid
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream.events import (
+from core.events import (
     CatalogItem,
     ClickEvent,
     Event,
@@ -23,7 +23,7 @@ from stream.events import (
     RecResponse,
     SearchEvent,
 )
-from stream.settings import Settings
+from core.settings import Settings
 
 
 def event_key(event: Event | RecRequest) -> bytes:

@@ -2,7 +2,7 @@
 
 The served model brings the transitions of its training data
 (``ServingModel.transitions``, over its item indices); this keeps what the
-clicks taught since, by item id, weighted as ``model.covisit`` weighs them, so
+clicks taught since, by item id, weighted as ``model.serving.covisit`` weighs them, so
 that an item bought after another a minute ago is suggested after it now, also
 to other users and also for items the model never saw. A request's co-visit
 scores add both.
@@ -18,7 +18,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from model.covisit import BACKWARD_SHARE, NEIGHBOURS, WINDOW, CoVisitTable, history_scores, ranked
+from model.serving.covisit import (
+    BACKWARD_SHARE,
+    NEIGHBOURS,
+    WINDOW,
+    CoVisitTable,
+    history_scores,
+    ranked,
+)
 
 
 def fusion_weight(configured: float | None, model: object) -> float:

@@ -13,8 +13,8 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from stream.errors import DecodeError
-from stream.events import RecRequest, decode
+from core.errors import DecodeError
+from core.events import RecRequest, decode
 from stream.recommend import recommend
 from stream.services import Services
 

@@ -10,8 +10,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from stream.errors import DecodeError
-from stream.events import ImageRef
+from core.errors import DecodeError
+from core.events import ImageRef
 
 
 def read_image_bytes(

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from stream.settings import Settings
+from core.settings import Settings
 
 LAG_TOPICS = ("clicks", "searches", "images", "catalog", "requests")
 

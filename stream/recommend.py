@@ -11,14 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.covisit import fused_relevance, ranked
-from model.rerank import mmr
+from core.events import RecommendedItem, RecRequest, RecResponse
+from model.serving.covisit import fused_relevance, ranked
+from model.serving.rerank import mmr
 from stream.covisit import fusion_weight
-from stream.events import RecommendedItem, RecRequest, RecResponse
 from stream.item_cache import Gathered
-from stream.services import Services, ServingState
+from stream.services import Services
 from stream.store import Hit, SearchFilter
 from stream.users import QUERY_PREFIX, UserState
+from stream.versions import ServingState
 
 TRENDING_CANDIDATES = 50
 COVISIT_CANDIDATES = 50  # the best "chosen next" items a request considers
@@ -162,7 +163,7 @@ def rerank(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: float, *,
     retrieval order. A ranker's correction on candidates it never saw in
     training can lift far-down items over the retrieval top.
 
-    ``covisit``: candidate positions in co-visit order (``model.covisit``);
+    ``covisit``: candidate positions in co-visit order (``model.serving.covisit``);
     with a positive ``covisit_weight`` the model's order and this one are fused
     by reciprocal rank, and MMR chooses by the fused relevance.
     """

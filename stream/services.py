@@ -14,45 +14,32 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from core.errors import ConfigError, ModelLoadError
+from core.settings import Settings
 from exporter.drift import DriftMonitor, DriftThresholds
 from exporter.metrics import Metrics
-from model.serving import ServingModel
-from stream.errors import ConfigError, ModelLoadError
-from stream.settings import Settings
-from stream.store import CollectionSpec, VectorStore, open_store
-from stream.item_cache import ItemCache
+from model.serving.contract import ServingModel
 from stream.covisit import StreamTransitions
+from stream.item_cache import ItemCache
+from stream.store import VectorStore, open_store
 from stream.trending import Trending
+from stream.versions import (
+    Collections,
+    ServingState,
+    collection_specs,
+    new_item_cache,
+    serving_collections,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Collections:
-    items: str
-    users: str
-    queries: str
-
-
-@dataclass(frozen=True)
-class ServingState:
-    """One model version with the collections and item cache built for it.
-
-    Swapped as one reference (``stream.swap``): a request reads it once and so
-    never mixes two versions' vectors.
-    """
-
-    model: ServingModel
-    collections: Collections
-    item_cache: ItemCache
 
 
 @dataclass
 class Services:
     settings: Settings
     store: VectorStore
-    text_encoder: object  # model.content.TextEncoder
-    image_encoder: object  # model.content.ImageEncoder
+    text_encoder: object  # model.serving.content.TextEncoder
+    image_encoder: object  # model.serving.content.ImageEncoder
     metrics: Metrics
     trending: Trending
     serving: ServingState
@@ -77,9 +64,9 @@ class Services:
 
     @classmethod
     def open(cls, settings: Settings, registry: CollectorRegistry | None = None) -> "Services":
-        from model.content import ImageEncoder, TextEncoder
+        from model.serving.content import ImageEncoder, TextEncoder
 
-        towers_dir = prepare_towers(settings)
+        towers_dir = exported_towers(settings)
         model = load_serving_model(settings)
         try:
             check_encoders(model, towers_dir)
@@ -92,8 +79,6 @@ class Services:
             api_key=settings.qdrant_api_key,
             hnsw_ef=settings.hnsw_ef,
         )
-        from stream.swap import serving_collections
-
         # The collections a hot swap built for this version, else the plain names.
         collections = serving_collections(settings, model.version)
         for spec in collection_specs(collections, model):
@@ -124,31 +109,6 @@ class Services:
         self.store.close()
 
 
-def collection_specs(collections: Collections, model: ServingModel) -> list[CollectionSpec]:
-    """The items, users and queries collections of one model version."""
-    # The retrieval space (fused items, users, queries) is scored by dot
-    # product, exactly as the model computes it; content vectors by cosine.
-    return [
-        CollectionSpec(
-            collections.items,
-            {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
-            dot=frozenset({"fused"}),
-            half=frozenset({"text", "image"}),  # content vectors; the retrieval space stays float32
-        ),
-        CollectionSpec(collections.users, {"user": model.fused_dim}, dot=frozenset({"user"})),
-        CollectionSpec(collections.queries, {"fused": model.fused_dim}, dot=frozenset({"fused"})),
-    ]
-
-
-def new_item_cache(settings: Settings, model: ServingModel) -> ItemCache:
-    return ItemCache(
-        {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
-        # The in-process store has no other writer; a shared server may.
-        ttl_s=float("inf") if settings.store_backend == "edge" else settings.item_cache_ttl_s,
-        max_items=settings.item_cache_items,
-    )
-
-
 def drift_monitor(settings: Settings) -> DriftMonitor:
     thresholds = DriftThresholds(
         score_psi=settings.drift_score_psi,
@@ -159,20 +119,17 @@ def drift_monitor(settings: Settings) -> DriftMonitor:
     return DriftMonitor(settings.drift_reference_size, settings.drift_window_size, thresholds)
 
 
-def prepare_towers(settings: Settings, *, check: bool = False) -> Path:
-    """Export the frozen text and image towers to ONNX once; reuse afterwards.
+def exported_towers(settings: Settings) -> Path:
+    """The folder of the exported text and image towers; ``streamrec setup`` writes it.
 
-    Workers skip the check when both towers are exported (importing torch and
-    transformers takes seconds; checksums are verified on load anyway);
-    ``streamrec setup`` passes ``check=True`` to re-export when sources changed.
+    A worker never exports them itself: that needs torch and transformers, which
+    the serving path does not load (``streamrec worker`` exports them first when
+    they are missing).
     """
     towers_dir = settings.models_path / "towers"
-    exported = all((towers_dir / name / f"{name}_tower.json").exists() for name in ("text", "image"))
-    if check or not exported:
-        from model.onnx_export import build_towers
-
-        build_towers(towers_dir, text_encoder_path=settings.text_encoder_path,
-                     image_weights_path=settings.image_encoder_weights)
+    missing = [name for name in ("text", "image") if not (towers_dir / name / f"{name}_tower.json").exists()]
+    if missing:
+        raise ConfigError(f"the {' and '.join(missing)} tower is not exported in {towers_dir}: run `streamrec setup`")
     return towers_dir
 
 
@@ -206,11 +163,11 @@ def check_encoders(model: ServingModel, towers_dir: Path) -> None:
 
 def load_serving_model(settings: Settings) -> ServingModel:
     """The promoted trained model if the registry has one, else the rule model."""
-    from model.rule_model import RULE_VERSION, RuleModel, build_rule_scorer
+    from model.serving.rule_model import RULE_VERSION, RuleModel
 
     current = settings.models_path / "current"
     if current.exists():
-        from model.trained import TrainedModel
+        from model.serving.trained import TrainedModel
 
         try:
             return TrainedModel(current.resolve(), threads=settings.onnx_threads, int8=settings.onnx_int8)
@@ -219,5 +176,5 @@ def load_serving_model(settings: Settings) -> ServingModel:
     rule_dir = settings.models_path / "rule"
     config = rule_dir / "config.json"
     if not config.exists() or json.loads(config.read_text()).get("version") != RULE_VERSION:
-        build_rule_scorer(rule_dir)
+        raise ConfigError(f"the rule model {RULE_VERSION} is not exported in {rule_dir}: run `streamrec setup`")
     return RuleModel(rule_dir, threads=settings.onnx_threads)

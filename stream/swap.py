@@ -23,83 +23,38 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 
-from model.registry import Registry
-from model.serving import CONTENT_TEXT_FIELDS, ItemContent, ServingModel, compose_text
-from stream.errors import ModelLoadError
-from stream.services import (
-    Collections,
-    Services,
-    ServingState,
-    check_encoders,
-    collection_specs,
-    new_item_cache,
+from core.errors import ModelLoadError
+from model.serving.contract import (
+    CONTENT_TEXT_FIELDS,
+    ItemContent,
+    ServingModel,
+    compose_text,
 )
-from stream.settings import Settings
+from model.serving.registry import Registry
+from stream.services import Services, check_encoders
 from stream.store import Point
+from stream.users import UserState, user_vectors
+from stream.versions import (
+    Collections,
+    ServingState,
+    collection_specs,
+    default_collections,
+    new_item_cache,
+    read_pointer,
+    recorded,
+    version_collections,
+    write_pointer,
+)
 
 log = logging.getLogger(__name__)
-POINTER = "serving.json"
 CHUNK = 1024
-
-
-# --- which collections hold which version ---------------------------------------
-def _pointer_path(settings: Settings) -> Path:
-    return settings.store_path / POINTER
-
-
-def default_collections(settings: Settings) -> Collections:
-    prefix = settings.collection_prefix
-    return Collections(items=f"{prefix}items", users=f"{prefix}users", queries=f"{prefix}queries")
-
-
-def version_collections(settings: Settings, version: str) -> Collections:
-    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in version)
-    prefix = settings.collection_prefix
-    return Collections(items=f"{prefix}items_{slug}", users=f"{prefix}users_{slug}",
-                       queries=f"{prefix}queries_{slug}")
-
-
-def read_pointer(settings: Settings) -> dict[str, Any] | None:
-    try:
-        return json.loads(_pointer_path(settings).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_pointer(settings: Settings, model: ServingModel, collections: Collections,
-                  retired: Collections | None = None) -> None:
-    path = _pointer_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = path.with_suffix(f".{os.getpid()}.tmp")
-    dims = {"text_dim": model.text_dim, "image_dim": model.image_dim, "fused_dim": model.fused_dim}
-    record: dict[str, object] = {"version": model.version, **dataclasses.asdict(collections), **dims,
-                                 "text_fields": list(model.text_fields)}
-    if retired is not None:
-        record["retired"] = dataclasses.asdict(retired)
-    fresh.write_text(json.dumps(record))
-    os.replace(fresh, path)
-
-
-def _recorded(pointer: dict[str, Any] | None, key: str | None = None) -> Collections | None:
-    """The collections a pointer names (``key=None``) or keeps under ``key``; None when absent."""
-    record = pointer if key is None or pointer is None else pointer.get(key)
-    if not isinstance(record, dict):
-        return None
-    try:
-        return Collections(items=record["items"], users=record["users"], queries=record["queries"])
-    except KeyError:
-        return None
 
 
 def retire(services: Services, replaced: Collections, serving: Collections) -> Collections | None:
@@ -107,7 +62,7 @@ def retire(services: Services, replaced: Collections, serving: Collections) -> C
 
     Returns what stays retired now (None when ``replaced`` is what serves).
     """
-    earlier = _recorded(read_pointer(services.settings), "retired")
+    earlier = recorded(read_pointer(services.settings), "retired")
     keep = {*dataclasses.astuple(replaced), *dataclasses.astuple(serving)}
     if earlier is not None:
         for name in dataclasses.astuple(earlier):
@@ -115,14 +70,6 @@ def retire(services: Services, replaced: Collections, serving: Collections) -> C
                 services.store.drop_collection(name)
                 log.info("dropped collection %s (replaced two swaps ago)", name)
     return None if replaced == serving else replaced
-
-
-def serving_collections(settings: Settings, version: str) -> Collections:
-    """The collections recorded for ``version``, else the plain names."""
-    pointer = read_pointer(settings)
-    if pointer and pointer.get("version") == version:
-        return _recorded(pointer) or default_collections(settings)
-    return default_collections(settings)
 
 
 # --- rebuilding vectors for a model ----------------------------------------------
@@ -202,8 +149,6 @@ def _rebuild_queries(services: Services, model: ServingModel, old: Collections, 
 
 
 def _rebuild_users(services: Services, old: Collections, new: ServingState) -> int:
-    from stream.users import UserState, user_vectors
-
     store, count = services.store, 0
     # A view of the services that already serves the new state, so user_vectors
     # reads the new item and query vectors and calls the new user tower.
@@ -291,8 +236,35 @@ async def hot_swap(services: Services, version: str | None = None) -> bool:
     return True
 
 
+async def reconcile(services: Services) -> None:
+    """Make the stored vectors match the model this worker loaded, once at start-up.
+
+    A first start records the pointer. A worker that was down while another
+    version was promoted finds the pointer naming the previous version: its
+    stored vectors belong to that version, so they are rebuilt for the model
+    just loaded. Then the registry's current version is served if it differs.
+    """
+    settings = services.settings
+    pointer = read_pointer(settings)
+    if pointer is None:
+        write_pointer(settings, services.model, services.collections)
+    elif pointer.get("version") != services.model.version:
+        source = recorded(pointer) or default_collections(settings)
+        dims = SimpleNamespace(text_dim=pointer["text_dim"], image_dim=pointer["image_dim"],
+                               fused_dim=pointer["fused_dim"])
+        for spec in collection_specs(source, dims):  # type: ignore[arg-type]
+            services.store.ensure_collection(spec)
+        async with services.write_lock:
+            # A pointer without text fields comes from a worker whose every
+            # text vector was embedded from all of an item's text.
+            stored_fields = tuple(pointer.get("text_fields", CONTENT_TEXT_FIELDS))
+            state = await asyncio.to_thread(build_state, services, services.model, source, stored_fields)
+            install(services, state, replaced=source)
+    await hot_swap(services)
+
+
 async def listen_for_updates(services: Services, stop: asyncio.Event) -> None:
-    """Check the registry once at start and again on every ``model.updates`` message.
+    """Check the registry again on every ``model.updates`` message.
 
     The consumer has no group: every worker must see every update, and a
     replayed old message only triggers a check that finds nothing to do.
@@ -301,24 +273,6 @@ async def listen_for_updates(services: Services, stop: asyncio.Event) -> None:
     from aiokafka.errors import KafkaError
 
     settings = services.settings
-    pointer = read_pointer(settings)
-    if pointer is None:
-        write_pointer(settings, services.model, services.collections)
-    elif pointer.get("version") != services.model.version:
-        # Promoted while this worker was down: the stored vectors belong to the
-        # pointer's version; rebuild them for the model just loaded.
-        source = _recorded(pointer) or default_collections(settings)
-        dims = SimpleNamespace(text_dim=pointer["text_dim"], image_dim=pointer["image_dim"],
-                               fused_dim=pointer["fused_dim"])
-        for spec in collection_specs(source, dims):  # type: ignore[arg-type]
-            services.store.ensure_collection(spec)
-        async with services.write_lock:
-            # Pointers written before models declared their text fields: every
-            # text vector was embedded from all of an item's text.
-            stored_fields = tuple(pointer.get("text_fields", CONTENT_TEXT_FIELDS))
-            state = await asyncio.to_thread(build_state, services, services.model, source, stored_fields)
-            install(services, state, replaced=source)
-    await hot_swap(services)
     consumer = AIOKafkaConsumer(
         settings.topic("model_updates"), bootstrap_servers=settings.bootstrap_list, group_id=None,
         enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=200,
@@ -340,11 +294,12 @@ async def listen_for_updates(services: Services, stop: asyncio.Event) -> None:
 
 
 def attach(app: object, services: Services) -> None:
-    """Run ``listen_for_updates`` as a task of the worker's Faust app."""
+    """Reconcile at start-up, then ``listen_for_updates``, as a task of the worker's Faust app."""
     stop = asyncio.Event()
 
     @app.task  # type: ignore[attr-defined]
     async def model_update_listener() -> None:
+        await reconcile(services)
         await listen_for_updates(services, stop)
 
     @app.on_before_shutdown.connect  # type: ignore[attr-defined]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import faust
 
-from stream.settings import Settings
+from core.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Topics:
 
     @classmethod
     def declare(cls, app: faust.App, settings: Settings) -> "Topics":
-        # Values stay raw bytes: decoding is ours (stream.events.decode), so a
+        # Values stay raw bytes: decoding is ours (core.events.decode), so a
         # bad message becomes a dead letter instead of a deserializer crash.
         def topic(key: str) -> faust.TopicT:
             return app.topic(

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.serving import ACTION_CODE
-from stream.events import ClickEvent, SearchEvent
+from core.events import ClickEvent, SearchEvent
+from model.serving.contract import ACTION_CODE
 from stream.services import Services
 from stream.store import Point
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from core.settings import Settings
 from stream.broker import ensure_topics, wait_for_broker
-from stream.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,12 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """Exported towers and the rule scorer, built once (``make test`` runs setup first)."""
-    from stream.services import load_serving_model, prepare_towers
-    from stream.settings import load_settings
+    from core.settings import load_settings
+    from model.export.prepare import prepare_models
+    from stream.services import load_serving_model
 
     folder = Path(os.environ.get("STREAMREC_TEST_MODELS", REPO / ".streamrec" / "models"))
     settings = load_settings(model_dir=folder)
-    prepare_towers(settings)
+    prepare_models(settings)
     load_serving_model(settings)
     return folder

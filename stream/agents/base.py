@@ -22,10 +22,10 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel
 
-from stream.errors import DecodeError, StoreUnavailableError
-from stream.events import DeadLetter, decode
+from core.errors import DecodeError, StoreUnavailableError
+from core.events import DeadLetter, decode
+from core.settings import Settings
 from stream.services import Services
-from stream.settings import Settings
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ import time
 
 import faust
 
+from core.errors import DecodeError
+from core.events import CatalogItem
 from stream.agents.base import DeadLetters, Received, process_batch
 from stream.catalog import apply_catalog
-from stream.errors import DecodeError
-from stream.events import CatalogItem
 from stream.services import Services
 from stream.topics import Topics
 

@@ -23,9 +23,16 @@ import logging
 import faust
 from aiokafka.errors import KafkaError
 
-from stream.agents.base import Committer, DeadLetters, Received, RecordEvent, direct_consumer, process_batch
-from stream.errors import DecodeError
-from stream.events import ClickEvent
+from core.errors import DecodeError
+from core.events import ClickEvent
+from stream.agents.base import (
+    Committer,
+    DeadLetters,
+    Received,
+    RecordEvent,
+    direct_consumer,
+    process_batch,
+)
 from stream.services import Services
 from stream.topics import Topics
 from stream.users import Delivery, apply_interactions

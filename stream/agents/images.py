@@ -5,10 +5,10 @@ import asyncio
 
 import faust
 
+from core.errors import DecodeError
+from core.events import ImageEvent, RecRequest
 from stream.agents.base import DeadLetters, Received, process_batch
 from stream.catalog import apply_catalog_photos, embed_query_image
-from stream.errors import DecodeError
-from stream.events import ImageEvent, RecRequest
 from stream.recommend import recommend
 from stream.services import Services
 from stream.topics import Topics

@@ -19,12 +19,12 @@ import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from core.errors import DecodeError
+from core.events import RecRequest
+from core.settings import Settings
 from stream.agents.base import Committer, DeadLetters, Received, process_batch
-from stream.errors import DecodeError
-from stream.events import RecRequest
 from stream.recommend import recommend
 from stream.services import Services
-from stream.settings import Settings
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ import asyncio
 
 import faust
 
+from core.errors import DecodeError
+from core.events import RecRequest, SearchEvent
 from stream.agents.base import DeadLetters, Received, process_batch
-from stream.errors import DecodeError
-from stream.events import RecRequest, SearchEvent
 from stream.recommend import recommend
 from stream.services import Services
 from stream.topics import Topics

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stream.errors import ConfigError
+from core.errors import ConfigError
 from stream.store.base import (
     POINT_ID_NAMESPACE,
     CollectionSpec,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.errors import ConfigError
+from core.errors import ConfigError
 
 # Fixed for the life of the data: changing it orphans every stored point.
 POINT_ID_NAMESPACE = uuid.UUID("7ac7671c-aad0-4a84-8726-9f083a8f9f68")

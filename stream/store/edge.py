@@ -36,7 +36,7 @@ import numpy as np
 import pydantic_core
 import qdrant_edge as qe
 
-from stream.errors import ConfigError, StoreUnavailableError
+from core.errors import ConfigError, StoreUnavailableError
 from stream.store.base import (
     CATEGORY_KEY,
     ID_KEY,

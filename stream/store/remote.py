@@ -18,7 +18,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ApiException, UnexpectedResponse
 
-from stream.errors import ConfigError, StoreUnavailableError
+from core.errors import ConfigError, StoreUnavailableError
 from stream.store.base import (
     CATEGORY_KEY,
     ID_KEY,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.stack import LocalStack, free_port
+from core.settings import Settings, load_settings
 from stream.broker import EmbeddedBroker
-from stream.settings import Settings, load_settings
-from stream.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.stack import LocalStack
+from core.events import DeadLetter, Event, RecRequest, RecResponse
+from core.settings import Settings
 from stream.client import EventPublisher, ResponseListener, http_recommend
-from stream.events import DeadLetter, Event, RecRequest, RecResponse
-from stream.settings import Settings
-from stream.stack import LocalStack
 
 
 def publish(settings: Settings, events: Iterable[Event | RecRequest]) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.data import InteractionData
-from model.ranker_train import RankerSettings
-from model.registry import Registry
-from model.train import DEFAULT_RETRIEVAL, train_artefact
+from model.serving.registry import Registry
+from model.training.data import InteractionData
+from model.training.ranker import RankerSettings
+from model.training.train import DEFAULT_RETRIEVAL, train_artefact
 
 N_ITEMS, N_USERS, LENGTH = 200, 300, 30
 T0 = 1_700_000_000.0

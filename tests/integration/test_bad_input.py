@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from stream.events import CatalogItem, ClickEvent, ImageEvent, ImageRef
-from stream.settings import Settings
-from stream.stack import LocalStack
-from tests.integration.helpers import ask_http, dead_letters, processed, publish_raw, wait_until
+from bench.stack import LocalStack
+from core.events import CatalogItem, ClickEvent, ImageEvent, ImageRef
+from core.settings import Settings
+from tests.integration.helpers import (
+    ask_http,
+    dead_letters,
+    processed,
+    publish_raw,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.bench.broker import main as broker_main
-from stream.errors import ConfigError
+from bench.broker import main as broker_main
+from core.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 

@@ -19,17 +19,25 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from core.events import CatalogItem, ClickEvent, ModelUpdate, RecRequest
+from core.settings import Settings, load_settings
 from exporter.metrics import Metrics
-from model.finetune import InteractionLog, run_cycle
+from finetune.job import InteractionLog, run_cycle
 from stream.broker import EmbeddedBroker, ensure_topics
 from stream.catalog import apply_catalog
-from stream.events import CatalogItem, ClickEvent, ModelUpdate, RecRequest
 from stream.recommend import recommend
 from stream.services import Services
-from stream.settings import Settings, load_settings
 from stream.swap import hot_swap, listen_for_updates
 from tests.integration.helpers import publish, read_topic
-from tests.integration.synthetic import LENGTH, N_ITEMS, N_USERS, T0, registry_with, walk
+from tests.integration.synthetic import (
+    LENGTH,
+    N_ITEMS,
+    N_USERS,
+    T0,
+    registry_with,
+    walk,
+)
+
 
 def stream_clicks(step: int = 7, seed: int = 1) -> list[ClickEvent]:
     rng = np.random.default_rng(seed)

@@ -25,6 +25,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from bench import movielens
+from bench.stack import LocalStack, free_port
+from core.events import ClickEvent, SearchEvent
+from core.settings import Settings
 from exporter.metrics import Metrics
 from exporter.promql import (
     SCRAPE_SERIES,
@@ -35,11 +39,14 @@ from exporter.promql import (
     exported_series_names,
     metric_names,
 )
-from stream import movielens
-from stream.events import ClickEvent, SearchEvent
-from stream.settings import Settings
-from stream.stack import LocalStack, free_port
-from tests.integration.helpers import ask_http, ask_kafka, processed, publish, publish_raw, wait_until
+from tests.integration.helpers import (
+    ask_http,
+    ask_kafka,
+    processed,
+    publish,
+    publish_raw,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_CONFIG = REPO / "infra" / "prometheus" / "prometheus.yml"

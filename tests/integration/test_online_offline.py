@@ -19,13 +19,20 @@ import numpy as np
 import pytest
 import torch
 
-from model.content import TextEncoder
-from model.export_fused import Networks
-from model.serving import ACTION_CODE, TRAINED_TEXT_FIELDS
-from stream.events import CatalogItem, ClickEvent
-from stream.settings import Settings
-from stream.stack import LocalStack
-from tests.integration.helpers import ask_http, ask_kafka, processed, publish, user_state, wait_until
+from bench.stack import LocalStack
+from core.events import CatalogItem, ClickEvent
+from core.settings import Settings
+from model.export.fused import Networks
+from model.serving.content import TextEncoder
+from model.serving.contract import ACTION_CODE, TRAINED_TEXT_FIELDS
+from tests.integration.helpers import (
+    ask_http,
+    ask_kafka,
+    processed,
+    publish,
+    user_state,
+    wait_until,
+)
 from tests.integration.synthetic import N_ITEMS, category, registry_with, walk
 
 pytestmark = pytest.mark.integration

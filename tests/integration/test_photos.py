@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from stream.events import CatalogItem, ImageEvent, ImageRef
-from stream.settings import Settings
-from tests.integration.helpers import ask_http, processed, publish, read_topic, wait_until
+from core.events import CatalogItem, ImageEvent, ImageRef
+from core.settings import Settings
+from tests.integration.helpers import (
+    ask_http,
+    processed,
+    publish,
+    read_topic,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 CLASSES = ("shoes", "hat", "pants", "dress")

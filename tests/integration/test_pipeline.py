@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
-from stream import movielens
-from stream.events import CatalogItem, ClickEvent, SearchEvent
-from stream.settings import Settings
-from stream.stack import LocalStack
+from bench import movielens
+from bench.stack import LocalStack
+from core.events import CatalogItem, ClickEvent, SearchEvent
+from core.settings import Settings
 from tests.integration.helpers import (
     ask_http,
     ask_kafka,

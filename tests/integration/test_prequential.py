@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.bench.prequential import main as prequential_main
+from bench.prequential import main as prequential_main
 
 pytestmark = pytest.mark.integration
 

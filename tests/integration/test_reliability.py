@@ -17,13 +17,21 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from stream import movielens
-from stream.bench.common import read_store, user_state
+from bench import movielens
+from bench.common import read_store, user_state
+from bench.stack import LocalStack, WorkerProcess, free_port
+from core.events import CatalogItem, ClickEvent, ImageEvent, ImageRef
+from core.settings import Settings
 from stream.broker import EmbeddedBroker, ensure_topics
-from stream.events import CatalogItem, ClickEvent, ImageEvent, ImageRef
-from stream.settings import Settings
-from stream.stack import LocalStack, WorkerProcess, free_port
-from tests.integration.helpers import ask_http, ask_kafka, dead_letters, processed, publish, publish_raw, wait_until
+from tests.integration.helpers import (
+    ask_http,
+    ask_kafka,
+    dead_letters,
+    processed,
+    publish,
+    publish_raw,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -6,17 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.covisit import (
+from model.serving.covisit import (
     BACKWARD_SHARE,
     RRF_OFFSET,
     CoVisitTable,
     build_table,
-    choose_weight,
     fused_rank,
     fused_relevance,
     history_scores,
     ranked,
 )
+from model.training.covisit_weight import choose_weight
 from stream.covisit import StreamTransitions
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.drift import DriftMonitor, ctr_ratio, dimension_psi, gini, mean_cosine_distance, psi
+from exporter.drift import (
+    DriftMonitor,
+    ctr_ratio,
+    dimension_psi,
+    gini,
+    mean_cosine_distance,
+    psi,
+)
 
 
 def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift() -> None:

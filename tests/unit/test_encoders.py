@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from model.onnx_export import build_towers, encoder_identities
-from stream.errors import ModelLoadError
+from core.errors import ModelLoadError
+from model.export.towers import build_towers, encoder_identities
 from stream.services import check_encoders
 
 

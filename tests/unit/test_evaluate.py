@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import load_s3rec, leave_one_out
-from model.evaluate import evaluate_popularity
-from model.metrics import (
+from bench.quality import main as bench_main
+from model.serving.rerank import mmr
+from model.training.data import leave_one_out, load_s3rec
+from model.training.evaluate import evaluate_popularity
+from model.training.metrics import (
     MISSED,
     coverage,
     exclude_history,
@@ -21,8 +23,6 @@ from model.metrics import (
     target_ranks,
     top_k,
 )
-from model.quality_bench import main as bench_main
-from model.rerank import mmr
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -152,8 +152,8 @@ def test_pop_all_reproduces_the_published_poprec_row(name: str, hr: float, ndcg:
 
 def test_training_and_the_catalogue_embed_the_same_film_titles(tmp_path: Path) -> None:
     """A trained ML-100k model must meet its films under the titles it learned them by."""
-    from model.data import load_ml100k
-    from stream.movielens import catalog_events
+    from bench.movielens import catalog_events
+    from model.training.data import load_ml100k
 
     (tmp_path / "ml-100k.item").write_text(
         "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from stream.errors import DecodeError, StreamrecError
-from stream.events import (
+from core.errors import DecodeError, StreamrecError
+from core.events import (
     REASONS,
     CatalogItem,
     ClickEvent,

@@ -8,16 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from model.artefact import read_manifest
-from model.covisit import build_table
-from model.data import InteractionData
-from model.export_fused import NETWORKS, Networks, format_int8_report, parity, quantize_int8
-from model.ranker_train import RankerSettings
-from model.retrieval_train import RetrievalSettings
-from model.serving import ACTION_CODE, CONTEXT_FEATURES, ItemContent
-from model.towers import ItemTower, Ranker, TowerConfig, UserTower
-from model.train import table_through, train_artefact, unsplit_sequences
-from model.trained import TrainedModel
+from model.export.fused import (
+    NETWORKS,
+    Networks,
+    format_int8_report,
+    parity,
+    quantize_int8,
+)
+from model.nets.towers import ItemTower, Ranker, TowerConfig, UserTower
+from model.serving.artefact import read_manifest
+from model.serving.contract import ACTION_CODE, CONTEXT_FEATURES, ItemContent
+from model.serving.covisit import build_table
+from model.serving.trained import TrainedModel
+from model.training.data import InteractionData
+from model.training.ranker import RankerSettings
+from model.training.retrieval import RetrievalSettings
+from model.training.train import table_through, train_artefact, unsplit_sequences
 
 N_ITEMS = 30
 
@@ -86,7 +92,7 @@ def test_item_tower_gives_finite_vectors_without_modalities_and_for_new_items() 
 
 
 def test_catalogue_vectors_match_the_exported_forward() -> None:
-    from model.towers import attribute_mixing
+    from model.nets.towers import attribute_mixing
 
     config = tiny_config()
     tower = ItemTower(config).eval()
@@ -166,8 +172,8 @@ def test_int8_copies_are_close_and_reported(artefact: Path, tmp_path: Path) -> N
     assert report["ranker"]["max_abs_diff"] < 0.1
 
     # A worker serves the copies when STREAMREC_ONNX_INT8 is set, the fp32 files otherwise.
+    from core.settings import load_settings
     from stream.services import load_serving_model
-    from stream.settings import load_settings
 
     models = tmp_path / "models"
     models.mkdir()
@@ -251,14 +257,14 @@ def test_artefact_is_complete_and_hashes_are_checked(artefact: Path, tmp_path: P
     for file in artefact.iterdir():
         (broken / file.name).write_bytes(file.read_bytes())
     (broken / "config.json").write_text((artefact / "config.json").read_text() + " ")
-    from stream.errors import ModelLoadError
+    from core.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError):
         TrainedModel(broken)
 
 
 def test_the_artefact_carries_the_item_transitions_of_its_training_data(artefact: Path) -> None:
-    from model.covisit import WEIGHTS
+    from model.serving.covisit import WEIGHTS
 
     model = TrainedModel(artefact)
     assert model.transitions is not None
@@ -278,7 +284,7 @@ def test_the_artefact_carries_the_item_transitions_of_its_training_data(artefact
 
 
 def test_the_co_visit_choice_sees_the_sequences_too_short_for_the_split() -> None:
-    from model.data import leave_one_out
+    from model.training.data import leave_one_out
 
     data = successor_data(users=4)
     data = InteractionData(
@@ -296,7 +302,7 @@ def test_the_co_visit_choice_sees_the_sequences_too_short_for_the_split() -> Non
 
 
 def test_a_fine_tuned_version_adds_the_windows_transitions_once(artefact: Path, tmp_path: Path) -> None:
-    from model.finetune import write_candidate
+    from finetune.job import write_candidate
 
     parent = TrainedModel(artefact)
     first, second = parent.item_index["sku-3"], parent.item_index["sku-17"]  # never adjacent in training

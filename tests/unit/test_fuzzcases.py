@@ -11,12 +11,21 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from model.content import decode_image
-from stream.errors import DecodeError
-from stream.events import REASONS, decode
-from stream.fuzzcases import IMAGE_TOPICS, MUTATIONS, SCHEMAS, FuzzCase, FuzzLimits, generate_cases, kinds_for
+from bench.fuzzcases import (
+    IMAGE_TOPICS,
+    MUTATIONS,
+    SCHEMAS,
+    FuzzCase,
+    FuzzLimits,
+    generate_cases,
+    kinds_for,
+)
+from core.errors import DecodeError
+from core.events import REASONS, decode
+from model.serving.content import decode_image
 from stream.images import read_image_bytes
 
 MAX_IMAGE_BYTES = 8_388_608

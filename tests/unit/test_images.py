@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.errors import DecodeError
-from stream.events import ImageRef
+from core.errors import DecodeError
+from core.events import ImageRef
 from stream.images import read_image_bytes
 
 PHOTO = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # content is never decoded here

@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from stream.errors import ConfigError
-from stream.prequential import (
+from bench.prequential_eval import (
     Catalogue,
     PopularityBaseline,
     RankingScore,
@@ -17,6 +16,7 @@ from stream.prequential import (
     warmup_length,
     waves,
 )
+from core.errors import ConfigError
 
 
 def test_warmup_length_keeps_at_least_one_event_and_rejects_bad_fractions() -> None:
@@ -114,7 +114,7 @@ def test_river_learns_that_co_clicked_items_belong_together() -> None:
 
 
 def test_offline_requests_mirror_what_each_worker_holds() -> None:
-    from stream.bench.prequential import CATALOGUE_TIME, offline_requests
+    from bench.prequential import CATALOGUE_TIME, offline_requests
 
     # Two users taking turns, no times (S3-Rec): u1 a b c d, u2 x y z; warm-up half.
     interactions = replay_order({"u1": ["a", "b", "c", "d"], "u2": ["x", "y", "z"]}, None, 0.5)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from model.artefact import REQUIRED_FILES, write_manifest
-from model.registry import CURRENT, Registry
-from stream.errors import ConfigError, ModelLoadError
+from core.errors import ConfigError, ModelLoadError
+from model.serving.artefact import REQUIRED_FILES, write_manifest
+from model.serving.registry import CURRENT, Registry
 
 
 def make_artefact(folder: Path, version: str, parent: str | None = None, created_at: str = "") -> Path:

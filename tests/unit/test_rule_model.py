@@ -1,6 +1,6 @@
 """The content rule model: item and user vectors, and its exported ONNX scorer.
 
-Shapes follow ``model.serving.ServingModel``: items (N, fused_dim), users
+Shapes follow ``model.serving.contract.ServingModel``: items (N, fused_dim), users
 (B, fused_dim) from (B, L, fused_dim) sequences, scores (N,).
 """
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.rule_model import RULE_VERSION, RuleModel, build_rule_scorer
-from model.serving import ACTION_CODE, CONTEXT_FEATURES, ItemContent
+from model.export.rule_scorer import build_rule_scorer
+from model.serving.contract import ACTION_CODE, CONTEXT_FEATURES, ItemContent
+from model.serving.rule_model import RULE_VERSION, RuleModel
 
 TEXT_DIM, IMAGE_DIM = 384, 1280
 VIEW, CLICK, PURCHASE = ACTION_CODE["view"], ACTION_CODE["click"], ACTION_CODE["purchase"]

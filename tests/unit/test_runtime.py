@@ -15,14 +15,14 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from model.content import (
+from core.errors import DecodeError, ModelLoadError
+from model.serving.content import (
     EFFICIENTNET_LITE_PREPROCESSING,
     ImageEncoder,
     TextEncoder,
     decode_image,
 )
-from model.runtime import available_providers, file_sha256, load_session
-from stream.errors import DecodeError, ModelLoadError
+from model.serving.runtime import available_providers, file_sha256, load_session
 
 CAP = 40_000_000
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_serving_modules_do_not_import_torch() -> None:
     probe = (
-        "import sys, model.content, model.runtime; "
+        "import sys, model.serving.content, model.serving.runtime; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, check=True)

@@ -18,12 +18,19 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from model.content import ImageEncoder, TextEncoder
+from core.events import (
+    CatalogItem,
+    ClickEvent,
+    ImageRef,
+    RecRequest,
+    RequestFilters,
+    SearchEvent,
+)
+from core.settings import load_settings
+from model.serving.content import ImageEncoder, TextEncoder
 from stream.catalog import apply_catalog
-from stream.events import CatalogItem, ClickEvent, ImageRef, RecRequest, RequestFilters, SearchEvent
 from stream.recommend import recommend
 from stream.services import Services
-from stream.settings import load_settings
 from stream.store import SearchFilter
 from stream.users import Delivery, apply_interactions
 
@@ -426,9 +433,15 @@ def test_an_item_without_a_price_never_passes_a_price_cap(world: World) -> None:
 
 
 def test_a_swap_keeps_the_replaced_collections_for_one_more_swap(world: World) -> None:
-    from stream.errors import ConfigError
-    from stream.services import ServingState, collection_specs, new_item_cache
-    from stream.swap import install, read_pointer, version_collections
+    from core.errors import ConfigError
+    from stream.swap import install
+    from stream.versions import (
+        ServingState,
+        collection_specs,
+        new_item_cache,
+        read_pointer,
+        version_collections,
+    )
 
     services = world.services
     world.catalogue()
@@ -456,9 +469,14 @@ def test_a_swap_keeps_the_replaced_collections_for_one_more_swap(world: World) -
 def test_a_version_with_its_own_transitions_replaces_what_the_stream_taught(world: World) -> None:
     import copy
 
-    from model.covisit import build_table
-    from stream.services import ServingState, collection_specs, new_item_cache
-    from stream.swap import install, version_collections
+    from model.serving.covisit import build_table
+    from stream.swap import install
+    from stream.versions import (
+        ServingState,
+        collection_specs,
+        new_item_cache,
+        version_collections,
+    )
 
     services = world.services
     world.catalogue()
@@ -520,7 +538,7 @@ def test_a_version_reading_other_text_fields_gets_its_item_text_re_embedded(worl
 
 
 def test_the_pointer_records_what_item_text_was_made_of(world: World) -> None:
-    from stream.swap import read_pointer, write_pointer
+    from stream.versions import read_pointer, write_pointer
 
     services = world.services
     write_pointer(services.settings, services.model, services.collections)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from stream.errors import ConfigError
-from stream.settings import TOPIC_KEYS, Settings, load_settings
+from core.errors import ConfigError
+from core.settings import TOPIC_KEYS, Settings, load_settings
 
 
 @pytest.fixture(autouse=True)

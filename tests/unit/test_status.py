@@ -229,7 +229,7 @@ def test_status_defaults_to_the_configured_port(worker: _Worker, monkeypatch: py
 
 
 def test_status_reports_an_unreachable_worker(capsys: pytest.CaptureFixture[str]) -> None:
-    from stream.stack import free_port
+    from bench.stack import free_port
 
     url = f"http://127.0.0.1:{free_port()}/metrics"
     assert main(["--url", url, "--interval", "0", "--timeout", "1"]) == 1

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from stream.errors import ConfigError, StoreUnavailableError
+from core.errors import ConfigError, StoreUnavailableError
 from stream.store import CollectionSpec, Point, SearchFilter, VectorStore, open_store
 from stream.store.edge import EdgeStore
 from stream.store.remote import RemoteStore

@@ -15,12 +15,16 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from model.content import ImageEncoder, TextEncoder, decode_image
-from model.image_tower import load_image_tower
-from model.onnx_export import PARITY_TOLERANCE, build_towers, export_text_tower
-from model.runtime import file_sha256
-from model.text_tower import MAX_TEXT_TOKENS, default_text_encoder_path, load_text_tower
-from stream.errors import ModelLoadError
+from core.errors import ModelLoadError
+from model.export.image_tower import load_image_tower
+from model.export.text_tower import (
+    MAX_TEXT_TOKENS,
+    default_text_encoder_path,
+    load_text_tower,
+)
+from model.export.towers import PARITY_TOLERANCE, build_towers, export_text_tower
+from model.serving.content import ImageEncoder, TextEncoder, decode_image
+from model.serving.runtime import file_sha256
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CLOTHING = DATA / "clothing" / "validation"

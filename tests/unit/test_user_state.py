@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from model.serving import ACTION_CODE
-from stream.events import ClickEvent, SearchEvent
+from core.events import ClickEvent, SearchEvent
+from model.serving.contract import ACTION_CODE
 from stream.users import Delivery, UserState
 
 T0 = 1_700_000_000.0

@@ -1,0 +1,439 @@
+"""``streamrec bench ingest``: click events/s through the real worker, against two Faust references.
+
+The same clicks (synthetic users on a synthetic catalogue) are published to
+three click topics on one embedded broker before anything consumes them; then,
+one after the other so that none competes with another for the CPU:
+
+* the *ceiling*: a bare Faust agent that takes batches (``stream.take_events``)
+  and does nothing with them: Faust's own cost per event;
+* the *baseline*: a plain Faust agent keeping a changelog-backed Table with one
+  update per event (clicks per user): the textbook way to keep state in Faust;
+* the worker: its click consumer (a direct aiokafka consumer, see
+  ``stream.agents.clicks``) decodes, dead-letters, updates each user's sequence
+  and vector in the vector store and trending, and commits after the store write.
+
+Each rate is events over the time from the first to the last applied event
+(the events applied before the first reading are left out of the count). The
+worker's progress is read from ``streamrec_events_processed_total`` and the
+result checked against the store afterwards (every user's ``applied_count``);
+the broker's end offsets are never read. Beside events per second, events per
+CPU-second of the consuming process are reported: on a shared machine they
+compare the three even when each got a different share of the cores.
+``--profile`` records the worker with py-spy while it ingests; the synthetic
+catalogue and click helpers here are shared by the other benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (
+    bench_parser,
+    process_cpu_seconds,
+    report,
+    run_on_one_stack,
+)
+from bench.stack import WorkerProcess, settings_env
+from core.events import ClickEvent
+from core.settings import Settings, load_settings
+from stream.broker import ensure_topics
+from stream.store import CollectionSpec, Point, VectorStore, open_store
+
+ACTIONS = ("view", "click", "add_to_cart", "purchase")
+ACTION_WEIGHTS = (4, 8, 2, 1)
+CLUSTERS = 256  # synthetic items are drawn around this many topics (real embeddings cluster)
+POLL_S = 0.1
+PROBE_TIMEOUT_S = 1800.0
+
+
+# -- a synthetic catalogue, written straight into the store ------------------------------
+
+
+def item_vectors(count: int, dim: int, seed: int, *, spread: float = 0.7) -> np.ndarray:
+    """(count, dim) unit vectors around ``CLUSTERS`` random centres (in-cluster cosine ~0.6)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((CLUSTERS, dim)).astype(np.float32)
+    vectors = np.empty((count, dim), np.float32)
+    for start in range(0, count, 65_536):  # bounded temporaries at a million items
+        stop = min(count, start + 65_536)
+        noise = rng.standard_normal((stop - start, dim)).astype(np.float32)
+        block = centres[rng.integers(0, CLUSTERS, stop - start)] + spread * noise
+        vectors[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return vectors
+
+
+def item_id(n: int) -> str:
+    return f"item{n}"
+
+
+def item_points(vectors: np.ndarray, first: int, created_at: float) -> list[Point]:
+    """Catalogue points with a ``fused`` vector only: what retrieval and user vectors read.
+
+    Without text and photo vectors the store builds one HNSW graph, not three;
+    scoring reads zero rows for them, which costs the same as real ones.
+    """
+    return [
+        Point(item_id(first + n), {"fused": row},
+              {"title": f"synthetic item {first + n}", "category": f"c{(first + n) % 20}",
+               "price": float(5 + (first + n) % 200), "attributes": {}, "created_at": created_at,
+               "has_image": False, "image_uri": None})
+        for n, row in enumerate(vectors)
+    ]
+
+
+def collection_specs(settings: Settings) -> dict[str, CollectionSpec]:
+    """The collections a worker with these settings serves from (as ``Services.open`` opens them)."""
+    from stream.services import load_serving_model
+    from stream.versions import collection_specs as specs_of
+    from stream.versions import serving_collections
+
+    model = load_serving_model(settings)
+    specs = specs_of(serving_collections(settings, model.version), model)
+    return dict(zip(("items", "users", "queries"), specs))
+
+
+def served_fused_dim(settings: Settings) -> int:
+    """Width of the retrieval space the worker serves (384 for the rule model, the trained model's own)."""
+    return collection_specs(settings)["items"].vectors["fused"]
+
+
+def open_bench_store(settings: Settings) -> VectorStore:
+    """The worker's store with its collections open; only while no worker runs on it."""
+    store = open_store(settings.store_backend, data_dir=settings.store_path, url=settings.qdrant_url,
+                       api_key=settings.qdrant_api_key, hnsw_ef=settings.hnsw_ef)
+    for spec in collection_specs(settings).values():
+        store.ensure_collection(spec)
+    return store
+
+
+def applied_in_store(settings: Settings, page: int = 1000) -> int:
+    """Sum of every user's ``applied_count``, read after the worker stopped."""
+    store = open_bench_store(settings)
+    try:
+        users = collection_specs(settings)["users"].name
+        ids = list(store.scroll_ids(users))
+        return sum(int(hit.payload.get("applied_count", 0))
+                   for start in range(0, len(ids), page)
+                   for hit in store.retrieve(users, ids[start:start + page]).values())
+    finally:
+        store.close()
+
+
+@dataclass
+class Seeded:
+    items: int
+    upsert_seconds: float
+    upsert_cpu_seconds: float  # this process's CPU time (all threads) while upserting
+    index_seconds: float = 0.0
+    index_cpu_seconds: float = 0.0
+
+
+def seed_catalogue(settings: Settings, vectors: np.ndarray, *, optimize: bool, batch: int = 1000) -> Seeded:
+    """Write the items through ``VectorStore.upsert`` (no towers); the worker must not be running.
+
+    With ``optimize`` the HNSW graph is built here, as an operator does after a
+    bulk load (``optimize`` holds the GIL: never inside a serving worker's loop).
+    """
+    store = open_bench_store(settings)
+    try:
+        items = collection_specs(settings)["items"].name
+        now = time.time()
+        # Only the store's work is timed: building the bench's own Point objects is the producer's.
+        wall = cpu = 0.0
+        for start in range(0, len(vectors), batch):
+            points = item_points(vectors[start:start + batch], start, now)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            store.upsert(items, points)
+            wall += time.perf_counter() - started
+            cpu += time.process_time() - cpu_started
+        seeded = Seeded(len(vectors), wall, cpu)
+        if optimize:
+            started, cpu = time.perf_counter(), time.process_time()
+            store.optimize(items)
+            seeded.index_seconds = time.perf_counter() - started
+            seeded.index_cpu_seconds = time.process_time() - cpu
+        store.flush()
+    finally:
+        store.close()
+    return seeded
+
+
+# -- the click stream ------------------------------------------------------------------
+
+
+def click_stream(*, events: int, users: int, items: int, seed: int, start_time: float,
+                 prefix: str = "ingest") -> list[ClickEvent]:
+    """Uniform users, Zipf-like item popularity, increasing event times."""
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 10) for rank in range(items)]
+    chosen_users = rng.choices(range(users), k=events)
+    chosen_items = rng.choices(range(items), weights=weights, k=events)
+    chosen_actions = rng.choices(ACTIONS, weights=ACTION_WEIGHTS, k=events)
+    return [
+        ClickEvent(event_id=f"{prefix}-{seed}-{n}", event_time=start_time + n * 1e-4, user_id=f"u{user}",
+                   item_id=item_id(item), action=action)  # type: ignore[arg-type]
+        for n, (user, item, action) in enumerate(zip(chosen_users, chosen_items, chosen_actions))
+    ]
+
+
+async def publish_raw(settings: Settings, topics: list[str], messages: list[tuple[bytes, bytes]]) -> float:
+    """Publish (key, value) pairs to each topic; seconds taken. Every send must be acknowledged."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_list, linger_ms=20,
+                                max_batch_size=1 << 20, **settings.kafka_client_options())
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        for topic in topics:
+            pending = []
+            for key, value in messages:
+                pending.append(await producer.send(topic, value, key=key))
+                if len(pending) >= 20_000:
+                    await asyncio.gather(*pending)
+                    pending = []
+            await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - started
+
+
+# -- measuring a consumer --------------------------------------------------------------
+
+
+@dataclass
+class Rate:
+    """Applied events over the time between the first reading that saw progress and the end.
+
+    ``cpu_seconds`` is the CPU time the consuming process used meanwhile (all
+    its threads): on a shared machine events per CPU-second compare consumers
+    even when they got different shares of the cores.
+    """
+
+    events: int
+    seconds: float
+    first_seen: int  # applied when progress was first seen (left out of the rate)
+    cpu_seconds: float = float("nan")
+
+    @property
+    def per_s(self) -> float:
+        return (self.events - self.first_seen) / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def per_cpu_s(self) -> float:
+        return (self.events - self.first_seen) / self.cpu_seconds if self.cpu_seconds > 0 else float("nan")
+
+
+class ProgressFile:
+    """What a Faust probe reports: when it first saw events, and when it had them all."""
+
+    def __init__(self, path: Path, expected: int) -> None:
+        self.path = path
+        self.expected = expected
+        self.count = 0
+        self.first_at = self.first_cpu = 0.0
+        self.first_count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+        now = time.perf_counter()
+        if not self.first_at:
+            self.first_at, self.first_cpu, self.first_count = now, time.process_time(), self.count
+        if self.count >= self.expected and not self.path.exists():
+            record = {"events": self.count, "first_count": self.first_count, "seconds": now - self.first_at,
+                      "cpu_seconds": time.process_time() - self.first_cpu}
+            self.path.write_text(json.dumps(record))
+
+
+def run_faust_probe(role: str, topic: str, expected: int, result_path: Path) -> None:
+    """Child process: the ceiling (take batches, do nothing) or the baseline (Table count per user)."""
+    import faust
+
+    from stream.app import _cap_fetch_wait, faust_options
+
+    settings = load_settings()
+    # The same consumer options as the worker (fetch-wait cap included), so only the work differs.
+    _cap_fetch_wait(settings.fetch_max_wait_ms)
+    app = faust.App(f"{settings.app_id}-{role}", **faust_options(settings))
+    source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                       partitions=settings.partitions)
+    progress = ProgressFile(result_path, expected)
+    if role == "ceiling":
+        @app.agent(source, name=f"{settings.app_id}.ceiling")
+        async def take_only(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+                progress.add(len(events))
+    else:
+        clicks_per_user = app.Table("clicks_per_user", default=int, partitions=settings.partitions)
+
+        @app.agent(source, name=f"{settings.app_id}.baseline")
+        async def count_clicks(stream: faust.StreamT) -> None:
+            async for value in stream:
+                clicks_per_user[json.loads(value)["user_id"]] += 1
+                progress.add(1)
+    sys.argv = [sys.argv[0], "worker"]  # faust's Worker reads argv
+    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+
+
+def measure_probe(settings: Settings, role: str, topic: str, expected: int, folder: Path) -> Rate:
+    result_path = folder / f"{role}.json"
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "bench.ingest", "--probe", role, "--probe-topic", topic,
+               "--events", str(expected), "--probe-result", str(result_path)]
+    with (folder / f"{role}.log").open("ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        while not result_path.exists():
+            if process.poll() is not None:
+                raise RuntimeError(f"{role} probe exited with {process.returncode}; see {folder / (role + '.log')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{role} probe did not finish in {PROBE_TIMEOUT_S:.0f}s")
+            time.sleep(POLL_S)
+        time.sleep(0.05)  # the file is written in one call; let it land
+        record = json.loads(result_path.read_text())
+    finally:
+        _stop_group(process)
+    return Rate(int(record["events"]), float(record["seconds"]), int(record["first_count"]),
+                float(record["cpu_seconds"]))
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def measure_worker(settings: Settings, expected: int, folder: Path, profile: Path | None) -> tuple[Rate, int]:
+    """Start the worker on the published clicks; (rate, events applied according to the store)."""
+    worker = WorkerProcess(settings, log_path=folder / "worker.log").start()
+    profiler: subprocess.Popen[bytes] | None = None
+    try:
+        applied, first_seen, first_at, first_cpu = 0.0, 0.0, 0.0, 0.0
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        while applied < expected:
+            if worker.process is not None and worker.process.poll() is not None:
+                raise RuntimeError(f"the worker exited; see {folder / 'worker.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker applied {applied:.0f} of {expected} clicks in time")
+            time.sleep(POLL_S)
+            try:
+                applied = worker.metric("streamrec_events_processed_total", {"topic": "clicks"})
+            except OSError:
+                continue  # HTTP not up yet
+            if applied and not first_at:
+                first_at, first_seen = time.perf_counter(), applied
+                first_cpu = process_cpu_seconds(worker.process.pid)  # type: ignore[union-attr]
+                if profile is not None and worker.process is not None:
+                    profiler = subprocess.Popen(
+                        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker.process.pid),
+                         "--rate", "100", "--format", "raw", "--output", str(profile)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rate = Rate(int(applied), time.perf_counter() - first_at, int(first_seen),
+                    process_cpu_seconds(worker.process.pid) - first_cpu)  # type: ignore[union-attr]
+    finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            profiler.wait(timeout=60)
+        worker.stop()
+    return rate, applied_in_store(settings)
+
+
+# -- the benchmark ---------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser("ingest", __doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--users", type=int, default=5000)
+    parser.add_argument("--items", type=int, default=5000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--worker-only", action="store_true",
+                        help="skip the ceiling and baseline (e.g. while profiling the worker)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record the worker with py-spy into this file (raw, flamegraph-ready)")
+    parser.add_argument("--probe", choices=("ceiling", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe-topic", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe:
+        run_faust_probe(args.probe, args.probe_topic, args.events, args.probe_result)
+        return 0
+    result, _ = run_on_one_stack(args, "ingest", run)
+    report(f"ingest: {args.events} clicks of {args.users} users on {args.items} items, "
+           f"{args.partitions} partitions", result)
+    return 0
+
+
+def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str, object]:
+    logs = folder / "logs"
+    ceiling_topic = f"{settings.topic_prefix}ceiling.events.clicks"
+    baseline_topic = f"{settings.topic_prefix}baseline.events.clicks"
+    asyncio.run(ensure_topics(settings))
+    asyncio.run(ensure_topics(settings, [ceiling_topic, baseline_topic]))
+    print(f"seeding {args.items} items and publishing {args.events} clicks ...", flush=True)
+    seeded = seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed), optimize=False)
+    clicks = click_stream(events=args.events, users=args.users, items=args.items, seed=args.seed,
+                          start_time=time.time())
+    messages = [(c.user_id.encode(), c.to_bytes()) for c in clicks]
+    del clicks
+    topics = [settings.topic("clicks")] + ([] if args.worker_only else [ceiling_topic, baseline_topic])
+    publish_seconds = asyncio.run(publish_raw(settings, topics, messages))
+    ceiling = baseline = Rate(0, 0.0, 0)
+    if not args.worker_only:
+        print("ceiling (bare Faust agent) ...", flush=True)
+        ceiling = measure_probe(settings, "ceiling", ceiling_topic, args.events, logs)
+        print(f"  {ceiling.per_s:.0f} events/s ({ceiling.per_cpu_s:.0f} per CPU-second)\n"
+              "baseline (Faust agent + changelog Table) ...", flush=True)
+        baseline = measure_probe(settings, "baseline", baseline_topic, args.events, logs)
+        print(f"  {baseline.per_s:.0f} events/s ({baseline.per_cpu_s:.0f} per CPU-second)", flush=True)
+    print("worker ...", flush=True)
+    worker, in_store = measure_worker(settings, args.events, logs, args.profile)
+    print(f"  {worker.per_s:.0f} events/s ({worker.per_cpu_s:.0f} per CPU-second)", flush=True)
+    return {
+        "events_per_s": round(worker.per_s, 1),
+        "ceiling_events_per_s": _rounded(ceiling.per_s, 1),
+        "baseline_events_per_s": _rounded(baseline.per_s, 1),
+        "ratio_to_ceiling": _rounded(worker.per_s / ceiling.per_s, 3),
+        "ratio_to_baseline": _rounded(worker.per_s / baseline.per_s, 3),
+        "events_per_cpu_s": _rounded(worker.per_cpu_s, 1),
+        "ceiling_events_per_cpu_s": _rounded(ceiling.per_cpu_s, 1),
+        "baseline_events_per_cpu_s": _rounded(baseline.per_cpu_s, 1),
+        "cpu_ratio_to_ceiling": _rounded(worker.per_cpu_s / ceiling.per_cpu_s, 3),
+        "cpu_ratio_to_baseline": _rounded(worker.per_cpu_s / baseline.per_cpu_s, 3),
+        "events": args.events,
+        "applied_in_store": in_store,
+        "worker_seconds": round(worker.seconds, 2),
+        "ceiling_seconds": round(ceiling.seconds, 2),
+        "baseline_seconds": round(baseline.seconds, 2),
+        "users": args.users,
+        "items": seeded.items,
+        "partitions": args.partitions,
+        "batch_size": settings.batch_size,
+        "publish_events_per_s": round(len(topics) * args.events / publish_seconds, 1),
+    }
+
+
+def _rounded(value: float, digits: int) -> float | None:
+    """None where a reference was skipped (JSON has no NaN)."""
+    return round(value, digits) if np.isfinite(value) else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""``streamrec bench serve``: request latency over HTTP and Kafka under concurrent load, ANN recall, scoring cost.
+
+A synthetic catalogue (clustered unit vectors, written through the store's
+upsert: no text tower) is indexed with HNSW before the worker starts, as an
+operator does after a bulk load; users get their state through
+``apply_interactions``, the click agent's own code. Then, against the running
+worker, several closed-loop clients each send a request for a random user and
+wait for the answer before the next: first over HTTP (POST /recommend), then
+over ``rec.requests``/``rec.responses``. A request retrieves the top
+``candidates`` by the user vector, scores them with the served model and
+re-ranks with MMR. Latency is what the client sees, from sending to having the
+parsed response.
+
+Recall@100 compares the store's ANN search with its exact search for the
+users' own vectors. Scoring cost compares, for 500 candidates, the served
+scorer and the trained ranker's architecture in ONNX fp32, ONNX int8
+(``quantize_dynamic``) and torch eager, in this process, on one thread.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from bench.common import (
+    bench_parser,
+    percentiles,
+    report,
+    run_on_one_stack,
+    start_worker,
+)
+from bench.ingest import (
+    click_stream,
+    collection_specs,
+    item_vectors,
+    open_bench_store,
+    seed_catalogue,
+    served_fused_dim,
+)
+from core.events import RecRequest
+from core.settings import Settings
+from stream.client import EventPublisher, ResponseListener, http_recommend
+
+SEED_SOURCE = "bench.seed"  # the pseudo-topic seeded users' applied offsets are recorded under
+QUANTILES = (50, 99, 99.9)
+
+
+# -- users -----------------------------------------------------------------------------
+
+
+def seed_users(settings: Settings, *, users: int, clicks_per_user: int, items: int, seed: int,
+               batch: int = 1000) -> float:
+    """Give ``users`` users a history through ``apply_interactions``, in this process; seconds taken.
+
+    The worker must not be running (the embedded store has one owner at a time).
+    """
+    from prometheus_client import CollectorRegistry
+
+    from stream.services import Services
+    from stream.users import Delivery, apply_interactions
+
+    clicks = click_stream(events=users * clicks_per_user, users=users, items=items, seed=seed,
+                          start_time=time.time() - 86_400, prefix="seed")
+    services = Services.open(settings, CollectorRegistry())
+    started = time.perf_counter()
+    try:
+        for start in range(0, len(clicks), batch):
+            apply_interactions(services, [Delivery(click, SEED_SOURCE, 0, start + n)
+                                          for n, click in enumerate(clicks[start:start + batch])])
+    finally:
+        services.close()
+    return time.perf_counter() - started
+
+
+def user_vectors_sample(settings: Settings, count: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """Up to ``count`` users that have a vector, and their vectors (count, fused_dim)."""
+    store = open_bench_store(settings)
+    try:
+        users = collection_specs(settings)["users"].name
+        ids = sorted(store.scroll_ids(users))
+        random.Random(seed).shuffle(ids)
+        hits = store.retrieve(users, ids[:count], with_vectors=["user"])
+        chosen = [uid for uid in ids[:count] if uid in hits and "user" in hits[uid].vectors]
+        return chosen, np.stack([hits[uid].vectors["user"] for uid in chosen])
+    finally:
+        store.close()
+
+
+# -- ANN quality -----------------------------------------------------------------------
+
+
+def ann_recall(settings: Settings, queries: np.ndarray, k: int = 100) -> dict[str, float]:
+    """Mean recall@k of the ANN search against exact search, and both searches' latency."""
+    store = open_bench_store(settings)
+    try:
+        items = collection_specs(settings)["items"].name
+        recalls, ann_seconds, exact_seconds = [], [], []
+        for query in queries:
+            started = time.perf_counter()
+            approximate = store.search(items, "fused", query, k, with_payload=False)
+            ann_seconds.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            exact = store.search(items, "fused", query, k, exact=True, with_payload=False)
+            exact_seconds.append(time.perf_counter() - started)
+            truth = {hit.id for hit in exact}
+            recalls.append(len(truth & {hit.id for hit in approximate}) / max(1, len(truth)))
+    finally:
+        store.close()
+    ann, brute = percentiles(ann_seconds, (50, 99)), percentiles(exact_seconds, (50, 99))
+    return {"recall": float(np.mean(recalls)), "ann_p50_ms": 1e3 * ann["p50"], "ann_p99_ms": 1e3 * ann["p99"],
+            "exact_p50_ms": 1e3 * brute["p50"], "exact_p99_ms": 1e3 * brute["p99"]}
+
+
+# -- load ------------------------------------------------------------------------------
+
+
+Ask = Callable[[RecRequest], Awaitable[object]]
+
+
+async def closed_loop(ask: Ask, user_ids: list[str], *, clients: int, requests: int, seed: int,
+                      k: int = 10, server_ms: list[float] | None = None) -> list[float]:
+    """``clients`` tasks, each asking and waiting, until ``requests`` answers in all; seconds each.
+
+    ``server_ms`` collects each response's own ``latency_ms`` (the worker's compute time).
+    """
+    latencies: list[float] = []
+    issued = 0
+
+    async def client(number: int) -> None:
+        nonlocal issued
+        rng = random.Random(seed * 1000 + number)
+        while issued < requests:
+            issued += 1
+            request = RecRequest(request_id=uuid.uuid4().hex, user_id=rng.choice(user_ids), k=k)
+            started = time.perf_counter()
+            response = await ask(request)
+            latencies.append(time.perf_counter() - started)
+            if server_ms is not None:
+                server_ms.append(float(response.latency_ms))  # type: ignore[attr-defined]
+
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return latencies
+
+
+async def http_load(settings: Settings, user_ids: list[str], *, clients: int, requests: int,
+                    seed: int, server_ms: list[float] | None = None) -> list[float]:
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def ask(request: RecRequest) -> object:
+            return await http_recommend(settings, request, session=session)
+
+        return await closed_loop(ask, user_ids, clients=clients, requests=requests, seed=seed,
+                                 server_ms=server_ms)
+
+
+async def kafka_load(settings: Settings, user_ids: list[str], *, clients: int, requests: int,
+                     seed: int, timeout_s: float = 30.0) -> list[float]:
+    async with ResponseListener(settings) as listener, EventPublisher(settings, linger_ms=0) as publisher:
+        async def ask(request: RecRequest) -> object:
+            waiter = listener.expect(request.request_id)
+            await publisher.publish(request)
+            return await asyncio.wait_for(waiter, timeout_s)
+
+        return await closed_loop(ask, user_ids, clients=clients, requests=requests, seed=seed)
+
+
+def latency_summary(prefix: str, seconds: list[float]) -> dict[str, float]:
+    shown = percentiles([1e3 * s for s in seconds], QUANTILES)
+    return {f"{prefix}_{key.replace('.', '')}_ms": round(value, 3) for key, value in shown.items()}
+
+
+# -- scoring cost ----------------------------------------------------------------------
+
+
+def _median_ms(call: Callable[[], object], repeats: int) -> float:
+    call()  # first run allocates
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - started)
+    return 1e3 * float(np.median(timings))
+
+
+def _int8_session(source: Path, folder: Path) -> object:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from model.serving.runtime import load_session
+
+    target = folder / f"{source.stem}.int8.onnx"
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser gives advice on the root logger
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    return load_session(target, None, intra_op_threads=1)
+
+
+def scoring_costs(settings: Settings, *, candidates: int = 500, repeats: int = 200, seed: int = 0) -> dict[str, float]:
+    """Median ms to score ``candidates``: the served rule scorer and the trained ranker's architecture."""
+    import torch
+
+    from model.export.fused import INPUT_NAMES, Networks, export_network
+    from model.export.rule_scorer import rule_scorer_module
+    from model.nets.towers import TowerConfig
+    from model.serving.runtime import load_session
+    from stream.services import load_serving_model
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    model = load_serving_model(settings)
+    n, d, t, i = candidates, model.fused_dim, model.text_dim, model.image_dim
+
+    def unit(*shape: int) -> np.ndarray:
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    context = np.stack([rng.uniform(0, 8, n), rng.uniform(0, 30, n), rng.uniform(-1, 1, n)], 1).astype(np.float32)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        # The served scorer: the rule model's ONNX file (or a trained model's ranker, through the model).
+        rule_feed = {"user": unit(d), "query": np.zeros(t, np.float32), "cand_fused": unit(n, d),
+                     "cand_text": unit(n, t), "cand_image": np.zeros((n, i), np.float32), "context": context}
+        results["served_onnx_fp32_ms"] = _median_ms(
+            lambda: model.score(rule_feed["user"], None, rule_feed["cand_fused"], rule_feed["cand_text"],
+                                rule_feed["cand_image"], context), repeats)
+        rule_path = settings.models_path / "rule" / "ranker.onnx"
+        if model.version.startswith("rule") and rule_path.exists():
+            rule_int8 = _int8_session(rule_path, Path(folder))
+            results["served_onnx_int8_ms"] = _median_ms(lambda: rule_int8.run(None, rule_feed), repeats)  # type: ignore[attr-defined]
+            scorer = rule_scorer_module().eval()
+            rule_tensors = [torch.from_numpy(v) for v in rule_feed.values()]
+            with torch.inference_mode():
+                results["served_torch_eager_ms"] = _median_ms(lambda: scorer(*rule_tensors), repeats)
+        # The trained ranker's architecture (random weights: cost does not depend on their values).
+        config = TowerConfig(n_items=1000, n_attributes=100, max_attributes=8)
+        networks = Networks.build(config)
+        networks.ranker.eval()
+        ranker_path = Path(folder) / "ranker.onnx"
+        export_network(networks, "ranker", ranker_path)
+        cd, ct, ci = config.fused_dim, config.text_dim, config.image_dim
+        ranker_feed = dict(zip(INPUT_NAMES["ranker"], (
+            np.repeat(unit(1, cd), n, 0), unit(n, cd), unit(n, ct), np.abs(unit(n, ci)),
+            np.repeat(unit(1, ct), n, 0), context)))
+        fp32, int8 = load_session(ranker_path, None, intra_op_threads=1), _int8_session(ranker_path, Path(folder))
+        results["ranker_onnx_fp32_ms"] = _median_ms(lambda: fp32.run(None, ranker_feed), repeats)
+        results["ranker_onnx_int8_ms"] = _median_ms(lambda: int8.run(None, ranker_feed), repeats)  # type: ignore[attr-defined]
+        results["ranker_int8_max_abs_diff"] = float(np.abs(fp32.run(None, ranker_feed)[0]
+                                                           - int8.run(None, ranker_feed)[0]).max())  # type: ignore[attr-defined]
+        ranker_tensors = [torch.from_numpy(ranker_feed[name]) for name in INPUT_NAMES["ranker"]]
+        with torch.inference_mode():
+            results["ranker_torch_eager_ms"] = _median_ms(lambda: networks.ranker(*ranker_tensors), repeats)
+    return {key: round(value, 4) for key, value in results.items()}
+
+
+# -- the benchmark ---------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser("serve", __doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--clicks-per-user", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=4, help="concurrent closed-loop clients")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per path (HTTP, Kafka)")
+    parser.add_argument("--recall-queries", type=int, default=200)
+    parser.add_argument("--partitions", type=int, default=4)
+    args = parser.parse_args(argv)
+    result, settings = run_on_one_stack(args, "serve", run)
+    result.update(scoring_costs(settings))
+    result["onnx_vs_torch_speedup"] = round(result["served_torch_eager_ms"] / result["served_onnx_fp32_ms"], 3) \
+        if "served_torch_eager_ms" in result else None
+    result["ranker_onnx_vs_torch_speedup"] = round(result["ranker_torch_eager_ms"] / result["ranker_onnx_fp32_ms"], 3)
+    report(f"serve: {args.items} items, {args.users} users, {args.clients} concurrent clients, "
+           f"{args.requests} requests per path", result)
+    return 0
+
+
+def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str, object]:
+    print(f"seeding {args.items} items and building their index ...", flush=True)
+    seeded = seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed), optimize=True)
+    print(f"  upserts {seeded.items / seeded.upsert_seconds:.0f}/s, index {seeded.index_seconds:.1f} s\n"
+          f"seeding {args.users} users ({args.clicks_per_user} clicks each) ...", flush=True)
+    seed_users(settings, users=args.users, clicks_per_user=args.clicks_per_user, items=args.items, seed=args.seed)
+    user_ids, vectors = user_vectors_sample(settings, args.users, args.seed)
+    recall = ann_recall(settings, vectors[:args.recall_queries])
+    print(f"  recall@100 {recall['recall']:.3f}\nstarting the worker ...", flush=True)
+    worker = start_worker(settings, folder / "logs" / "worker.log")
+    try:
+        # Warm-up: every user once, so the item cache holds the candidates as in steady state.
+        asyncio.run(http_load(settings, user_ids, clients=args.clients, requests=len(user_ids), seed=args.seed + 1))
+        print("HTTP load ...", flush=True)
+        server_ms: list[float] = []
+        http = asyncio.run(http_load(settings, user_ids, clients=args.clients, requests=args.requests,
+                                     seed=args.seed, server_ms=server_ms))
+        print("Kafka load ...", flush=True)
+        kafka = asyncio.run(kafka_load(settings, user_ids, clients=args.clients, requests=args.requests,
+                                       seed=args.seed))
+        served = worker.metric("streamrec_request_latency_seconds_count")
+    finally:
+        worker.stop()
+    http_summary, kafka_summary = latency_summary("http", http), latency_summary("kafka", kafka)
+    return {
+        "http_p50_ms": http_summary["http_p50_ms"],
+        "http_p99_ms": http_summary["http_p99_ms"],
+        "http_p999_ms": http_summary["http_p999_ms"],
+        "kafka_p50_ms": kafka_summary["kafka_p50_ms"],
+        "kafka_p99_ms": kafka_summary["kafka_p99_ms"],
+        "kafka_p999_ms": kafka_summary["kafka_p999_ms"],
+        "http_server_p50_ms": round(percentiles(server_ms, (50,))["p50"], 3),
+        "http_server_p99_ms": round(percentiles(server_ms, (99,))["p99"], 3),
+        "recall_at_100": round(recall["recall"], 4),
+        "ann_search_p50_ms": round(recall["ann_p50_ms"], 3),
+        "ann_search_p99_ms": round(recall["ann_p99_ms"], 3),
+        "exact_search_p50_ms": round(recall["exact_p50_ms"], 3),
+        "http_requests_per_s": round(len(http) / sum(http) * args.clients, 1),
+        "requests_served": int(served),
+        "items": args.items,
+        "users": len(user_ids),
+        "clients": args.clients,
+        "candidates": settings.candidates,
+        "hnsw_ef": settings.hnsw_ef,
+        "upserts_per_s": round(seeded.items / seeded.upsert_seconds, 1),
+        "upserts_per_cpu_s": round(seeded.items / seeded.upsert_cpu_seconds, 1),
+        "index_seconds": round(seeded.index_seconds, 1),
+        "index_cpu_seconds": round(seeded.index_cpu_seconds, 1),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""``streamrec finetune``: fine-tune the serving model on what the stream has seen.
+
+One cycle:
+
+1. drain ``events.clicks``, ``events.searches`` and ``catalog.items`` with the
+   consumer group ``<app_id>.finetune`` into an append-only interaction log
+   under ``<data_dir>/finetune/`` (fsynced before the offsets are committed,
+   bounded to ``finetune_max_interactions``, oldest dropped);
+2. warm-start the towers from the current version's ``weights.pt`` and train
+   them on every user's interactions except the newest;
+3. evaluate candidate and serving model, through their ONNX files, on the
+   newest interaction of every user (full ranking, NDCG@10);
+4. promote the candidate only if it is not worse than the serving model by more
+   than ``finetune_margin``; log the decision with both models' metrics;
+   publish ``ModelUpdate`` on ``model.updates`` so that workers hot-swap.
+
+The ranker is carried over unchanged (see docs/finetuning.md).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import ConfigError, DecodeError
+from core.settings import Settings
+from model.export.fused import Networks, export_all
+from model.nets.towers import attribute_mixing
+from model.serving.artefact import (
+    new_version,
+    staging_directory,
+    utc_now,
+    write_manifest,
+)
+from model.serving.contract import ACTION_CODE
+from model.serving.covisit import FILE_NAME as TRANSITIONS_FILE
+from model.serving.covisit import build_table
+from model.serving.registry import Registry
+from model.training.data import InteractionData, leave_one_out
+from model.training.retrieval import (
+    Catalogue,
+    RetrievalModel,
+    RetrievalSettings,
+    length_bucketed_batches,
+    next_item_loss,
+    training_pairs,
+)
+
+log = logging.getLogger(__name__)
+HELD_OUT_METRIC = "ndcg@10"
+LOG_FILE = "interactions.jsonl"
+DECISIONS_FILE = "decisions.jsonl"
+DRAIN_IDLE_POLLS = 2  # empty polls in a row that mean "caught up" (end offsets are not trusted)
+
+
+# --- the interaction log -----------------------------------------------------------
+class InteractionLog:
+    """Append-only JSON lines ``{"t": time, "u": user, "i": item, "a": action code}``.
+
+    Appends are fsynced before the consumer commits, so a crash loses nothing
+    and a redelivery at most repeats a line (duplicates are dropped by event id).
+    """
+
+    def __init__(self, folder: Path, max_interactions: int) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOG_FILE
+        self.max_interactions = max_interactions
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        """Unique interactions (by event id), keeping the newest ``max_interactions``."""
+        if not self.path.is_file():
+            return []
+        rows: dict[str, dict[str, Any]] = {}
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line after a crash
+            rows[row["e"]] = row
+        kept = sorted(rows.values(), key=lambda row: row["t"])[-self.max_interactions :]
+        return kept
+
+    def compact(self) -> int:
+        """Rewrite the log with only what ``read`` keeps (write then rename); returns the count."""
+        kept = self.read()
+        fresh = self.path.with_suffix(".compacting")
+        with fresh.open("w") as handle:
+            handle.write("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in kept))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(fresh, self.path)
+        return len(kept)
+
+
+def interaction_rows(raw_clicks: list[bytes], max_bytes: int) -> tuple[list[dict[str, Any]], int]:
+    """Decode click events into log rows; returns (rows, undecodable count).
+
+    Bad messages are the workers' to dead-letter; the fine-tuner only skips them.
+    """
+    from core.events import ClickEvent, decode
+
+    rows, bad = [], 0
+    for raw in raw_clicks:
+        try:
+            event = decode(ClickEvent, raw, max_bytes=max_bytes)
+        except DecodeError:
+            bad += 1
+            continue
+        rows.append({"e": event.event_id, "t": event.event_time, "u": event.user_id, "i": event.item_id,
+                     "a": ACTION_CODE[event.action]})
+    return rows, bad
+
+
+async def drain_topics(settings: Settings, interactions: InteractionLog, max_seconds: float = 300.0) -> dict[str, int]:
+    """Read new clicks, searches and catalogue events until caught up; returns counts per topic.
+
+    Clicks become training interactions. Searches and catalogue events are read
+    (and their offsets committed) so the group stays current; training does not
+    use them yet.
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    topics = {settings.topic(key): key for key in ("clicks", "searches", "catalog")}
+    consumer = AIOKafkaConsumer(
+        *topics, bootstrap_servers=settings.bootstrap_list, group_id=f"{settings.app_id}.finetune",
+        enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=200,
+        max_partition_fetch_bytes=8 << 20, session_timeout_ms=int(settings.session_timeout_s * 1000),
+        heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
+        rebalance_timeout_ms=int(settings.rebalance_timeout_s * 1000), **settings.kafka_client_options(),
+    )
+    counts = {key: 0 for key in topics.values()} | {"undecodable": 0}
+    await consumer.start()
+    try:
+        deadline, idle = time.monotonic() + max_seconds, 0
+        while idle < DRAIN_IDLE_POLLS and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            records = [record for batch in batches.values() for record in batch]
+            if not records:
+                idle += 1 if consumer.assignment() else 0
+                continue
+            idle = 0
+            clicks = [r.value for r in records if topics.get(r.topic) == "clicks"]
+            rows, bad = interaction_rows(clicks, settings.max_event_bytes)
+            interactions.append(rows)
+            await consumer.commit()
+            counts["undecodable"] += bad
+            for record in records:
+                counts[topics[record.topic]] += 1
+    finally:
+        await consumer.stop()
+    return counts
+
+
+# --- training data -----------------------------------------------------------------
+def interaction_data(rows: list[dict[str, Any]], item_index: dict[str, int], item_ids: list[str],
+                     attributes: np.ndarray, attribute_names: list[str], name: str) -> InteractionData:
+    """Per-user sequences (oldest first) over the artefact's item vocabulary.
+
+    Items the artefact does not know are left out: the id embedding table has no
+    row for them (they are still served, through their content vectors).
+    """
+    by_user: dict[str, list[tuple[float, int]]] = {}
+    for row in rows:
+        index = item_index.get(str(row["i"]))
+        if index:
+            by_user.setdefault(str(row["u"]), []).append((float(row["t"]), index))
+    user_ids = sorted(by_user)
+    sequences, timestamps = [], []
+    for user in user_ids:
+        events = sorted(by_user[user])
+        sequences.append(np.asarray([i for _, i in events], dtype=np.int64))
+        timestamps.append(np.asarray([t for t, _ in events], dtype=np.float64))
+    return InteractionData(name=name, user_ids=user_ids, sequences=sequences, item_ids=item_ids,
+                           attributes=attributes, attribute_names=attribute_names, timestamps=timestamps)
+
+
+@dataclass(frozen=True)
+class FineTuneSettings:
+    epochs: int = 3
+    minutes: float = 0.5
+    learning_rate: float = 3e-4
+    batch_size: int = 256
+    seed: int = 42
+
+
+def finetune_towers(networks: Networks, catalogue: Catalogue, sequences: list[np.ndarray], train_action: int,
+                    settings: FineTuneSettings) -> dict[str, float]:
+    """Continue training both towers in place on ``sequences``; returns loss and steps."""
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    model = RetrievalModel(networks.config)
+    model.item_tower, model.user_tower = networks.item_tower, networks.user_tower
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.1,
+                                  betas=(0.9, 0.98))
+    inputs, targets = (torch.from_numpy(a) for a in training_pairs(sequences, networks.config.max_sequence))
+    lengths = (inputs > 0).sum(dim=1).numpy()
+    loss_settings = RetrievalSettings()
+    deadline = time.monotonic() + 60.0 * settings.minutes
+    steps, total_loss, total_rows, epoch = 0, 0.0, 0, 0
+    model.train()
+    for epoch in range(1, settings.epochs + 1):
+        for rows in length_bucketed_batches(lengths, settings.batch_size, rng):
+            index = torch.from_numpy(rows)
+            batch_inputs, batch_targets = inputs[index], targets[index]
+            used = int((batch_inputs > 0).any(dim=0).nonzero()[0]) if (batch_inputs > 0).any() else 0
+            batch_inputs, batch_targets = batch_inputs[:, used:], batch_targets[:, used:]  # drop all-padding columns
+            vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
+            actions = torch.where(batch_inputs > 0, train_action, 0)
+            hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
+            mask = batch_targets > 0
+            if not mask.any():
+                continue
+            loss = next_item_loss(hidden[mask], batch_targets[mask], vectors, loss_settings)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            total_loss += float(loss.detach()) * int(mask.sum())
+            total_rows += int(mask.sum())
+            if time.monotonic() > deadline:
+                break
+        if time.monotonic() > deadline:
+            break
+    model.eval()
+    return {"steps": float(steps), "epochs": float(epoch), "train_loss": total_loss / max(total_rows, 1),
+            "train_rows": float(total_rows)}
+
+
+def build_catalogue(parent: Any) -> Catalogue:
+    """The item tower's training inputs from a loaded ``TrainedModel`` (its own stored features)."""
+    attributes = torch.from_numpy(parent.stored_attributes)
+    text = has_text = None
+    if parent.stored_text is not None and parent.stored_has_text is not None:
+        text = torch.from_numpy(parent.stored_text.astype(np.float32))
+        has_text = torch.from_numpy(parent.stored_has_text.astype(np.float32))
+    return Catalogue(attributes, attribute_mixing(attributes, parent.tower.n_attributes), text, has_text)
+
+
+def write_candidate(networks: Networks, parent: Any, staging: Path, manifest: dict[str, Any],
+                    data: InteractionData | None = None) -> dict[str, float]:
+    """Export the networks, copy the parent's vocabulary and features into ``staging``
+    and extend its item-to-item transitions with the window's newer interactions."""
+    parity = export_all(networks, staging)
+    torch.save(networks.state_dicts(), staging / "weights.pt")
+    for name in ("id_maps.json", "item_features.npz"):
+        shutil.copy2(parent.directory / name, staging / name)
+    config = dict(parent.config)
+    if data is not None and data.timestamps is not None and (parent.transitions is not None or data.sequences):
+        covisit = dict(config.get("covisit", {}))
+        # Interactions the parent's table already holds are not counted twice.
+        through = float(covisit.get("through", float("-inf")))
+        fresh = [times > through for times in data.timestamps]
+        table = build_table(data.sequences, parent.n_items, base=parent.transitions, fresh=fresh)
+        table.save(staging / TRANSITIONS_FILE)
+        newest = max((float(times.max()) for times in data.timestamps if len(times)), default=through)
+        covisit.update(through=max(through, newest))
+        covisit.setdefault("weight", parent.covisit_weight)
+        config["covisit"] = covisit
+    elif (parent.directory / TRANSITIONS_FILE).is_file():
+        shutil.copy2(parent.directory / TRANSITIONS_FILE, staging / TRANSITIONS_FILE)
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_manifest(staging, manifest)
+    return parity
+
+
+# --- one cycle -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    decision: str  # "promoted", "rejected" or "skipped"
+    reason: str
+    candidate_version: str | None
+    serving_version: str | None
+    candidate_metrics: dict[str, float]
+    serving_metrics: dict[str, float]
+    training: dict[str, float]
+    interactions: int
+    users: int
+    seconds: float
+    timings: dict[str, float]  # seconds per step: drain, train, export, evaluate
+
+
+def evaluate_on_newest(model: Any, data: InteractionData) -> dict[str, float]:
+    from model.training.evaluate import evaluate_trained
+
+    evaluation = evaluate_trained(model, data, leave_one_out(data), "test", "full")
+    return {key: round(float(value), 6) for key, value in {**evaluation.metrics, **evaluation.extra}.items()}
+
+
+def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = True,
+              publish: bool = True) -> Decision:
+    """Drain, fine-tune, evaluate and maybe promote; every outcome is logged and returned."""
+    from model.serving.trained import TrainedModel
+
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def lap(step: str, since: float) -> float:
+        now = time.monotonic()
+        timings[step] = round(now - since, 2)
+        return now
+
+    folder = settings.data_dir / "finetune"
+    interactions = InteractionLog(folder, settings.finetune_max_interactions)
+    mark = started
+    if drain:
+        counts = asyncio.run(drain_topics(settings, interactions))
+        log.info("fine-tune: read %s", counts)
+        mark = lap("drain", mark)
+    rows = interactions.read()
+    registry = Registry(settings.models_path)
+    serving_version = registry.current_version()
+    if serving_version is None:
+        raise ConfigError(f"no trained model is promoted in {registry.root}: train one and "
+                          "`streamrec model promote DIR` it before fine-tuning")
+    parent_dir = registry.path(serving_version)
+    serving = registry.load(serving_version, threads=settings.onnx_threads)
+    attribute_names = [name for name, _ in sorted(serving.attribute_index.items(), key=lambda kv: kv[1])]
+    data = interaction_data(rows, serving.item_index, serving.item_ids[1:], serving.stored_attributes,
+                            attribute_names, name=str(serving.manifest.get("data", {}).get("dataset", "stream")))
+    split = leave_one_out(data)
+    users = len(split.users)
+
+    def finish(decision: str, reason: str, candidate: str | None = None, candidate_metrics: dict | None = None,
+               serving_metrics: dict | None = None, training: dict | None = None) -> Decision:
+        outcome = Decision(decision, reason, candidate, serving_version, candidate_metrics or {},
+                           serving_metrics or {}, training or {}, len(rows), users,
+                           round(time.monotonic() - started, 2), timings)
+        record_decision(folder, outcome, metrics)
+        return outcome
+
+    if users < settings.finetune_min_users:
+        return finish("skipped", f"{users} users with >= 3 known interactions; need {settings.finetune_min_users}")
+
+    mark = lap("prepare", mark)
+    networks = Networks.load(parent_dir)
+    train_sequences = split.inputs("test")  # everything but each user's newest interaction
+    tune = FineTuneSettings(settings.finetune_epochs, settings.finetune_minutes, settings.finetune_learning_rate)
+    training = finetune_towers(networks, build_catalogue(serving), train_sequences, serving.train_action, tune)
+    mark = lap("train", mark)
+    dataset = str(serving.manifest.get("data", {}).get("dataset", "stream"))
+    version = new_version(f"{dataset}-ft")
+    while registry.path(version).exists():
+        version = f"{version}-{os.getpid() % 1000}"
+    times = [row["t"] for row in rows]
+    manifest: dict[str, Any] = {
+        "version": version, "parent": serving_version, "created_at": utc_now(),
+        "data": {"dataset": dataset, "source": "stream", "interactions": len(rows), "users": users,
+                 "window": {"first_event_time": min(times), "last_event_time": max(times)},
+                 "held_out": "newest interaction of each user with >= 3"},
+        "finetune": asdict(tune), "metrics": {"training": training},
+    }
+    staging = staging_directory(settings.models_path / "staging" / version)
+    try:
+        manifest["metrics"]["onnx_parity_max_abs_diff"] = write_candidate(networks, serving, staging, manifest, data)
+        mark = lap("export", mark)
+        candidate_metrics = evaluate_on_newest(TrainedModel(staging, threads=settings.onnx_threads), data)
+        serving_metrics = evaluate_on_newest(serving, data)
+        manifest["metrics"].update(heldout=candidate_metrics, parent_heldout=serving_metrics)
+        mark = lap("evaluate", mark)
+        write_manifest(staging, manifest)
+        better = candidate_metrics[HELD_OUT_METRIC] >= serving_metrics[HELD_OUT_METRIC] - settings.finetune_margin
+        if not better:
+            return finish("rejected", f"{HELD_OUT_METRIC} {candidate_metrics[HELD_OUT_METRIC]:.4f} < serving "
+                          f"{serving_metrics[HELD_OUT_METRIC]:.4f} - margin {settings.finetune_margin}",
+                          version, candidate_metrics, serving_metrics, training)
+        registry.add(staging, move=True)
+        registry.promote(version, details={"heldout": candidate_metrics, "parent_heldout": serving_metrics})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if publish:
+        try:
+            asyncio.run(asyncio.wait_for(publish_update(settings, version, registry.path(version)), 30))
+        except Exception as error:  # noqa: BLE001 - promoted already; workers also check the registry at start
+            log.warning("promoted %s but could not publish on model.updates: %s", version, error)
+    interactions.compact()
+    return finish("promoted", f"{HELD_OUT_METRIC} {candidate_metrics[HELD_OUT_METRIC]:.4f} >= serving "
+                  f"{serving_metrics[HELD_OUT_METRIC]:.4f} - margin {settings.finetune_margin}",
+                  version, candidate_metrics, serving_metrics, training)
+
+
+def record_decision(folder: Path, decision: Decision, metrics: Any | None) -> None:
+    """Log line, append-only decisions file, and gauges/counters when ``metrics`` is given."""
+    entry = {"at": time.time(), **asdict(decision)}
+    log.warning("fine-tune decision: %s", json.dumps(entry, sort_keys=True))
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / DECISIONS_FILE).open("a") as handle:
+        handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    if metrics is None:
+        return
+    metrics.finetune_decisions.labels(decision.decision).inc()
+    metrics.finetune_cycle_seconds.set(decision.seconds)
+    metrics.finetune_interactions.set(decision.interactions)
+    for model, values in (("candidate", decision.candidate_metrics), ("serving", decision.serving_metrics)):
+        for name, value in values.items():
+            metrics.finetune_heldout_metric.labels(model, name).set(value)
+    if decision.decision == "promoted":
+        for name, value in {**decision.training, **decision.candidate_metrics}.items():
+            metrics.training_metric.labels(name).set(value)
+
+
+async def publish_update(settings: Settings, version: str, path: Path) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from core.events import ModelUpdate
+
+    update = ModelUpdate(version=version, path=str(path), promoted_at=time.time())
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_list, **settings.kafka_client_options())
+    try:
+        await producer.start()
+        await producer.send_and_wait(settings.topic("model_updates"), update.to_bytes(), key=b"model")
+    finally:
+        await producer.stop()
+
+
+# --- command line ----------------------------------------------------------------------
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '1h', '1.5h' or plain seconds -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    try:
+        if text and text[-1] in units:
+            seconds = float(text[:-1]) * units[text[-1]]
+        else:
+            seconds = float(text)
+    except ValueError:
+        raise ConfigError(f"not a duration: {text!r} (e.g. 30m, 1h, 90s)") from None
+    if seconds <= 0:
+        raise ConfigError(f"duration must be positive: {text!r}")
+    return seconds
+
+
+def main(settings: Settings, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamrec finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--every", help="run forever, one cycle per DURATION (e.g. 1h, 30m)")
+    parser.add_argument("--no-drain", action="store_true", help="train on the stored log only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from exporter.metrics import Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    if args.every is None:
+        decision = run_cycle(settings, metrics, drain=not args.no_drain)
+        print(json.dumps(asdict(decision)))
+        return 0
+    period = parse_duration(args.every)
+    start_http_server(settings.metrics_port, registry=metrics.registry)
+    while True:
+        began = time.monotonic()
+        try:
+            decision = run_cycle(settings, metrics, drain=not args.no_drain)
+            print(json.dumps(asdict(decision)), flush=True)
+        except Exception as error:  # noqa: BLE001 - one failed cycle (broker down, corrupt parent) must not end the loop
+            log.exception("fine-tuning cycle failed")
+            print(f"streamrec finetune: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        time.sleep(max(0.0, period - (time.monotonic() - began)))

@@ -1,0 +1,121 @@
+"""What a serving worker needs from a model, whatever produced it.
+
+Two implementations exist: the content rule model (``model.serving.rule_model``) that
+needs no training, and a trained artefact (``model.serving.trained``) loaded from the
+registry. Workers only ever talk to ``ServingModel``; shapes are the contract.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from core.text import CONTENT_TEXT_FIELDS, TRAINED_TEXT_FIELDS, compose_text  # noqa: F401 (part of the contract)
+
+if TYPE_CHECKING:
+    from model.serving.covisit import CoVisitTable
+
+# Action types in the order of their integer codes (0 is padding).
+ACTIONS: tuple[str, ...] = ("pad", "view", "click", "add_to_cart", "purchase", "search")
+ACTION_CODE: dict[str, int] = {name: code for code, name in enumerate(ACTIONS)}
+
+# Context features per candidate, in this order (the ranker's last input).
+CONTEXT_FEATURES: tuple[str, ...] = ("log_popularity", "recency_days", "retrieval_score")
+
+
+@dataclass(frozen=True)
+class ItemContent:
+    """Content of a batch of items, as the towers produced it.
+
+    text:  (N, text_dim) float32, zero rows where an item has no text
+    image: (N, image_dim) float32, zero rows where an item has no image
+    has_text, has_image: (N,) bool
+    item_ids: the domain ids (strings); a model maps known ones to its vocabulary
+    categories: one category string per item ("" when unknown)
+    """
+
+    item_ids: list[str]
+    text: np.ndarray
+    image: np.ndarray
+    has_text: np.ndarray
+    has_image: np.ndarray
+    categories: list[str]
+
+
+class ServingModel(Protocol):
+    version: str
+    fused_dim: int
+    text_dim: int
+    image_dim: int
+    max_sequence: int
+    text_fields: tuple[str, ...]  # what item text is made of for this model (``compose_text``)
+    # How many of a request's best candidates by retrieval score ``score`` was
+    # trained to order (a trained ranker saw only the retrieval top-K); the
+    # rest follow in retrieval order. None: ``score`` orders any candidates.
+    rank_pool: int | None
+    # Item-to-item transitions learnt in training (``model.serving.covisit``; None: none)
+    # and the weight of their ranking in the fused order (0: not used).
+    transitions: CoVisitTable | None
+    covisit_weight: float
+
+    def item_vectors(self, content: ItemContent) -> np.ndarray:
+        """(N, fused_dim) float32 item vectors in the retrieval space."""
+
+    def query_vectors(self, text: np.ndarray) -> np.ndarray:
+        """(N, text_dim) search-query text vectors -> (N, fused_dim) in the item space.
+
+        Used both for search-type retrieval and to place a search in the user's
+        sequence (action code ``ACTION_CODE["search"]``).
+        """
+
+    def user_vectors(self, sequences: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """User vectors from recent interactions, oldest first, left-padded.
+
+        sequences: (B, L, fused_dim) float32 item vectors (zeros at padding)
+        actions:   (B, L) int64 action codes from ``ACTION_CODE`` (0 = padding)
+        returns    (B, fused_dim) float32
+        """
+
+    def score(
+        self,
+        user_vector: np.ndarray,
+        query_vector: np.ndarray | None,
+        candidate_fused: np.ndarray,
+        candidate_text: np.ndarray,
+        candidate_image: np.ndarray,
+        context: np.ndarray,
+    ) -> np.ndarray:
+        """Click probabilities for one request's candidates, one ONNX call.
+
+        user_vector (fused_dim,), query_vector (text_dim,) or None,
+        candidate_fused (N, fused_dim), candidate_text (N, text_dim),
+        candidate_image (N, image_dim), context (N, len(CONTEXT_FEATURES)) -> (N,)
+        """
+
+
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class ItemContext:
+    """What the context features are computed from.
+
+    popularity: (N+1,) training interactions per item
+    last_seen:  (N+1,) seconds of the item's latest training interaction, or None without times
+    """
+
+    popularity: np.ndarray
+    last_seen: np.ndarray | None = None
+
+    def features(
+        self, candidates: np.ndarray, retrieval_scores: np.ndarray, request_times: np.ndarray | None
+    ) -> np.ndarray:
+        """(U, K) item indices, (U, K) scores, (U,) seconds or None -> (U, K, len(CONTEXT_FEATURES))."""
+        log_popularity = np.log1p(self.popularity[candidates].astype(np.float32))
+        recency = np.zeros_like(log_popularity)
+        if self.last_seen is not None and request_times is not None:
+            age = request_times[:, None] - self.last_seen[candidates]
+            recency = (np.clip(age, 0.0, None) / SECONDS_PER_DAY).astype(np.float32)
+        columns = {"log_popularity": log_popularity, "recency_days": recency, "retrieval_score": retrieval_scores}
+        return np.stack([columns[name].astype(np.float32) for name in CONTEXT_FEATURES], axis=-1)

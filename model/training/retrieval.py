@@ -1,0 +1,339 @@
+"""Training of the retrieval towers: next-item prediction with full softmax.
+
+The item tower produces the vector of every catalogue item each step; the
+user tower reads the vectors of the items seen so far; the logits are the dot
+products with every item vector (input and output item vectors are the same
+tower, i.e. tied). The loss is cross-entropy at every position of every
+training sequence (items[:-2] of each user), early stopping watches NDCG@10 on
+the validation item.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from model.nets.towers import ItemTower, TowerConfig, UserTower
+from model.training.data import LeaveOneOut, item_counts, left_pad
+from model.training.metrics import exclude_history, ranking_metrics, target_ranks
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """Optimisation hyperparameters of the retrieval towers."""
+
+    epochs: int = 300
+    minutes: float = 25.0
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    label_smoothing: float = 0.0
+    patience: int = 10
+    eval_every: int = 2
+    seed: int = 42
+    train_action: int = 4
+    negatives: int = 0  # 0 = full softmax; else that many shared negatives per step
+    negative_power: float = 0.0  # negatives drawn by count ** power (0 = uniform), log-Q corrected
+    schedule: str = "cosine"  # or "constant"
+    warmup_share: float = 0.03
+    # After early stopping: continue on items[:-1] (the newest step), lr = share x learning_rate.
+    fine_tune_epochs: int = 3
+    fine_tune_lr_share: float = 1.0 / 3.0
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Per-item inputs of the item tower for every known item (row 0 = unknown).
+
+    attributes: (N+1, A) int64; attribute_mixing: its sparse mean matrix
+    (``towers.attribute_mixing``); text: (N+1, T) float32 or None;
+    has_text: (N+1,) float32 or None
+    """
+
+    attributes: torch.Tensor
+    attribute_mixing: torch.Tensor
+    text: torch.Tensor | None = None
+    has_text: torch.Tensor | None = None
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, config: TowerConfig) -> None:
+        super().__init__()
+        self.item_tower = ItemTower(config)
+        self.user_tower = UserTower(config)
+
+    def catalogue_vectors(self, catalogue: Catalogue) -> torch.Tensor:
+        """(N+1, d) vectors of every known item."""
+        return self.item_tower.catalogue_vectors(catalogue.attribute_mixing, catalogue.text, catalogue.has_text)
+
+
+@dataclass
+class TrainingReport:
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    validation: dict[str, float]
+    history: list[dict[str, float]]
+
+
+def training_pairs(train_sequences: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded (inputs, next-item targets), both (R, max_len) int64.
+
+    A sequence longer than ``max_len`` + 1 is cut into windows ending every
+    ``max_len`` steps back from its end, so every transition is trained once.
+    """
+    inputs, targets = [], []
+    for sequence in train_sequences:
+        for end in range(len(sequence) - 1, 0, -max_len):
+            start = max(0, end - max_len)
+            inputs.append(sequence[start:end])
+            targets.append(sequence[start + 1 : end + 1])
+    return left_pad(inputs, max_len), left_pad(targets, max_len)
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random batches of users with similar sequence lengths.
+
+    Rows are shuffled, then sorted by length within windows of 50 batches, so a
+    batch rarely pads short sequences up to one long one; batch order is shuffled.
+    """
+    order = rng.permutation(len(lengths))
+    window = 50 * batch_size
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)  # type: ignore[arg-type]
+    return batches
+
+
+class NegativeSampler:
+    """Shared negatives for sampled softmax, drawn in proportion to ``count ** power``.
+
+    power 0 is uniform; with power > 0 popular (hard) items are drawn more and
+    every logit is corrected by -log(expected draws), so the loss still
+    estimates the full softmax (the usual log-Q correction).
+    """
+
+    def __init__(self, item_counts: np.ndarray, draws: int, power: float) -> None:
+        weights = (item_counts.astype(np.float64) + 1.0) ** power
+        weights[0] = 0.0  # never draw the unknown item
+        probabilities = torch.from_numpy(weights / weights.sum()).to(torch.float32)
+        self.draws = draws
+        self.probabilities = probabilities  # (N+1,)
+        self.log_expected = torch.log(probabilities * draws).clamp(min=-30.0)  # (N+1,)
+
+    def sample(self) -> torch.Tensor:
+        return torch.multinomial(self.probabilities, self.draws, replacement=True)
+
+
+def next_item_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    vectors: torch.Tensor,
+    settings: RetrievalSettings,
+    sampler: NegativeSampler | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the next item: hidden (M, d), targets (M,) in 1..N, vectors (N+1, d).
+
+    Full softmax over all N items without a sampler; otherwise over the target
+    plus the sampler's shared negatives (draws equal to the target are masked).
+    """
+    if sampler is None:
+        logits = hidden @ vectors[1:].T  # (M, N)
+        return nn.functional.cross_entropy(logits, targets - 1, label_smoothing=settings.label_smoothing)
+    negatives = sampler.sample()  # (K,)
+    positive = (hidden * vectors[targets]).sum(dim=-1, keepdim=True)  # (M, 1)
+    positive = positive - sampler.log_expected[targets].unsqueeze(1)
+    sampled = hidden @ vectors[negatives].T - sampler.log_expected[negatives]  # (M, K)
+    sampled = sampled.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), -1e9)
+    logits = torch.cat([positive, sampled], dim=1)
+    labels = torch.zeros(len(targets), dtype=torch.long)
+    return nn.functional.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
+
+
+def learning_rate_factor(settings: RetrievalSettings, progress: float) -> float:
+    """Linear warm-up, then cosine decay to zero at ``progress`` 1 (epochs or time, whichever ends first)."""
+    if settings.schedule == "constant":
+        return 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < settings.warmup_share:
+        return max(progress / settings.warmup_share, 0.01)
+    remaining = (progress - settings.warmup_share) / (1.0 - settings.warmup_share)
+    return 0.5 * (1.0 + math.cos(math.pi * remaining))
+
+
+def _trim_padding(*batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the leading columns that are padding in every row (they cost time, change nothing)."""
+    used = (batches[0] > 0).any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else batches[0].shape[1] - 1
+    return tuple(batch[:, start:] for batch in batches)
+
+
+@torch.no_grad()
+def full_ranking_metrics(
+    model: RetrievalModel,
+    catalogue: Catalogue,
+    inputs: list[np.ndarray],
+    targets: np.ndarray,
+    max_len: int,
+    train_action: int,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """HR/NDCG@10/20 over all items with the history removed (torch twin of the served path)."""
+    model.eval()
+    vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
+    ranks = []
+    for start in range(0, len(inputs), chunk):
+        histories = inputs[start : start + chunk]
+        items = torch.from_numpy(left_pad(histories, max_len))
+        actions = torch.where(items > 0, train_action, 0)
+        users = model.user_tower(vectors[items], actions)  # (b, d)
+        scores = (users @ vectors.T).numpy()  # (b, N+1)
+        exclude_history(scores, histories)
+        ranks.append(target_ranks(scores, targets[start : start + chunk]))
+    return ranking_metrics(np.concatenate(ranks))
+
+
+def _train_epoch(
+    model: RetrievalModel,
+    optimizer: torch.optim.Optimizer,
+    pairs: tuple[torch.Tensor, torch.Tensor],
+    catalogue: Catalogue,
+    settings: RetrievalSettings,
+    sampler: NegativeSampler | None,
+    schedule: Callable[[float], float],
+    epoch: int,
+    rng: np.random.Generator,
+) -> float:
+    """One pass over the training pairs; returns the mean loss per predicted position."""
+    model.train()
+    inputs, targets = pairs
+    lengths = (inputs > 0).sum(dim=1).numpy()
+    batches = length_bucketed_batches(lengths, settings.batch_size, rng)
+    total_loss, total_rows = 0.0, 0
+    for step, rows in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.learning_rate * schedule(epoch - 1 + step / len(batches))
+        index = torch.from_numpy(rows)
+        batch_inputs, batch_targets = _trim_padding(inputs[index], targets[index])
+        vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
+        actions = torch.where(batch_inputs > 0, settings.train_action, 0)
+        hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
+        mask = batch_targets > 0
+        loss = next_item_loss(hidden[mask], batch_targets[mask], vectors, settings, sampler)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * int(mask.sum())
+        total_rows += int(mask.sum())
+    return total_loss / max(total_rows, 1)
+
+
+def train_retrieval(
+    config: TowerConfig,
+    settings: RetrievalSettings,
+    split: LeaveOneOut,
+    catalogue: Catalogue,
+    progress: bool = True,
+) -> tuple[RetrievalModel, TrainingReport]:
+    """Train both towers; returns the model at its best validation NDCG@10."""
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    model = RetrievalModel(config)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
+    )
+    inputs, targets = training_pairs(split.train, config.max_sequence)
+    pairs = (torch.from_numpy(inputs), torch.from_numpy(targets))
+    sampler = None
+    if settings.negatives > 0:
+        counts = item_counts(split.train, config.n_items)
+        sampler = NegativeSampler(counts, settings.negatives, settings.negative_power)
+    started = time.monotonic()
+    budget = 60.0 * settings.minutes
+
+    def schedule(epochs_done: float) -> float:
+        # Progress is epochs or wall-clock time, whichever is further along,
+        # so the decay completes inside the time budget.
+        done = max(epochs_done / settings.epochs, (time.monotonic() - started) / budget)
+        return learning_rate_factor(settings, done)
+
+    best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    best_metrics: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    stale, epoch = 0, 0
+    bar = tqdm(range(1, settings.epochs + 1), desc="retrieval", disable=not progress, unit="epoch")
+    for epoch in bar:
+        loss = _train_epoch(model, optimizer, pairs, catalogue, settings, sampler, schedule, epoch, rng)
+        record = {"epoch": float(epoch), "loss": loss}
+        out_of_time = time.monotonic() - started > budget
+        if epoch % settings.eval_every == 0 or out_of_time or epoch == settings.epochs:
+            metrics = full_ranking_metrics(
+                model, catalogue, split.train, split.valid, config.max_sequence, settings.train_action
+            )
+            record.update({f"valid_{k}": v for k, v in metrics.items()})
+            if metrics["ndcg@10"] > best_score:
+                best_score, best_epoch, best_metrics = metrics["ndcg@10"], epoch, metrics
+                best_state = copy.deepcopy(model.state_dict())
+                stale = 0
+            else:
+                stale += 1
+            bar.set_postfix(loss=f"{loss:.3f}", hr10=f"{metrics['hr@10']:.4f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
+        history.append(record)
+        if out_of_time or stale >= settings.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    report = TrainingReport(
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        seconds=time.monotonic() - started,
+        validation=best_metrics,
+        history=history,
+    )
+    return model, report
+
+
+def fine_tune_retrieval(
+    model: RetrievalModel,
+    settings: RetrievalSettings,
+    sequences: list[np.ndarray],
+    catalogue: Catalogue,
+    epochs: int,
+    learning_rate: float,
+    progress: bool = True,
+) -> float:
+    """Continue training on newer sequences (e.g. items[:-1] once the validation step is past).
+
+    The learning rate decays from ``learning_rate`` to zero over ``epochs`` on a
+    cosine; there is no early stopping because the newest step has no held-out
+    successor. Returns the last epoch's mean loss.
+    """
+    rng = np.random.default_rng(settings.seed + 1)
+    inputs, targets = training_pairs(sequences, model.user_tower.max_sequence)
+    pairs = (torch.from_numpy(inputs), torch.from_numpy(targets))
+    tuned = replace(settings, learning_rate=learning_rate, warmup_share=0.0)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
+    )
+    sampler = None
+    if settings.negatives > 0:
+        counts = item_counts(sequences, model.item_tower.item_embedding.num_embeddings - 1)
+        sampler = NegativeSampler(counts, settings.negatives, settings.negative_power)
+    loss = 0.0
+    for epoch in tqdm(range(1, epochs + 1), desc="fine-tune", disable=not progress, unit="epoch"):
+        loss = _train_epoch(
+            model, optimizer, pairs, catalogue, tuned, sampler,
+            lambda done: learning_rate_factor(tuned, done / max(epochs, 1)), epoch, rng,
+        )
+    model.eval()
+    return loss

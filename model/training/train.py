@@ -1,0 +1,403 @@
+"""``streamrec train``: fit the towers and the ranker, export them, publish an artefact.
+
+    streamrec train --data FILE --format s3rec|ml100k --out DIR
+                    [--epochs N] [--minutes M] [--threads T]
+
+Steps: leave-one-out split; retrieval towers on items[:-2] with a cosine
+learning-rate schedule and early stopping on the validation item; ranker on
+the validation step (``model.training.ranker``); a few fine-tuning epochs of the
+towers on items[:-1], the newest step, as the streaming fine-tuner would do;
+ONNX export with parity checks; test metrics (items[-1], never trained on)
+through the exported networks; all files written to a staging directory that
+is renamed into place at the end. ``--minutes`` bounds the wall clock: the
+schedule ends when the epochs or the time run out, whichever comes first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import StreamrecError
+from model.export.fused import Networks, export_all
+from model.nets.towers import TowerConfig, attribute_mixing
+from model.serving.artefact import (
+    new_version,
+    publish,
+    staging_directory,
+    utc_now,
+    write_manifest,
+)
+from model.serving.contract import (
+    ACTION_CODE,
+    ACTIONS,
+    TRAINED_TEXT_FIELDS,
+    ItemContext,
+)
+from model.serving.covisit import FILE_NAME as TRANSITIONS_FILE
+from model.serving.covisit import NEIGHBOURS, WINDOW, build_table
+from model.training.covisit_weight import choose_weight
+from model.training.data import (
+    FORMATS,
+    InteractionData,
+    LeaveOneOut,
+    item_counts,
+    leave_one_out,
+    load_interactions,
+)
+from model.training.ranker import (
+    RankerInputs,
+    RankerSettings,
+    holdout_split,
+    reranked,
+    retrieve,
+    subset,
+    train_ranker,
+)
+from model.training.retrieval import (
+    Catalogue,
+    RetrievalModel,
+    RetrievalSettings,
+    fine_tune_retrieval,
+    train_retrieval,
+)
+
+# What one interaction of each source format means to the action vocabulary.
+FORMAT_ACTION = {"s3rec": "purchase", "ml100k": "view"}
+# Share of the time budget kept for the ranker and the fine-tuning epochs.
+RESERVED_SHARE = 0.2
+# Defaults per source format. The Amazon ones were tuned on Toys_and_Games
+# (sparse, short sequences: strong dropout, popularity-drawn negatives keep
+# each step cheap); MovieLens is dense with long sequences and a small catalogue
+# (full softmax is cheap there, less dropout).
+FORMAT_TOWER: dict[str, dict[str, Any]] = {
+    "s3rec": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.5},
+    "ml100k": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.2},
+}
+FORMAT_RETRIEVAL: dict[str, RetrievalSettings] = {
+    "s3rec": RetrievalSettings(negatives=2048, negative_power=0.75, learning_rate=3e-3, epochs=30),
+    "ml100k": RetrievalSettings(negatives=0, learning_rate=1e-3, epochs=100, eval_every=5),
+}
+DEFAULT_RETRIEVAL = FORMAT_RETRIEVAL["s3rec"]
+
+
+def embed_titles(titles: list[str], batch_size: int = 64,
+                 encoder_path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N+1, text_dim) unit text vectors of the titles with the frozen text tower, (N+1,) has_text."""
+    from model.export.text_tower import (
+        MAX_TEXT_TOKENS,
+        default_text_encoder_path,
+        load_text_tower,
+    )
+
+    tower, tokenizer = load_text_tower(encoder_path or default_text_encoder_path())
+    vectors = np.zeros((len(titles), tower.dim), dtype=np.float32)
+    present = np.asarray([bool(title.strip()) for title in titles])
+    rows = np.flatnonzero(present)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            tokens = tokenizer(
+                [titles[i] for i in chunk], padding=True, truncation=True,
+                max_length=MAX_TEXT_TOKENS, return_tensors="pt",
+            )
+            vectors[chunk] = tower(tokens["input_ids"], tokens["attention_mask"]).numpy()
+    return vectors, present
+
+
+def text_encoder_dim(encoder_path: Path | None) -> int:
+    """Output width of a local Hugging Face encoder (its ``hidden_size``), without loading it."""
+    from model.export.text_tower import default_text_encoder_path
+
+    config_path = Path(encoder_path or default_text_encoder_path()) / "config.json"
+    try:
+        return int(json.loads(config_path.read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError) as error:
+        raise StreamrecError(f"cannot read the text encoder's width from {config_path}: {error}") from error
+
+
+def item_last_seen(data: InteractionData, split: LeaveOneOut) -> np.ndarray | None:
+    """(N+1,) latest training-interaction time per item (0 when never seen), if times exist."""
+    if data.timestamps is None:
+        return None
+    last_seen = np.zeros(data.n_items + 1, dtype=np.float64)
+    for user, train in zip(split.users, split.train):
+        times = data.timestamps[user][: len(train)]
+        np.maximum.at(last_seen, train, times)
+    return last_seen
+
+
+def _training_times(data: InteractionData, split: LeaveOneOut, offset: int) -> np.ndarray | None:
+    if data.timestamps is None:
+        return None
+    return np.asarray([data.timestamps[u][-offset] for u in split.users], dtype=np.float64)
+
+
+def silence_untrained_modalities(model: RetrievalModel, *, trained_text: bool) -> None:
+    """Zero the projections of modalities the training data did not have.
+
+    The interaction files carry no photos (and ML-100k's titles may be absent),
+    so those projections never learned anything: left at their random start
+    they would add noise to every served item that has a photo or a title.
+    Zeroed, such an item is placed by what the model did learn; a later
+    fine-tuning cycle that sees the modality trains the projection from zero.
+    """
+    projections = [model.item_tower.image_projection]
+    if not trained_text:
+        projections.append(model.item_tower.text_projection)
+    with torch.no_grad():
+        for projection in projections:
+            projection.weight.zero_()
+            projection.bias.zero_()
+
+
+def share_action_embedding(model: RetrievalModel, trained_code: int) -> None:
+    """Give every real action the embedding the data taught one of them.
+
+    The training data has a single interaction kind; until fine-tuning on the
+    stream teaches the difference, all kinds (and searches) read the same.
+    """
+    with torch.no_grad():
+        table = model.user_tower.action_embedding.weight  # (len(ACTIONS), d)
+        table[1:] = table[trained_code]
+        table[ACTION_CODE["pad"]] = 0.0
+
+
+def _item_features(
+    data: InteractionData, split: LeaveOneOut, text: np.ndarray | None, has_text: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    features = {"attributes": data.attributes, "popularity": item_counts(split.train, data.n_items)}
+    if text is not None and has_text is not None:
+        features.update(text=text, has_text=has_text)
+    last_seen = item_last_seen(data, split)
+    if last_seen is not None:
+        features["last_seen"] = last_seen
+    return features
+
+
+def covisit_choice(ranker: Any, lists: Any, inputs: RankerInputs, data: InteractionData, split: LeaveOneOut,
+                   settings: RankerSettings) -> tuple[float, dict[str, float]]:
+    """The co-visit fusion weight, chosen on the ranker's held-out users.
+
+    Their validation step, as it would be served: the ranker's order of the
+    retrieval top-K, fused with co-visits from a table of what precedes the
+    validation step (items[:-2] of the split's users, which never holds a
+    validation target, and the whole of the sequences too short for the split).
+    """
+    _, holdout_rows = holdout_split(len(lists.targets), settings)
+    held = subset(lists, holdout_rows)
+    orders = reranked(ranker, held, inputs, float(ranker.blend))
+    histories = [split.train[row].tolist() for row in holdout_rows]
+    table = build_table(split.train + unsplit_sequences(data, split), data.n_items)
+    return choose_weight(orders.tolist(), histories, held.targets.tolist(), table)
+
+
+def table_through(data: InteractionData) -> dict[str, float]:
+    """``{"through": newest interaction time}`` of timestamped data: the fine-tuner extends
+    the table only with later interactions, so a replay of the training data is not counted twice."""
+    if data.timestamps is None:
+        return {}
+    newest = [float(times.max()) for times in data.timestamps if len(times)]
+    return {"through": max(newest)} if newest else {}
+
+
+def unsplit_sequences(data: InteractionData, split: LeaveOneOut) -> list[np.ndarray]:
+    """The sequences leave-one-out leaves out (fewer than 3 items): they still hold transitions."""
+    kept = set(split.users.tolist())
+    return [sequence for user, sequence in enumerate(data.sequences) if user not in kept]
+
+
+def train_artefact(
+    data: InteractionData,
+    data_format: str,
+    data_path: Path | None,
+    out: Path,
+    tower_overrides: dict[str, Any] | None = None,
+    retrieval: RetrievalSettings | None = None,
+    ranker: RankerSettings = RankerSettings(),
+    progress: bool = True,
+    text_encoder_path: Path | None = None,
+    image_weights_path: Path | None = None,
+) -> dict[str, Any]:
+    """Train, export and publish one artefact at ``out``; returns its manifest.
+
+    ``text_encoder_path`` / ``image_weights_path``: the content encoders (default
+    all-MiniLM-L6-v2 and the packaged EfficientNet-Lite0 weights); their
+    identities are recorded so that workers serve the model only over towers
+    exported from the same encoders.
+    """
+    from model.serving.trained import TrainedModel
+    from model.training.evaluate import evaluate_trained
+
+    started, cpu_started = time.monotonic(), time.process_time()
+    split = leave_one_out(data)
+    from model.export.towers import encoder_identities
+
+    encoders = encoder_identities(text_encoder_path, image_weights_path)
+    text, has_text = (embed_titles(data.titles, encoder_path=text_encoder_path) if data.titles is not None
+                      else (None, None))
+    attributes = torch.from_numpy(data.attributes)
+    catalogue = Catalogue(
+        attributes=attributes,
+        attribute_mixing=attribute_mixing(attributes, data.n_attributes),
+        text=None if text is None else torch.from_numpy(text),
+        has_text=None if has_text is None else torch.from_numpy(has_text.astype(np.float32)),
+    )
+    config = TowerConfig(
+        n_items=data.n_items,
+        n_attributes=data.n_attributes,
+        max_attributes=data.attributes.shape[1],
+        text_dim=text.shape[1] if text is not None else text_encoder_dim(text_encoder_path),
+        **{**FORMAT_TOWER[data_format], **(tower_overrides or {})},
+    )
+    retrieval = retrieval if retrieval is not None else FORMAT_RETRIEVAL[data_format]
+    train_action = ACTION_CODE[FORMAT_ACTION[data_format]]
+    retrieval = replace(retrieval, train_action=train_action, minutes=retrieval.minutes * (1 - RESERVED_SHARE))
+    model, report = train_retrieval(config, retrieval, split, catalogue, progress=progress)
+    share_action_embedding(model, train_action)
+    silence_untrained_modalities(model, trained_text=text is not None)
+
+    item_context = ItemContext(item_counts(split.train, data.n_items), item_last_seen(data, split))
+    valid_times = _training_times(data, split, offset=3)
+    lists = retrieve(model, catalogue, split.train, split.valid, item_context, valid_times, config,
+                     train_action, ranker.candidates)
+    with torch.no_grad():
+        vectors = model.catalogue_vectors(catalogue).numpy()
+    inputs = RankerInputs(vectors=vectors, text=text, config=config)
+    fitted_ranker, ranker_report = train_ranker(config, ranker, lists, inputs, progress)
+    covisit_weight, covisit_report = covisit_choice(fitted_ranker, lists, inputs, data, split, ranker)
+    if retrieval.fine_tune_epochs > 0:
+        # The validation step has done its job (epoch choice, ranker fit); the
+        # towers now learn it too, as the fine-tuner does with each new window.
+        fine_tune_retrieval(
+            model, retrieval, split.inputs("test"), catalogue, retrieval.fine_tune_epochs,
+            retrieval.learning_rate * retrieval.fine_tune_lr_share, progress,
+        )
+        share_action_embedding(model, train_action)
+    train_seconds = time.monotonic() - started
+    # CPU seconds do not grow when other work shares the machine; wall seconds do.
+    train_cpu_seconds = time.process_time() - cpu_started
+
+    networks = Networks(config, model.item_tower, model.user_tower, fitted_ranker)
+    staging = staging_directory(out)
+    parity = export_all(networks, staging)
+    torch.save(networks.state_dicts(), staging / "weights.pt")
+    (staging / "config.json").write_text(json.dumps({
+        "tower": config.to_dict(),
+        "retrieval": asdict(retrieval),
+        "ranker": asdict(ranker),
+        "train_action": train_action,
+        "actions": list(ACTIONS),
+        "text_fields": list(TRAINED_TEXT_FIELDS),  # what serving must embed as an item's text
+        "covisit": {"window": WINDOW, "neighbours": NEIGHBOURS, "weight": covisit_weight,
+                    **table_through(data)},
+        "encoders": encoders,
+    }, indent=2) + "\n")
+    (staging / "id_maps.json").write_text(json.dumps({
+        "items": data.item_index(),
+        "attributes": {name: i + 1 for i, name in enumerate(data.attribute_names)},
+    }))
+    np.savez_compressed(staging / "item_features.npz", **_item_features(data, split, text, has_text))
+    # Transitions of every training sequence, whole: the newest step and the users too short
+    # for the split hold the most recent ones. The test metrics below rank with the networks
+    # alone, so the table may hold items[-1]. Workers add the stream's transitions.
+    build_table(data.sequences, data.n_items).save(staging / TRANSITIONS_FILE)
+    manifest: dict[str, Any] = {
+        "version": new_version(data.name),
+        "parent": None,
+        "created_at": utc_now(),
+        "data": {
+            "dataset": data.name,
+            "format": data_format,
+            "path": None if data_path is None else str(data_path),
+            "users": len(data.sequences),
+            "items": data.n_items,
+            "interactions": int(sum(len(s) for s in data.sequences)),
+            "window": (
+                "leave-one-out per user: towers trained on items[:-2] with early stopping on items[-2], "
+                "ranker fitted on the items[-2] step, then towers fine-tuned on items[:-1]; items[-1] never seen "
+                "by the networks; co-visit table from every interaction"
+            ),
+        },
+        "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu_seconds, 1),
+        "train_threads": torch.get_num_threads(),
+        "metrics": {
+            "best_epoch": report.best_epoch,
+            "epochs_run": report.epochs_run,
+            "valid_retrieval": report.validation,
+            "ranker": ranker_report,
+            "covisit": {**covisit_report, "weight": covisit_weight},
+            "onnx_parity_max_abs_diff": parity,
+        },
+    }
+    write_manifest(staging, manifest)
+    served = TrainedModel(staging)
+    test = evaluate_trained(served, data, split, "test", "full")
+    manifest["metrics"]["test_full"] = {**test.metrics, **test.extra}
+    manifest = write_manifest(staging, manifest)
+    publish(staging, out)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamrec train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="interaction file (optional for ml100k: the recbole copy)")
+    parser.add_argument("--format", choices=FORMATS, default="s3rec", dest="data_format")
+    parser.add_argument("--out", type=Path, required=True, help="artefact directory to create or replace")
+    parser.add_argument("--epochs", type=int, help="retrieval epochs (the learning-rate schedule spans them)")
+    parser.add_argument("--minutes", type=float, default=DEFAULT_RETRIEVAL.minutes, help="wall-clock budget")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=DEFAULT_RETRIEVAL.seed)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--text-encoder", type=Path, default=None,
+                        help="local Hugging Face encoder folder (default all-MiniLM-L6-v2); serve the "
+                             "model with STREAMREC_TEXT_ENCODER_PATH set to the same folder")
+    parser.add_argument("--image-weights", type=Path, default=None,
+                        help="EfficientNet-Lite0 state dict (default the packaged ImageNet weights); serve "
+                             "with STREAMREC_IMAGE_ENCODER_WEIGHTS set to the same file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        data = load_interactions(args.data_format, args.data)
+        defaults = FORMAT_RETRIEVAL[args.data_format]
+        retrieval = replace(
+            defaults,
+            epochs=args.epochs if args.epochs is not None else defaults.epochs,
+            minutes=args.minutes,
+            seed=args.seed,
+        )
+        manifest = train_artefact(data, args.data_format, args.data, args.out, retrieval=retrieval,
+                                  progress=not args.quiet, text_encoder_path=args.text_encoder,
+                                  image_weights_path=args.image_weights)
+    except StreamrecError as error:
+        print(f"streamrec train: {error}", file=sys.stderr)
+        return 2
+    test = manifest["metrics"]["test_full"]
+    print(json.dumps({
+        "artefact": str(args.out),
+        "version": manifest["version"],
+        "train_seconds": manifest["train_seconds"],
+        "train_cpu_seconds": manifest["train_cpu_seconds"],
+        "best_epoch": manifest["metrics"]["best_epoch"],
+        "valid_ndcg@10": manifest["metrics"]["valid_retrieval"].get("ndcg@10"),
+        "test_hr@10": test["hr@10"],
+        "test_ndcg@10": test["ndcg@10"],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

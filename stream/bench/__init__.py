@@ -1,4 +1,0 @@
-"""Benchmarks: ``streamrec bench NAME [args]`` runs ``stream.bench.NAME.main(args)``.
-
-Each benchmark prints a table and, as its last line, one JSON object.
-"""
