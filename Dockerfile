@@ -26,9 +26,13 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu \
 # Then the project, under the same constraints. Sources are copied after the
 # dependency layer so code edits do not reinstall torch.
 COPY pyproject.toml README.md ./
-COPY stream stream
+COPY core core
 COPY model model
 COPY exporter exporter
+COPY stream stream
+COPY finetune finetune
+COPY bench bench
+COPY streamrec streamrec
 RUN pip install -c infra/constraints.txt . \
     && python -c "import torch; assert not torch.cuda.is_available() and '+cpu' in torch.__version__, torch.__version__"
 

@@ -27,8 +27,8 @@ WINDOW = 3
 BACKWARD_SHARE = 0.5
 NEIGHBOURS = 100
 RRF_OFFSET = 60.0
-# Fusion weights the trainer tries. Up to 4: on Amazon Toys the held-out NDCG
-# still rose at 2, the top of an earlier grid of 0, 0.5, 1 and 2.
+# Fusion weights the trainer tries; up to 4 because on Amazon Toys the
+# held-out NDCG@10 was still rising at 2 (docs/model.md).
 WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 FILE_NAME = "transitions.npz"
 

@@ -53,7 +53,7 @@ class TrainedModel:
         self.text_fields: tuple[str, ...] = tuple(config.get("text_fields", TRAINED_TEXT_FIELDS))
         # The ranker learnt to re-order the retrieval top-K only (``RankerSettings.candidates``).
         self.rank_pool: int | None = int(config.get("ranker", {}).get("candidates", 0)) or None
-        # Artefacts from before co-visits have no table and weight 0: served as they were evaluated.
+        # An artefact without a table has weight 0: it is served as it was evaluated.
         self.covisit_weight = float(config.get("covisit", {}).get("weight", 0.0))
         transitions_path = self.directory / TRANSITIONS_FILE
         try:

@@ -275,7 +275,7 @@ def train_artefact(
     covisit_weight, covisit_report = covisit_choice(fitted_ranker, lists, inputs, data, split, ranker)
     if retrieval.fine_tune_epochs > 0:
         # The validation step has done its job (epoch choice, ranker fit); the
-        # towers now learn it too, as the fine-tuner does with each new window.
+        # towers then learn it too, as the fine-tuner does with each new window.
         fine_tune_retrieval(
             model, retrieval, split.inputs("test"), catalogue, retrieval.fine_tune_epochs,
             retrieval.learning_rate * retrieval.fine_tune_lr_share, progress,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 
@@ -123,3 +125,27 @@ def test_replayed_events_apply_once(settings: Settings, stack: LocalStack) -> No
     wait_until(lambda: len(user_state(settings, "frank").get("items", [])) >= 5, 30, "clicks applied")
     assert user_state(settings, "frank")["items"] == [c.item_id for c in clicks]
     assert stack.worker.metric("streamrec_events_duplicate_total", {"topic": "clicks"}) == 3
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether the process has torch's shared library mapped (``import torch`` maps it)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return any("/torch/lib/libtorch" in line for line in maps)
+
+
+def test_a_serving_worker_never_loads_torch(settings: Settings, stack: LocalStack) -> None:
+    _publish_catalogue(settings, stack, CATALOGUE[:20])
+    response = ask_http(settings, "u-no-torch", k=5)
+    assert len(response.items) == 5
+    assert stack.worker.process is not None
+    assert not _maps_torch(stack.worker.process.pid)
+    # The same check sees torch in a process that imports it.
+    control = subprocess.Popen([sys.executable, "-c", "import sys, torch; sys.stdout.write('ready\\n'); "
+                                "sys.stdout.flush(); sys.stdin.read()"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert control.stdout is not None and control.stdout.readline() == b"ready\n"
+        assert _maps_torch(control.pid)
+    finally:
+        control.kill()
+        control.wait()
