@@ -99,6 +99,6 @@ def test_bad_inputs_are_dead_lettered_with_reasons(settings: Settings, stack: Lo
         assert letter.raw_size == len(raw) and letter.raw_truncated == (len(raw) > 262_144)
         assert letter.reason == reason and letter.source_topic == topic and letter.detail
     # The good events behind the bad ones were all applied.
-    wait_until(lambda: processed(stack, "clicks") >= len(good), 30, "good clicks applied")
+    wait_until(lambda: processed(stack, "clicks") >= len(good), 120, "good clicks applied")
     assert stack.worker.metric("streamrec_deadletter_total") == len(bad)
     assert ask_http(settings, "newcomer", k=3).items  # still serving

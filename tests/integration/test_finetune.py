@@ -174,7 +174,9 @@ def test_worker_hot_swaps_without_failed_requests_and_refuses_a_corrupt_model(
             deadline = time.monotonic() + 120
             while services.model.version != new_version and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(0.5)  # requests keep running on the new version
+            # Requests keep running on the new version: wait for five answered by it.
+            while load.versions.count(new_version) < 5 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             stop.set()
             await listener
 

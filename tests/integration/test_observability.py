@@ -56,9 +56,8 @@ DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 COMPOSE = REPO / "docker-compose.yml"
 WORKER_JOB = "streamrec-worker"
 DATASOURCE_UID = "streamrec-prometheus"
-# Drift gauges the fine-tuner will export; alert rules may name them already,
-# dashboard panels may not until exporter/metrics.py declares them.
-PLANNED_METRICS = frozenset({
+# The drift gauges a worker exports; each needs an alert rule and a panel.
+DRIFT_GAUGES = frozenset({
     "streamrec_drift_score_psi", "streamrec_drift_embedding_shift",
     "streamrec_drift_ctr_ratio", "streamrec_drift_popularity_gini",
 })
@@ -88,7 +87,7 @@ def test_promtool_accepts_the_config_and_the_rules() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_config_scrapes_workers_and_the_planned_finetuner() -> None:
+def test_config_scrapes_workers_and_the_finetuner() -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs[WORKER_JOB]["dns_sd_configs"][0]["names"] == ["worker"]
@@ -96,14 +95,15 @@ def test_config_scrapes_workers_and_the_planned_finetuner() -> None:
     assert config["rule_files"] == [ALERTS.name]
 
 
-def test_alert_rules_name_only_declared_or_planned_metrics() -> None:
-    known = _declared_series() | PLANNED_METRICS
+def test_alert_rules_name_only_declared_metrics() -> None:
+    known = _declared_series()
+    assert DRIFT_GAUGES <= known
     rules = alert_rules(ALERTS)
     for rule in rules:
         unknown = metric_names(rule.expr) - known
         assert not unknown, f"{rule.name} names undeclared series {unknown}"
     named = set().union(*(metric_names(rule.expr) for rule in rules))
-    assert PLANNED_METRICS <= named, "every planned drift gauge has an alert rule"
+    assert DRIFT_GAUGES <= named, "every drift gauge has an alert rule"
     assert {"StreamrecRequestLatencyP99Above10ms", "StreamrecRequestLatencyP99Above30ms"} <= {r.name for r in rules}
 
 
@@ -245,10 +245,8 @@ def test_every_panel_names_only_exported_metrics() -> None:
         names = metric_names(query.expr)
         assert names, f"{query.panel}: no metric in {query.expr!r}"
         assert names <= declared, f"{query.dashboard}/{query.panel} names undeclared {names - declared}"
-    # Drift panels appear only once the gauges are declared (they are planned today).
-    declared_drift = {n for n in declared if n.startswith("streamrec_drift_")}
     on_panels = set().union(*(metric_names(q.expr) for q in queries))
-    assert {n for n in on_panels if n.startswith("streamrec_drift_")} <= declared_drift
+    assert DRIFT_GAUGES <= on_panels, f"drift gauges without a panel: {DRIFT_GAUGES - on_panels}"
 
 
 def test_provisioning_wires_datasource_and_dashboards_as_compose_mounts_them() -> None:

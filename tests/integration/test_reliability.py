@@ -329,14 +329,15 @@ def _unsafe_calls(path: Path) -> list[str]:
 
 
 def test_serving_code_never_unpickles() -> None:
-    found = [hit for folder in ("stream", "exporter") for path in sorted((REPO / folder).rglob("*.py"))
+    found = [hit for folder in ("core", "model/serving", "stream", "exporter")
+             for path in sorted((REPO / folder).rglob("*.py"))
              for hit in _unsafe_calls(path)]
     assert found == []
 
 
 def test_training_code_loads_torch_weights_only() -> None:
     offending = []
-    for path in sorted((REPO / "model").rglob("*.py")):
+    for path in sorted(p for folder in ("model", "finetune") for p in (REPO / folder).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
