@@ -534,8 +534,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_minutes is not None:
             args.artefact = train_on_warmup(args.data_format, args.data, args.warmup_fraction, args.max_per_user,
                                             args.train_minutes, folder / "warmup-model")
+        covisit_weight: float | None = None
         if args.artefact is not None:
+            from model.serving.trained import TrainedModel
+
             overrides["model_dir"] = private_model_dir(base, args.artefact, folder / "models")
+            # Read now: without --work-dir a trained artefact lives in ``folder``, gone after this block.
+            covisit_weight = fusion_weight(base.covisit_weight, TrainedModel(args.artefact))
         broker = start_broker(folder)
         workers: dict[str, WorkerProcess] = {}
         try:
@@ -589,10 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         "partitions": args.partitions if args.partitions is not None else base.partitions,
         "plot": str(args.plot) if args.plot else None,
     })
-    if args.artefact is not None:
-        from model.serving.trained import TrainedModel
-
-        result["covisit_weight"] = fusion_weight(base.covisit_weight, TrainedModel(args.artefact))
+    if covisit_weight is not None:
+        result["covisit_weight"] = covisit_weight
     if offline is not None:
         for name, score in offline.items():
             result[f"offline_{name}_hr@10"] = round(score.hit_rate, 4)

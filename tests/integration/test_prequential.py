@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,18 +77,23 @@ def test_movielens_users_replay_in_time_order(
     assert result["partitions"] == 8
 
 
+def write_walk(folder: Path) -> Path:
+    """40 users each walk 8 steps through 30 items in 3 attribute groups (s3rec format)."""
+    lines, attributes = [], {str(item): [100 + item % 3] for item in range(1, 31)}
+    for user in range(1, 41):
+        lines.append(" ".join(str(x) for x in [user, *[(user + step) % 30 + 1 for step in range(8)]]))
+    data = folder / "Walk.txt"
+    data.write_text("\n".join(lines) + "\n")
+    (folder / "Walk_item2attributes.json").write_text(json.dumps(attributes))
+    return data
+
+
 def test_a_trained_model_is_served_as_it_ranks_offline(
     tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Train on the warm-up prefixes, replay, and rank the same requests with the
     artefact's own networks: the two workers must answer as the model predicts."""
-    # 40 users each walk 8 steps through 30 items in 3 attribute groups.
-    lines, attributes = [], {str(item): [100 + item % 3] for item in range(1, 31)}
-    for user in range(1, 41):
-        lines.append(" ".join(str(x) for x in [user, *[(user + step) % 30 + 1 for step in range(8)]]))
-    data = tmp_path / "Walk.txt"
-    data.write_text("\n".join(lines) + "\n")
-    (tmp_path / "Walk_item2attributes.json").write_text(json.dumps(attributes))
+    data = write_walk(tmp_path)
 
     # Whatever weight the trainer picks on this tiny data, serve the co-visit
     # fusion too: the workers' stream-learnt transitions must match the replay's.
@@ -102,3 +108,30 @@ def test_a_trained_model_is_served_as_it_ranks_offline(
         # The workers also offer trending items to the ranker, which the offline
         # ranking does not: allow a few of the 160 answers to differ.
         assert abs(result[f"{worker}_hr@10"] - result[f"offline_{worker}_hr@10"]) <= 0.05  # type: ignore[operator]
+
+
+def test_a_model_trained_in_the_temporary_folder_outlives_the_offline_check(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --work-dir the warm-up model lives in the bench's temporary folder:
+    it must still be there for the offline check and the report, and the folder
+    must be gone once the bench has answered."""
+    data = write_walk(tmp_path)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+
+    result = run_bench(["--data", str(data), "--format", "s3rec", "--users", "20", "--max-per-user", "6",
+                        "--train-minutes", "0.1", "--offline-check"], models_dir, monkeypatch, capsys)
+
+    # 20 of the 40 users, 6 events each, the first 3 warm-up: 3 scored each.
+    check_result(result, users=20, events=120, scored=60)
+    assert result["model_version"].startswith("walk-")  # type: ignore[union-attr]
+    assert isinstance(result["covisit_weight"], float)
+    for worker in ("online", "frozen"):
+        for metric in ("hr@10", "ndcg@10"):
+            # The workers also offer trending items to the ranker, which the offline
+            # ranking does not: allow a few of the 60 answers to differ.
+            online, offline = result[f"{worker}_{metric}"], result[f"offline_{worker}_{metric}"]
+            assert abs(online - offline) <= 0.05  # type: ignore[operator]
+    assert not list(temporary.glob("streamrec-prequential-*"))
