@@ -13,8 +13,8 @@ from core.errors import DecodeError
 from core.events import CatalogItem, ImageEvent, ImageRef
 from model.serving.contract import ItemContent
 from stream.images import read_image_bytes
+from stream.item_vectors import item_points, stored_vectors, write_items
 from stream.services import Services
-from stream.store import Point
 
 
 @dataclass
@@ -94,10 +94,8 @@ def apply_catalog(services: Services, items: list[CatalogItem]) -> list[Rejected
     without = [n for n, item in enumerate(upserts) if item.image is None]
     if without:
         existing = store.retrieve(collection, [upserts[n].item_id for n in without], with_vectors=["image"])
-        for n in without:
-            hit = existing.get(upserts[n].item_id)
-            if hit is not None and "image" in hit.vectors:
-                image[n], has_image[n] = hit.vectors["image"], True
+        image[without], has_image[without] = stored_vectors(
+            [existing.get(upserts[n].item_id) for n in without], "image", services.model.image_dim)
     texts = [item.text_for(services.model.text_fields) for item in upserts]
     has_text = np.array([bool(t) for t in texts])
     text = services.text_encoder.encode(texts)
@@ -110,23 +108,9 @@ def apply_catalog(services: Services, items: list[CatalogItem]) -> list[Rejected
         has_image=has_image,
         categories=[item.category for item in upserts],
     )
-    fused = services.model.item_vectors(content)
-    points = []
-    for row, item in enumerate(upserts):
-        vectors = {"fused": fused[row]}
-        if has_text[row]:
-            vectors["text"] = text[row]
-        if has_image[row]:
-            vectors["image"] = image[row]
-        points.append(Point(item.item_id, vectors, item_payload(item, has_image=bool(has_image[row]))))
-    store.upsert(collection, points)
-    _remember(services, points)
+    payloads = [item_payload(item, has_image=bool(h)) for item, h in zip(upserts, has_image)]
+    write_items(store, services.serving, item_points(services.model, content, payloads))
     return rejected
-
-
-def _remember(services: Services, points: list[Point]) -> None:
-    for point in points:
-        services.item_cache.put(point.id, point.vectors, point.payload)
 
 
 def item_payload(item: CatalogItem, *, has_image: bool) -> dict[str, object]:
@@ -157,24 +141,16 @@ def apply_catalog_photos(services: Services, events: list[ImageEvent]) -> list[R
     ids = [events[i].item_id for i in rows]  # type: ignore[misc]
     store, collection = services.store, services.collections.items
     existing = store.retrieve(collection, ids, with_vectors=["text"])  # type: ignore[arg-type]
-    text = np.zeros((len(rows), services.model.text_dim), np.float32)
-    has_text = np.zeros(len(rows), bool)
-    for n, item_id in enumerate(ids):
-        hit = existing.get(item_id)  # type: ignore[arg-type]
-        if hit is not None and "text" in hit.vectors:
-            text[n] = hit.vectors["text"]
-            has_text[n] = True
-    image = vectors[rows]
+    text, has_text = stored_vectors([existing.get(i) for i in ids], "text", services.model.text_dim)  # type: ignore[arg-type]
     content = ItemContent(
         item_ids=ids,  # type: ignore[arg-type]
         text=text,
-        image=image,
+        image=vectors[rows],
         has_text=has_text,
         has_image=np.ones(len(rows), bool),
         categories=[(existing[i].payload.get("category", "") if i in existing else "") for i in ids],  # type: ignore[index]
     )
-    fused = services.model.item_vectors(content)
-    points = []
+    payloads = []
     for n, item_id in enumerate(ids):
         hit = existing.get(item_id)  # type: ignore[arg-type]
         payload = dict(hit.payload) if hit else {"title": "", "category": "", "price": None,
@@ -182,12 +158,8 @@ def apply_catalog_photos(services: Services, events: list[ImageEvent]) -> list[R
         payload.pop("id", None)
         payload["has_image"] = True
         payload["image_uri"] = events[rows[n]].image.image_uri
-        named = {"fused": fused[n], "image": image[n]}
-        if has_text[n]:
-            named["text"] = text[n]
-        points.append(Point(item_id, named, payload))  # type: ignore[arg-type]
-    store.upsert(collection, points)
-    _remember(services, points)
+        payloads.append(payload)
+    write_items(store, services.serving, item_points(services.model, content, payloads))
     return rejected
 
 

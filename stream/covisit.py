@@ -18,6 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from model.serving.contract import ServingModel
 from model.serving.covisit import (
     BACKWARD_SHARE,
     NEIGHBOURS,
@@ -28,9 +29,9 @@ from model.serving.covisit import (
 )
 
 
-def fusion_weight(configured: float | None, model: object) -> float:
+def fusion_weight(configured: float | None, model: ServingModel) -> float:
     """The co-visit weight to serve with: the configured one, else the model's."""
-    return float(configured) if configured is not None else float(getattr(model, "covisit_weight", 0.0))
+    return float(configured) if configured is not None else float(model.covisit_weight)
 
 
 class StreamTransitions:

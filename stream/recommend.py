@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.events import RecommendedItem, RecRequest, RecResponse
+from model.serving.contract import ServingModel
 from model.serving.covisit import fused_relevance, ranked
 from model.serving.rerank import mmr
 from stream.covisit import fusion_weight
@@ -188,13 +189,12 @@ def _model_order(scores: np.ndarray, retrieval: np.ndarray | None, rank_pool: in
     return np.concatenate([pool[np.argsort(-scores[pool], kind="stable")], rest])
 
 
-def _covisits(services: Services, model: object, state: UserState, excluded: set[str]) -> list[str]:
+def _covisits(services: Services, model: ServingModel, state: UserState, excluded: set[str]) -> list[str]:
     """The best items chosen after the user's latest ones, by the model's and the stream's transitions."""
     history = state.recent_items(services.covisit.window)
     if not history:
         return []
-    scores = services.covisit.scores(history, getattr(model, "transitions", None),
-                                     getattr(model, "item_index", None), getattr(model, "item_ids", None))
+    scores = services.covisit.scores(history, model.transitions, model.item_index, model.item_ids)
     return ranked(scores, excluded | set(history), COVISIT_CANDIDATES)
 
 
@@ -204,7 +204,7 @@ def _mmr_over_best(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: flo
     return best[mmr(scores[best], fused[best], k, trade_off)]
 
 
-def _context(services: Services, model: object, gathered: Gathered, candidates: list[Candidate],
+def _context(services: Services, model: ServingModel, gathered: Gathered, candidates: list[Candidate],
              state: UserState, now: float) -> np.ndarray:
     """(N, 3) context features: log popularity, recency in days, retrieval score.
 
@@ -216,9 +216,9 @@ def _context(services: Services, model: object, gathered: Gathered, candidates: 
     listed.
     """
     retrieval = np.asarray([c.retrieval_score for c in candidates], dtype=np.float32)
-    own = getattr(model, "context_features", None)
+    own = model.context_features(gathered.item_ids, retrieval, state.last_event_time or now)
     if own is not None:
-        return own(gathered.item_ids, retrieval, state.last_event_time or now)
+        return own
     created = np.array([float(p.get("created_at") or now) for p in gathered.payloads])
     return np.stack(
         [

@@ -140,7 +140,7 @@ def check_encoders(model: ServingModel, towers_dir: Path) -> None:
     over another encoder's vectors it would place every item wrongly without
     any error. Models that record no fingerprints (the rule model) pass.
     """
-    recorded = getattr(model, "config", {}).get("encoders", {})
+    recorded = model.config.get("encoders", {})
     for kind in ("text", "image"):
         wanted = recorded.get(kind)
         if not isinstance(wanted, dict) or "source_fingerprint" not in wanted:

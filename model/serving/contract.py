@@ -7,7 +7,7 @@ registry. Workers only ever talk to ``ServingModel``; shapes are the contract.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -58,6 +58,16 @@ class ServingModel(Protocol):
     # and the weight of their ranking in the fused order (0: not used).
     transitions: CoVisitTable | None
     covisit_weight: float
+    # The config that travels with the weights (the artefact's config.json).
+    # ``config["encoders"]``, when present, fingerprints the text and image
+    # encoders the towers were trained on (``stream.services.check_encoders``).
+    config: dict[str, Any]
+    # The item vocabulary that ``transitions`` and the towers' id embeddings
+    # index: domain id -> index in 1..n (0, the unknown item, is never a key),
+    # and its inverse, (n + 1,) with "" at 0. A model that learnt no item ids
+    # has n = 0: an empty index and [""].
+    item_index: dict[str, int]
+    item_ids: list[str]
 
     def item_vectors(self, content: ItemContent) -> np.ndarray:
         """(N, fused_dim) float32 item vectors in the retrieval space."""
@@ -91,6 +101,14 @@ class ServingModel(Protocol):
         user_vector (fused_dim,), query_vector (text_dim,) or None,
         candidate_fused (N, fused_dim), candidate_text (N, text_dim),
         candidate_image (N, image_dim), context (N, len(CONTEXT_FEATURES)) -> (N,)
+        """
+
+    def context_features(self, item_ids: list[str], retrieval_scores: np.ndarray, now: float) -> np.ndarray | None:
+        """(N, len(CONTEXT_FEATURES)) float32 context of N candidates, as ``score`` was trained on it.
+
+        item_ids: the N candidates; retrieval_scores: (N,); now: seconds, the
+        time of the user's latest event. None when the model learnt no context
+        of its own: the worker then computes it from live counts and ages.
         """
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,10 @@ class RuleModel:
         from model.serving.runtime import load_session
 
         config = json.loads((model_dir / "config.json").read_text())
+        self.config: dict[str, Any] = config  # kind and dimensions; no encoders to check
+        # No item ids were learnt: every item is known by its content alone.
+        self.item_index: dict[str, int] = {}
+        self.item_ids: list[str] = [""]
         self.text_dim = int(config.get("text_dim", text_dim))
         self.image_dim = int(config.get("image_dim", image_dim))
         self.fused_dim = self.text_dim
@@ -83,6 +88,10 @@ class RuleModel:
         weights = ACTION_WEIGHTS[actions] * recency[None, :]  # (B, L); padding weighs 0
         pooled = np.einsum("bl,bld->bd", weights, sequences)
         return _normalise(pooled)
+
+    def context_features(self, item_ids: list[str], retrieval_scores: np.ndarray, now: float) -> None:
+        """None: the fixed scorer was fitted on no data, so the worker's live context is its context."""
+        return None
 
     def score(
         self,

@@ -46,7 +46,9 @@ def test_other_image_weights_are_refused(tmp_path: Path) -> None:
 
 def test_models_without_fingerprints_pass(tmp_path: Path) -> None:
     folder = towers(tmp_path, "a" * 64, "c" * 64)
-    check_encoders(SimpleNamespace(version="rule-3"), folder)  # the rule model has no config
+    # The rule model's config records its kind and dimensions, no encoders.
+    rule_config = {"kind": "rule", "version": "rule-3", "text_dim": 384, "image_dim": 1280}
+    check_encoders(SimpleNamespace(version="rule-3", config=rule_config), folder)
     check_encoders(model_with({"text": "sentence-transformers/all-MiniLM-L6-v2"}), folder)
 
 
