@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from bench.stack import WorkerProcess, free_port
 from core.events import Event, RecRequest
 from core.settings import Settings, load_settings
+from stream import kafka
 from stream.broker import EmbeddedBroker, ensure_topics
 from stream.client import EventPublisher
 from stream.store import Hit, open_store
@@ -331,8 +332,8 @@ class TopicFollower:
             return list(self._records)
 
     async def _follow(self) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self._settings.bootstrap_list, group_id=None,
-                                    enable_auto_commit=False, **self._settings.kafka_client_options())
+        # Nothing waits on the follower: it need not poll as often as the worker's consumers.
+        consumer = kafka.consumer(self._settings, group_id=None, fetch_max_wait_ms=500)
         try:
             await consumer.start()
             partitions = consumer.partitions_for_topic(self._topic)

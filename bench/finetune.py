@@ -127,8 +127,9 @@ def drift_replay(services, walks: list[tuple[int, list[int]]], rng: np.random.Ge
     A user clicks a served item of their present category (prob. 0.5), at its position.
     """
     from core.events import ClickEvent, RecRequest
+    from stream.kafka import Delivery
     from stream.recommend import recommend
-    from stream.users import Delivery, apply_interactions
+    from stream.users import apply_interactions
 
     monitor = services.drift
     monitor.reset()
@@ -180,9 +181,10 @@ def run(args, folder: Path) -> dict[str, object]:  # type: ignore[no-untyped-def
     from model.serving.registry import Registry
     from stream.broker import ensure_topics
     from stream.catalog import apply_catalog
+    from stream.kafka import Delivery
     from stream.services import Services
     from stream.swap import hot_swap
-    from stream.users import Delivery, apply_interactions
+    from stream.users import apply_interactions
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)

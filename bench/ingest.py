@@ -189,10 +189,9 @@ def click_stream(*, events: int, users: int, items: int, seed: int, start_time: 
 
 async def publish_raw(settings: Settings, topics: list[str], messages: list[tuple[bytes, bytes]]) -> float:
     """Publish (key, value) pairs to each topic; seconds taken. Every send must be acknowledged."""
-    from aiokafka import AIOKafkaProducer
+    from stream import kafka
 
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_list, linger_ms=20,
-                                max_batch_size=1 << 20, **settings.kafka_client_options())
+    producer = kafka.producer(settings, linger_ms=20, max_batch_size=1 << 20)
     await producer.start()
     started = time.perf_counter()
     try:

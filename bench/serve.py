@@ -66,8 +66,9 @@ def seed_users(settings: Settings, *, users: int, clicks_per_user: int, items: i
     """
     from prometheus_client import CollectorRegistry
 
+    from stream.kafka import Delivery
     from stream.services import Services
-    from stream.users import Delivery, apply_interactions
+    from stream.users import apply_interactions
 
     clicks = click_stream(events=users * clicks_per_user, users=users, items=items, seed=seed,
                           start_time=time.time() - 86_400, prefix="seed")

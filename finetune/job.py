@@ -138,16 +138,11 @@ async def drain_topics(settings: Settings, interactions: InteractionLog, max_sec
     (and their offsets committed) so the group stays current; training does not
     use them yet.
     """
-    from aiokafka import AIOKafkaConsumer
+    from stream import kafka
 
     topics = {settings.topic(key): key for key in ("clicks", "searches", "catalog")}
-    consumer = AIOKafkaConsumer(
-        *topics, bootstrap_servers=settings.bootstrap_list, group_id=f"{settings.app_id}.finetune",
-        enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=200,
-        max_partition_fetch_bytes=8 << 20, session_timeout_ms=int(settings.session_timeout_s * 1000),
-        heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
-        rebalance_timeout_ms=int(settings.rebalance_timeout_s * 1000), **settings.kafka_client_options(),
-    )
+    consumer = kafka.consumer(settings, *topics, group_id=f"{settings.app_id}.finetune", fetch_max_wait_ms=200,
+                              max_partition_fetch_bytes=8 << 20)
     counts = {key: 0 for key in topics.values()} | {"undecodable": 0}
     await consumer.start()
     try:
@@ -419,12 +414,11 @@ def record_decision(folder: Path, decision: Decision, metrics: Any | None) -> No
 
 
 async def publish_update(settings: Settings, version: str, path: Path) -> None:
-    from aiokafka import AIOKafkaProducer
-
     from core.events import ModelUpdate
+    from stream import kafka
 
     update = ModelUpdate(version=version, path=str(path), promoted_at=time.time())
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_list, **settings.kafka_client_options())
+    producer = kafka.producer(settings)
     try:
         await producer.start()
         await producer.send_and_wait(settings.topic("model_updates"), update.to_bytes(), key=b"model")

@@ -5,10 +5,9 @@ import asyncio
 import logging
 
 import faust
-from aiokafka.admin import AIOKafkaAdminClient
 
 from core.settings import Settings
-from stream import swap
+from stream import kafka, swap
 from stream.agents import catalog, clicks, images, recommend, searches
 from stream.agents.base import DeadLetters
 from stream.http_api import HealthState, serve_http
@@ -101,11 +100,7 @@ def create_app(settings: Settings, services: Services) -> faust.App:
 
     @app.timer(DRIFT_INTERVAL_S)
     async def drift_gauges() -> None:
-        drift = services.drift.results()
-        services.metrics.drift_score_psi.set(drift.score_psi)
-        services.metrics.drift_embedding_shift.set(drift.embedding_shift)
-        services.metrics.drift_ctr_ratio.set(drift.ctr_ratio)
-        services.metrics.drift_popularity_gini.set(drift.popularity_gini)
+        services.metrics.set_drift(services.drift.results())
 
     @app.timer(LAG_INTERVAL_S)
     async def lag_gauges() -> None:
@@ -128,10 +123,7 @@ def create_app(settings: Settings, services: Services) -> faust.App:
 async def _check_health(settings: Settings, services: Services, health: HealthState, *, ready: bool) -> None:
     broker_ok = store_ok = False
     details = []
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_list, request_timeout_ms=1500,
-        **settings.kafka_client_options(),
-    )
+    admin = kafka.admin(settings, request_timeout_ms=1500)
     try:
         await asyncio.wait_for(admin.start(), 3)
         await asyncio.wait_for(admin.list_topics(), 3)

@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from core.errors import ConfigError, StreamrecError
 from core.settings import TOPIC_KEYS, Settings
+from stream import kafka
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ async def _poll_broker(
                 f"the broker process exited with code {process.returncode} "
                 f"(is port {bootstrap} already in use?)"
             )
+        # Built from an address, not through ``stream.kafka``: an embedded broker is
+        # probed by its owner, which has no settings.
         admin = AIOKafkaAdminClient(
             bootstrap_servers=bootstrap, request_timeout_ms=2000, **(client_options or {})
         )
@@ -154,9 +157,7 @@ def topic_names(settings: Settings) -> list[str]:
 async def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:
     """Create the topics (idempotent); return the names that were created now."""
     names = names or topic_names(settings)
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_list, **settings.kafka_client_options()
-    )
+    admin = kafka.admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -12,7 +12,7 @@ import contextlib
 import uuid
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 
 from core.events import (
     CatalogItem,
@@ -24,6 +24,7 @@ from core.events import (
     SearchEvent,
 )
 from core.settings import Settings
+from stream import kafka
 
 
 def event_key(event: Event | RecRequest) -> bytes:
@@ -48,13 +49,12 @@ def event_topic(settings: Settings, event: Event | RecRequest) -> str:
 class EventPublisher:
     def __init__(self, settings: Settings, *, linger_ms: int = 5) -> None:
         self.settings = settings
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_list,
+        self._producer = kafka.producer(
+            settings,
             linger_ms=linger_ms,
             max_batch_size=1 << 20,
             # Room for big (e.g. image-carrying) events; the broker's own limit still applies.
             max_request_size=32 << 20,
-            **settings.kafka_client_options(),
         )
 
     async def __aenter__(self) -> "EventPublisher":
@@ -82,13 +82,9 @@ class ResponseListener:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_list,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
-            **settings.kafka_client_options(),
-        )
+        # Moved to the log end on entry; a position lost later also resumes at
+        # the end, as a listener "from now" should.
+        self._consumer = kafka.consumer(settings, group_id=None, auto_offset_reset="latest")
         self._waiters: dict[str, asyncio.Future[RecResponse]] = {}
         self._early: dict[str, RecResponse] = {}
         self._task: asyncio.Task[None] | None = None

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import TopicPartition
 
 from core.settings import Settings
+from stream import kafka
 
 LAG_TOPICS = ("clicks", "searches", "images", "catalog", "requests")
 
@@ -27,22 +27,39 @@ def lag_by_topic(end: Mapping[TopicPartition, int], committed: Mapping[TopicPart
 
 async def measure_lag(settings: Settings) -> dict[str, int]:
     topics = [settings.topic(key) for key in LAG_TOPICS]
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_list, **settings.kafka_client_options())
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_list, group_id=None,
-                                **settings.kafka_client_options())
-    await admin.start()
+    consumer = kafka.consumer(settings, group_id=None)
     await consumer.start()
     try:
-        committed: dict[TopicPartition, int] = {}
-        # Faust's group holds the event topics; the request server has its own group.
-        for group in (settings.app_id, f"{settings.app_id}.requests"):
-            offsets = await admin.list_consumer_group_offsets(group)
-            committed.update({tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0})
         partitions = [
             TopicPartition(topic, p) for topic in topics for p in (consumer.partitions_for_topic(topic) or ())
         ]
+        # Committed before end: a commit landing in between then cannot pass the end read.
+        committed = await committed_offsets(settings, partitions)
         end = await consumer.end_offsets(partitions) if partitions else {}
-        return {topic: lag_by_topic(end, committed).get(topic, 0) for topic in topics}
     finally:
         await consumer.stop()
+    lag = lag_by_topic(end, committed)
+    return {topic: lag.get(topic, 0) for topic in topics}
+
+
+async def committed_offsets(settings: Settings, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The committed offset of each of ``partitions`` (of lag topics) in the group that consumes its topic.
+
+    Partitions the group never committed are left out.
+    """
+    groups = kafka.consumer_groups(settings)
+    key_of_topic = {settings.topic(key): key for key in groups}
+    partitions_of_group: dict[str, list[TopicPartition]] = {}
+    for tp in partitions:
+        partitions_of_group.setdefault(groups[key_of_topic[tp.topic]], []).append(tp)
+    admin = kafka.admin(settings)
+    await admin.start()
+    try:
+        committed: dict[TopicPartition, int] = {}
+        for group, asked in partitions_of_group.items():
+            # Partitions named explicitly: the embedded broker cannot answer "all of the group's".
+            offsets = await admin.list_consumer_group_offsets(group, partitions=asked)
+            committed.update({tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0})
+        return committed
+    finally:
         await admin.close()

@@ -38,6 +38,7 @@ from model.serving.contract import (
     compose_text,
 )
 from model.serving.registry import Registry
+from stream.item_vectors import item_points, stored_vectors, write_items
 from stream.services import Services, check_encoders
 from stream.store import Point
 from stream.users import UserState, user_vectors
@@ -100,34 +101,21 @@ def _rebuild_items(services: Services, model: ServingModel, old: Collections, ne
         found = [hits[i] for i in ids if i in hits]
         if not found:
             continue
-        text = np.zeros((len(found), model.text_dim), np.float32)
-        image = np.zeros((len(found), model.image_dim), np.float32)
-        has_text = np.array(["text" in h.vectors for h in found])
-        has_image = np.array(["image" in h.vectors for h in found])
+        image, has_image = stored_vectors(found, "image", model.image_dim)
         if reembed:
             texts = [compose_text(model.text_fields, hit.payload) for hit in found]
             has_text = np.array([bool(t) for t in texts])
+            text = np.zeros((len(found), model.text_dim), np.float32)
             if has_text.any():
                 text[has_text] = services.text_encoder.encode([t for t in texts if t])  # type: ignore[union-attr]
-        for row, hit in enumerate(found):
-            if has_text[row] and not reembed:
-                text[row] = hit.vectors["text"]
-            if has_image[row]:
-                image[row] = hit.vectors["image"]
+        else:
+            text, has_text = stored_vectors(found, "text", model.text_dim)
         content = ItemContent([h.id for h in found], text, image, has_text, has_image,
                               [str(h.payload.get("category") or "") for h in found])
-        fused = model.item_vectors(content)  # (n, fused_dim) in the new version's space
-        points = []
-        for row, hit in enumerate(found):
-            vectors = {"fused": fused[row]}
-            if has_text[row]:
-                vectors["text"] = text[row]
-            if has_image[row]:
-                vectors["image"] = image[row]
-            points.append(Point(hit.id, vectors, {k: v for k, v in hit.payload.items() if k != "id"}))
-        store.upsert(new.collections.items, points)
-        for point in points:
-            new.item_cache.put(point.id, point.vectors, point.payload)
+        payloads = [{k: v for k, v in hit.payload.items() if k != "id"} for hit in found]
+        # The new model's vectors go to the new state only: the old one serves until ``install``.
+        points = item_points(model, content, payloads)
+        write_items(store, new, points)
         count += len(points)
     return count
 
@@ -269,15 +257,12 @@ async def listen_for_updates(services: Services, stop: asyncio.Event) -> None:
     The consumer has no group: every worker must see every update, and a
     replayed old message only triggers a check that finds nothing to do.
     """
-    from aiokafka import AIOKafkaConsumer
     from aiokafka.errors import KafkaError
 
+    from stream import kafka
+
     settings = services.settings
-    consumer = AIOKafkaConsumer(
-        settings.topic("model_updates"), bootstrap_servers=settings.bootstrap_list, group_id=None,
-        enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=200,
-        **settings.kafka_client_options(),
-    )
+    consumer = kafka.consumer(settings, settings.topic("model_updates"), group_id=None, fetch_max_wait_ms=200)
     await consumer.start()
     try:
         while not stop.is_set():

@@ -31,22 +31,13 @@ import numpy as np
 
 from core.events import ClickEvent, SearchEvent
 from model.serving.contract import ACTION_CODE
+from stream.kafka import Delivery
 from stream.services import Services
 from stream.store import Point
 
 QUERY_PREFIX = "q:"  # sequence entries that are searches point into the queries collection
 USER_CHUNK = 64  # users per user-tower call when recomputing a batch's vectors
 ACTION_WEIGHT_FOR_TRENDING = {"view": 0.25, "click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """An event with where it came from (for exactly-once application)."""
-
-    event: ClickEvent | SearchEvent
-    topic: str
-    partition: int
-    offset: int
 
 
 @dataclass
@@ -85,7 +76,7 @@ class UserState:
             "updated_at": time.time(),
         }
 
-    def already_applied(self, delivery: Delivery) -> bool:
+    def already_applied(self, delivery: Delivery[ClickEvent | SearchEvent]) -> bool:
         source = f"{delivery.topic}/{delivery.partition}"
         if delivery.event.event_id in self.recent_ids:
             return True
@@ -103,7 +94,8 @@ class UserState:
                 recent.append(entry)
         return recent[::-1]
 
-    def append(self, delivery: Delivery, entry: str, action: int, max_length: int, window: int) -> None:
+    def append(self, delivery: Delivery[ClickEvent | SearchEvent], entry: str, action: int,
+               max_length: int, window: int) -> None:
         self.items.append(entry)
         self.actions.append(action)
         del self.items[:-max_length], self.actions[:-max_length]
@@ -132,7 +124,7 @@ def load_users(services: Services, user_ids: list[str]) -> dict[str, UserState]:
     }
 
 
-def apply_interactions(services: Services, deliveries: list[Delivery]) -> int:
+def apply_interactions(services: Services, deliveries: list[Delivery[ClickEvent | SearchEvent]]) -> int:
     """Apply clicks and searches in order; recompute each touched user's vector once.
 
     Returns the number of events applied (duplicates excluded).
@@ -185,7 +177,8 @@ def apply_interactions(services: Services, deliveries: list[Delivery]) -> int:
     return applied
 
 
-def _store_queries(services: Services, searches: list[Delivery], states: dict[str, UserState]) -> dict[str, np.ndarray]:
+def _store_queries(services: Services, searches: list[Delivery[SearchEvent]],
+                   states: dict[str, UserState]) -> dict[str, np.ndarray]:
     """Embed new search queries once and keep their item-space vectors by entry id."""
     fresh = [d for d in searches if not states[d.event.user_id].already_applied(d)]
     if not fresh:

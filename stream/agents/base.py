@@ -7,14 +7,17 @@ rest. Store outages are retried with backoff without acknowledging the batch,
 so nothing accepted is lost; an unexpected error on a batch is narrowed down by
 applying its events one at a time, and only the event that still fails is
 dead-lettered with the error.
+
+Agents that read their topic with their own consumer rather than a Faust
+stream (clicks, requests) share one poll loop, ``run_consumer``, which commits
+a batch's offsets only after it has been handled.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -24,24 +27,17 @@ from pydantic import BaseModel
 
 from core.errors import DecodeError, StoreUnavailableError
 from core.events import DeadLetter, decode
-from core.settings import Settings
+from stream.kafka import Delivery
 from stream.services import Services
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=BaseModel)
+POLL_TIMEOUT_MS = 100
+KAFKA_RETRY_S = 0.5  # pause after a broker error before polling or reading again
 
-
-@dataclass(frozen=True)
-class Received(Generic[E]):
-    event: E
-    topic: str
-    partition: int
-    offset: int
-
-
-# apply(received) -> list of (index into received, error) that could not be applied
-ApplyFn = Callable[[list[Received[E]]], Awaitable[list[tuple[int, DecodeError]]]]
+# apply(deliveries) -> list of (index into deliveries, error) that could not be applied
+ApplyFn = Callable[[list[Delivery[E]]], Awaitable[list[tuple[int, DecodeError]]]]
 
 
 # publish(key, value) -> a future that resolves when the broker has the message
@@ -87,7 +83,7 @@ async def process_batch(
     topic_label: str,
 ) -> None:
     settings = services.settings
-    received: list[Received[E]] = []
+    received: list[Delivery[E]] = []
     messages = []
     for event in events:
         message = event.message
@@ -96,7 +92,7 @@ async def process_batch(
         except DecodeError as error:
             await dead_letters.send(message, message.value, error, topic=message.topic)
             continue
-        received.append(Received(decoded, message.topic, message.partition, message.offset))
+        received.append(Delivery(decoded, message.topic, message.partition, message.offset))
         messages.append(message)
     services.metrics.batch_size.labels(topic_label).observe(len(events))
     if not received:
@@ -109,7 +105,7 @@ async def process_batch(
     services.metrics.events_processed.labels(topic_label).inc(len(received) - len(failed))
 
 
-async def _apply_with_retry(apply: ApplyFn[E], received: list[Received[E]]) -> list[tuple[int, DecodeError]]:
+async def _apply_with_retry(apply: ApplyFn[E], received: list[Delivery[E]]) -> list[tuple[int, DecodeError]]:
     delay = 0.1
     while True:
         try:
@@ -175,24 +171,52 @@ class Committer:
                 log.warning("offsets not committed (%s); those messages will be handled again", exc)
 
 
-def direct_consumer(settings: Settings, topic: str, group_id: str, max_records: int) -> AIOKafkaConsumer:
-    """A consumer for an agent that reads its topic without a Faust stream.
+async def run_consumer(
+    consumer: AIOKafkaConsumer,
+    handle: Callable[[list[ConsumerRecord]], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    name: str,
+    ready: asyncio.Event | None = None,
+    reread_unfinished: bool = False,
+) -> None:
+    """Start ``consumer``, hand each batch to ``handle`` and commit it once handled, until ``stop``.
 
-    Offsets are committed by the caller after a batch is applied, never automatically.
+    A batch is at most the consumer's ``max_poll_records``. ``ready`` is set once
+    the consumer holds partitions. A ``KafkaError`` out of ``handle`` means a
+    message it sent (a dead letter, say) was not acknowledged, so the batch must
+    not be committed: with ``reread_unfinished`` the consumer seeks back and
+    reads the batch again, otherwise the error ends the loop.
     """
-    return AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=settings.bootstrap_list,
-        group_id=group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        session_timeout_ms=int(settings.session_timeout_s * 1000),
-        heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
-        rebalance_timeout_ms=int(settings.rebalance_timeout_s * 1000),
-        max_poll_records=max_records,
-        **settings.kafka_client_options(),
-    )
+    await consumer.start()
+    committer = Committer(consumer)
+    try:
+        while not stop.is_set():
+            try:
+                batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
+            except KafkaError as exc:
+                log.warning("%s consumer: %s; retrying", name, exc)
+                await asyncio.sleep(KAFKA_RETRY_S)
+                continue
+            if ready is not None and not ready.is_set() and consumer.assignment():
+                ready.set()
+            records = [record for batch in batches.values() for record in batch]
+            if not records:
+                continue
+            try:
+                await handle(records)
+            except KafkaError as exc:
+                if not reread_unfinished:
+                    raise
+                log.warning("%s batch not finished (%s); reading it again", name, exc)
+                for partition, batch in batches.items():
+                    consumer.seek(partition, batch[0].offset)
+                await asyncio.sleep(KAFKA_RETRY_S)
+                continue
+            committer.applied(batches)
+    finally:
+        await committer.flush()
+        await consumer.stop()
 
 
 def _describe_current_exception() -> str:

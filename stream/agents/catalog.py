@@ -13,8 +13,9 @@ import faust
 
 from core.errors import DecodeError
 from core.events import CatalogItem
-from stream.agents.base import DeadLetters, Received, process_batch
+from stream.agents.base import DeadLetters, process_batch
 from stream.catalog import apply_catalog
+from stream.kafka import Delivery
 from stream.services import Services
 from stream.topics import Topics
 
@@ -53,7 +54,7 @@ def attach(app: faust.App, topics: Topics, services: Services, dead_letters: Dea
     settings = services.settings
     index_catalogue(services)
 
-    async def apply(received: list[Received[CatalogItem]]) -> list[tuple[int, DecodeError]]:
+    async def apply(received: list[Delivery[CatalogItem]]) -> list[tuple[int, DecodeError]]:
         async with services.write_lock:
             rejected = await asyncio.to_thread(apply_catalog, services, [r.event for r in received])
         services.metrics.items_total.set(services.store.count(services.collections.items))

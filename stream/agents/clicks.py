@@ -18,66 +18,35 @@ click waiting behind it would pay), and name the applied offsets explicitly.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import faust
-from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
 
 from core.errors import DecodeError
 from core.events import ClickEvent
-from stream.agents.base import (
-    Committer,
-    DeadLetters,
-    Received,
-    RecordEvent,
-    direct_consumer,
-    process_batch,
-)
+from stream import kafka
+from stream.agents.base import DeadLetters, RecordEvent, process_batch, run_consumer
 from stream.services import Services
 from stream.topics import Topics
-from stream.users import Delivery, apply_interactions
-
-log = logging.getLogger(__name__)
-POLL_TIMEOUT_MS = 100
+from stream.users import apply_interactions
 
 
 async def consume_clicks(services: Services, dead_letters: DeadLetters, stop: asyncio.Event) -> None:
     settings = services.settings
 
-    async def apply(received: list[Received[ClickEvent]]) -> list[tuple[int, DecodeError]]:
-        deliveries = [Delivery(r.event, r.topic, r.partition, r.offset) for r in received]
+    async def apply(deliveries: list[kafka.Delivery[ClickEvent]]) -> list[tuple[int, DecodeError]]:
         async with services.write_lock:
             await asyncio.to_thread(apply_interactions, services, deliveries)
         return []
 
-    consumer = direct_consumer(settings, settings.topic("clicks"), f"{settings.app_id}.clicks",
-                               settings.batch_size)
-    await consumer.start()
-    committer = Committer(consumer)
-    try:
-        while not stop.is_set():
-            try:
-                batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=settings.batch_size)
-            except KafkaError as exc:
-                log.warning("click consumer: %s; retrying", exc)
-                await asyncio.sleep(0.5)
-                continue
-            records = [record for batch in batches.values() for record in batch]
-            if not records:
-                continue
-            try:
-                await process_batch(services, dead_letters, [RecordEvent(r) for r in records], ClickEvent,
-                                    apply, topic_label="clicks")
-            except KafkaError as exc:  # a dead letter was not acknowledged: read the batch again
-                log.warning("click batch not finished (%s); reading it again", exc)
-                for partition, batch in batches.items():
-                    consumer.seek(partition, batch[0].offset)
-                await asyncio.sleep(0.5)
-                continue
-            committer.applied(batches)
-    finally:
-        await committer.flush()
-        await consumer.stop()
+    async def handle(records: list[ConsumerRecord]) -> None:
+        await process_batch(services, dead_letters, [RecordEvent(r) for r in records], ClickEvent, apply,
+                            topic_label="clicks")
+
+    group = kafka.consumer_groups(settings)["clicks"]
+    consumer = kafka.consumer(settings, settings.topic("clicks"), group_id=group, max_records=settings.batch_size)
+    # A dead letter the broker did not acknowledge leaves the batch unfinished: read it again.
+    await run_consumer(consumer, handle, stop, name="click", reread_unfinished=True)
 
 
 def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> None:

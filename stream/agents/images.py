@@ -7,8 +7,9 @@ import faust
 
 from core.errors import DecodeError
 from core.events import ImageEvent, RecRequest
-from stream.agents.base import DeadLetters, Received, process_batch
+from stream.agents.base import DeadLetters, process_batch
 from stream.catalog import apply_catalog_photos, embed_query_image
+from stream.kafka import Delivery
 from stream.recommend import recommend
 from stream.services import Services
 from stream.topics import Topics
@@ -17,7 +18,7 @@ from stream.topics import Topics
 def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> None:
     settings = services.settings
 
-    async def apply(received: list[Received[ImageEvent]]) -> list[tuple[int, DecodeError]]:
+    async def apply(received: list[Delivery[ImageEvent]]) -> list[tuple[int, DecodeError]]:
         photos = [i for i, r in enumerate(received) if r.event.purpose == "catalog_photo"]
         failures: list[tuple[int, DecodeError]] = []
         if photos:

@@ -13,58 +13,28 @@ answered again, which is harmless for readers that match by ``request_id``.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import faust
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
 
 from core.errors import DecodeError
 from core.events import RecRequest
-from core.settings import Settings
-from stream.agents.base import Committer, DeadLetters, Received, process_batch
+from stream import kafka
+from stream.agents.base import DeadLetters, RecordEvent, process_batch, run_consumer
 from stream.recommend import recommend
 from stream.services import Services
 from stream.topics import Topics
 
-log = logging.getLogger(__name__)
 MAX_REQUESTS_PER_POLL = 64
-
-
-class _Event:
-    """The shape ``process_batch`` reads from a Faust event: ``.message``."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: object) -> None:
-        self.message = message
-
-
-def _consumer(settings: Settings) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        settings.topic("requests"),
-        bootstrap_servers=settings.bootstrap_list,
-        group_id=f"{settings.app_id}.requests",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        session_timeout_ms=int(settings.session_timeout_s * 1000),
-        heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
-        rebalance_timeout_ms=int(settings.rebalance_timeout_s * 1000),
-        max_poll_records=MAX_REQUESTS_PER_POLL,
-        **settings.kafka_client_options(),
-    )
 
 
 async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio.Event) -> None:
     settings = services.settings
-    consumer = _consumer(settings)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_list, linger_ms=0, **settings.kafka_client_options()
-    )
-    await producer.start()
-    await consumer.start()
-    committer = Committer(consumer)
+    group = kafka.consumer_groups(settings)["requests"]
+    consumer = kafka.consumer(settings, settings.topic("requests"), group_id=group,
+                              max_records=MAX_REQUESTS_PER_POLL)
+    # Answers go out at once rather than waiting to fill a batch.
+    producer = kafka.producer(settings, linger_ms=0)
     responses_topic = settings.topic("responses")
     dead_letters = DeadLetters(
         services, lambda key, value: producer.send(settings.topic("deadletter"), value, key=key)
@@ -73,7 +43,7 @@ async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio
     def answer_all(requests: list[RecRequest]) -> list[bytes]:
         return [recommend(services, r, path="kafka").to_bytes() for r in requests]
 
-    async def apply(received: list[Received[RecRequest]]) -> list[tuple[int, DecodeError]]:
+    async def apply(received: list[kafka.Delivery[RecRequest]]) -> list[tuple[int, DecodeError]]:
         requests = [r.event for r in received]
         answers = await asyncio.to_thread(answer_all, requests)
         sent = [
@@ -83,27 +53,14 @@ async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio
         await asyncio.gather(*sent)
         return []
 
+    async def handle(records: list[ConsumerRecord]) -> None:
+        await process_batch(services, dead_letters, [RecordEvent(r) for r in records], RecRequest, apply,
+                            topic_label="requests")
+
+    await producer.start()
     try:
-        while not stop.is_set():
-            try:
-                batches = await consumer.getmany(timeout_ms=100, max_records=MAX_REQUESTS_PER_POLL)
-            except KafkaError as exc:
-                log.warning("request consumer: %s; retrying", exc)
-                await asyncio.sleep(0.5)
-                continue
-            if not ready.is_set() and consumer.assignment():
-                ready.set()
-            records = [record for batch in batches.values() for record in batch]
-            if not records:
-                continue
-            await process_batch(
-                services, dead_letters, [_Event(r) for r in records], RecRequest, apply,
-                topic_label="requests",
-            )
-            committer.applied(batches)
+        await run_consumer(consumer, handle, stop, name="request", ready=ready)
     finally:
-        await committer.flush()
-        await consumer.stop()
         await producer.stop()
 
 

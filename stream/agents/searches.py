@@ -7,20 +7,20 @@ import faust
 
 from core.errors import DecodeError
 from core.events import RecRequest, SearchEvent
-from stream.agents.base import DeadLetters, Received, process_batch
+from stream.agents.base import DeadLetters, process_batch
+from stream.kafka import Delivery
 from stream.recommend import recommend
 from stream.services import Services
 from stream.topics import Topics
-from stream.users import Delivery, apply_interactions
+from stream.users import apply_interactions
 
 
 def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> None:
     settings = services.settings
 
-    async def apply(received: list[Received[SearchEvent]]) -> list[tuple[int, DecodeError]]:
-        deliveries = [Delivery(r.event, r.topic, r.partition, r.offset) for r in received]
+    async def apply(received: list[Delivery[SearchEvent]]) -> list[tuple[int, DecodeError]]:
         async with services.write_lock:
-            await asyncio.to_thread(apply_interactions, services, deliveries)
+            await asyncio.to_thread(apply_interactions, services, received)
         for r in received:
             if r.event.k is None:
                 continue

@@ -23,6 +23,7 @@ from bench.stack import LocalStack, WorkerProcess, free_port
 from core.events import CatalogItem, ClickEvent, ImageEvent, ImageRef
 from core.settings import Settings
 from stream.broker import EmbeddedBroker, ensure_topics
+from stream.kafka import consumer_groups
 from tests.integration.helpers import (
     ask_http,
     ask_kafka,
@@ -154,12 +155,9 @@ def test_replays_and_a_consumer_group_reset_change_nothing(small_window: Setting
 
 
 async def _rewind_group(settings: Settings, topic: str) -> None:
-    """Commit offset 0 for the consumer group that applies ``topic``, as an operator's offset reset does.
-
-    Clicks are read by the worker's own consumer in group ``<app_id>.clicks``.
-    """
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_list, group_id=f"{settings.app_id}.clicks",
-                                enable_auto_commit=False)
+    """Commit offset 0 for the consumer group that applies ``topic``, as an operator's offset reset does."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_list,
+                                group_id=consumer_groups(settings)["clicks"], enable_auto_commit=False)
     await consumer.start()
     try:
         # The embedded broker takes commits from group members only: join the

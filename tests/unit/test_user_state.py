@@ -5,7 +5,8 @@ import json
 
 from core.events import ClickEvent, SearchEvent
 from model.serving.contract import ACTION_CODE
-from stream.users import Delivery, UserState
+from stream.kafka import Delivery
+from stream.users import UserState
 
 T0 = 1_700_000_000.0
 TOPIC = "events.clicks"
