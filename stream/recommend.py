@@ -48,68 +48,72 @@ def recommend(
     # One read of the serving state: a hot swap during this request cannot mix versions.
     serving = services.serving
     settings, store, model = services.settings, services.store, serving.model
-    users = store.retrieve(serving.collections.users, [request.user_id], with_vectors=True)
-    hit = users.get(request.user_id)
-    state = UserState.from_payload(request.user_id, hit.payload) if hit else UserState(request.user_id)
-    user_vector = hit.vectors.get("user") if hit else None
-    seen = {e for e in state.items if not e.startswith(QUERY_PREFIX)}
-    excluded = tuple(seen | set(request.filters.exclude_ids))
-    flt = SearchFilter(
-        categories=tuple(request.filters.categories),
-        exclude_ids=excluded,
-        max_price=request.filters.max_price,
-    )
     query_vector = text_query = None
     if request.query:
         text_query = services.text_encoder.encode([request.query])[0]  # type: ignore[union-attr]
         query_vector = model.query_vectors(text_query[None, :])[0]
+    # The user's state, trending and co-visits are read under one lock a click batch
+    # publishes its in-memory effects under: a request sees a batch whole or not at all
+    # (its stored user state first, never its trending or co-visits without it).
+    with services.visibility.reading():
+        users = store.retrieve(serving.collections.users, [request.user_id], with_vectors=True)
+        hit = users.get(request.user_id)
+        state = UserState.from_payload(request.user_id, hit.payload) if hit else UserState(request.user_id)
+        user_vector = hit.vectors.get("user") if hit else None
+        seen = {e for e in state.items if not e.startswith(QUERY_PREFIX)}
+        excluded = tuple(seen | set(request.filters.exclude_ids))
+        flt = SearchFilter(
+            categories=tuple(request.filters.categories),
+            exclude_ids=excluded,
+            max_price=request.filters.max_price,
+        )
 
-    # --- retrieval ---------------------------------------------------------
-    t0 = time.perf_counter()
-    pool: dict[str, Candidate] = {}
+        # --- retrieval ---------------------------------------------------------
+        t0 = time.perf_counter()
+        pool: dict[str, Candidate] = {}
 
-    def add(hits: list[Hit], source: str) -> None:
-        for h in hits:
-            if h.id not in pool or pool[h.id].retrieval_score < h.score:
-                pool[h.id] = Candidate(h.id, h.score, source)
+        def add(hits: list[Hit], source: str) -> None:
+            for h in hits:
+                if h.id not in pool or pool[h.id].retrieval_score < h.score:
+                    pool[h.id] = Candidate(h.id, h.score, source)
 
-    limit = settings.candidates
-    items = serving.collections.items
-    if text_query is not None:
-        add(store.search(items, "text", text_query, limit, flt, with_payload=False), "query")
-    if image_vector is not None:
-        add(store.search(items, "image", image_vector, limit, flt, with_payload=False), "image")
-    if user_vector is not None and text_query is None and image_vector is None:
-        add(store.search(items, "fused", user_vector, limit, flt, with_payload=False), "personal")
-    now = time.time()
-    excluded_set = set(excluded)
-    covisit_order: list[str] = []
-    covisit_weight = fusion_weight(settings.covisit_weight, model)
-    if covisit_weight > 0.0 and text_query is None and image_vector is None:
-        covisit_order = _covisits(services, model, state, excluded_set)
-        for item_id in covisit_order:
+        limit = settings.candidates
+        items = serving.collections.items
+        if text_query is not None:
+            add(store.search(items, "text", text_query, limit, flt, with_payload=False), "query")
+        if image_vector is not None:
+            add(store.search(items, "image", image_vector, limit, flt, with_payload=False), "image")
+        if user_vector is not None and text_query is None and image_vector is None:
+            add(store.search(items, "fused", user_vector, limit, flt, with_payload=False), "personal")
+        now = time.time()
+        excluded_set = set(excluded)
+        covisit_order: list[str] = []
+        covisit_weight = fusion_weight(settings.covisit_weight, model)
+        if covisit_weight > 0.0 and text_query is None and image_vector is None:
+            covisit_order = _covisits(services, model, state, excluded_set)
+            for item_id in covisit_order:
+                if item_id not in pool:
+                    pool[item_id] = Candidate(item_id, 0.0, "covisit")
+        for item_id, _ in services.trending.top_cached(TRENDING_CANDIDATES, now, exclude=excluded_set):
             if item_id not in pool:
-                pool[item_id] = Candidate(item_id, 0.0, "covisit")
-    for item_id, _ in services.trending.top_cached(TRENDING_CANDIDATES, now, exclude=excluded_set):
-        if item_id not in pool:
-            pool[item_id] = Candidate(item_id, 0.0, "trending")
-    gathered = _gather(services, serving, pool, flt)
-    if len(gathered.item_ids) < request.k and not (text_query is not None or image_vector is not None):
-        # Too little signal (cold user, nothing trending that passes the
-        # filters): fill up with catalogue items that pass them.
-        for item_id in itertools.islice(store.scroll_ids(items), COLD_SCAN):
-            if item_id not in excluded_set and item_id not in pool:
-                pool[item_id] = Candidate(item_id, 0.0, "catalogue")
+                pool[item_id] = Candidate(item_id, 0.0, "trending")
         gathered = _gather(services, serving, pool, flt)
-    services.metrics.retrieval_latency.observe(time.perf_counter() - t0)
-    if not gathered.item_ids:
-        return _response(services, request, [], started, path, model.version)
-    candidates = [pool[i] for i in gathered.item_ids]
+        if len(gathered.item_ids) < request.k and not (text_query is not None or image_vector is not None):
+            # Too little signal (cold user, nothing trending that passes the
+            # filters): fill up with catalogue items that pass them.
+            for item_id in itertools.islice(store.scroll_ids(items), COLD_SCAN):
+                if item_id not in excluded_set and item_id not in pool:
+                    pool[item_id] = Candidate(item_id, 0.0, "catalogue")
+            gathered = _gather(services, serving, pool, flt)
+        services.metrics.retrieval_latency.observe(time.perf_counter() - t0)
+        if not gathered.item_ids:
+            return _response(services, request, [], started, path, model.version)
+        candidates = [pool[i] for i in gathered.item_ids]
 
-    # --- scoring -------------------------------------------------------------
-    t1 = time.perf_counter()
-    fused, text, image = (gathered.vectors[name] for name in ("fused", "text", "image"))
-    context = _context(services, model, gathered, candidates, state, now)
+        # --- scoring -------------------------------------------------------------
+        t1 = time.perf_counter()
+        fused, text, image = (gathered.vectors[name] for name in ("fused", "text", "image"))
+        context = _context(services, model, gathered, candidates, state, now)
     personal = user_vector if user_vector is not None else (
         query_vector if query_vector is not None else np.zeros(model.fused_dim, np.float32)
     )

@@ -21,6 +21,7 @@ from exporter.metrics import Metrics
 from model.serving.contract import ServingModel
 from stream.covisit import StreamTransitions
 from stream.item_cache import ItemCache
+from stream.rwlock import ReadWriteLock
 from stream.store import VectorStore, open_store
 from stream.trending import Trending
 from stream.versions import (
@@ -49,6 +50,9 @@ class Services:
     # Serialises writes to user and item state between agents (clicks and
     # searches both update users; catalogue and photos both update items).
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Requests read user state, trending and co-visits under its read side; a
+    # click batch publishes its trending and co-visits under its write side.
+    visibility: ReadWriteLock = field(default_factory=ReadWriteLock)
 
     @property
     def model(self) -> ServingModel:

@@ -189,12 +189,13 @@ def install(services: Services, state: ServingState, replaced: Collections | Non
     ``replaced``: the collections that held the vectors until now (default: the served ones).
     """
     replaced = replaced or services.serving.collections
-    services.serving = state
+    with services.visibility.writing():
+        services.serving = state
+        if state.model.transitions is not None:
+            # Its table holds the clicks the fine-tuner drained: counting the
+            # stream's copy of them as well would weigh them twice.
+            services.covisit.clear()
     services.drift.reset()  # the reference window belongs to the model that serves
-    if state.model.transitions is not None:
-        # Its table holds the clicks the fine-tuner drained: counting the
-        # stream's copy of them as well would weigh them twice.
-        services.covisit.clear()
     services.metrics.model_info.info({"version": state.model.version})
     services.metrics.model_loaded_timestamp.set(time.time())
     services.metrics.model_swaps.labels("ok").inc()

@@ -116,6 +116,34 @@ def _unpack_ids(stored: object) -> list[str]:
     return list(stored)  # type: ignore[call-overload]
 
 
+@dataclass
+class Learnt:
+    """What a batch of clicks teaches the signals shared by every user.
+
+    Collected while the batch is applied and published in one step after the
+    users are stored (``publish``), under the lock requests read under.
+    """
+
+    trending: list[tuple[str, float, float]] = field(default_factory=list)  # (item, weight, seconds)
+    transitions: list[tuple[list[str], str]] = field(default_factory=list)  # (previous items, item)
+    clicked_lists: int = 0  # clicks on a served list (with a position): the CTR drift numerator
+
+    def add_click(self, event: ClickEvent, previous: list[str], now: float) -> None:
+        self.trending.append((event.item_id, ACTION_WEIGHT_FOR_TRENDING[event.action], now))
+        self.transitions.append((previous, event.item_id))
+        if event.position is not None and event.action != "view":
+            self.clicked_lists += 1
+
+    def publish(self, services: Services) -> None:
+        with services.visibility.writing():
+            for item_id, weight, at in self.trending:
+                services.trending.add(item_id, weight, at)
+            for previous, item_id in self.transitions:
+                services.covisit.learn(previous, item_id)
+        if self.clicked_lists:
+            services.drift.update(clicks=self.clicked_lists)
+
+
 def load_users(services: Services, user_ids: list[str]) -> dict[str, UserState]:
     hits = services.store.retrieve(services.collections.users, user_ids)
     return {
@@ -137,6 +165,7 @@ def apply_interactions(services: Services, deliveries: list[Delivery[ClickEvent 
     touched: set[str] = set()
     applied = 0
     now = time.time()
+    learnt = Learnt()
     for delivery in deliveries:
         state = states[delivery.event.user_id]
         if state.already_applied(delivery):
@@ -146,20 +175,12 @@ def apply_interactions(services: Services, deliveries: list[Delivery[ClickEvent 
         event = delivery.event
         if isinstance(event, ClickEvent):
             entry, action = event.item_id, ACTION_CODE[event.action]
-            services.trending.add(event.item_id, ACTION_WEIGHT_FOR_TRENDING[event.action], now)
-            services.covisit.learn(state.recent_items(services.covisit.window), event.item_id)
+            learnt.add_click(event, state.recent_items(services.covisit.window), now)
         else:
             entry, action = QUERY_PREFIX + event.event_id, ACTION_CODE["search"]
         state.append(delivery, entry, action, settings.user_sequence_length, settings.dedup_window)
         touched.add(state.user_id)
         applied += 1
-    # A click with a position was on a served list: the CTR drift numerator.
-    clicked_lists = sum(
-        1 for d in deliveries
-        if isinstance(d.event, ClickEvent) and d.event.position is not None and d.event.action != "view"
-    )
-    if clicked_lists:
-        services.drift.update(clicks=clicked_lists)
     if touched:
         changed = [states[uid] for uid in user_ids if uid in touched]
         vectors = user_vectors(services, changed, query_vectors)
@@ -171,6 +192,10 @@ def apply_interactions(services: Services, deliveries: list[Delivery[ClickEvent 
             [Point(s.user_id, {"user": v} if has else {}, s.payload())
              for s, v, has in zip(changed, vectors, has_vector)],
         )
+        # Only once the users are stored: a request that sees the batch's
+        # trending or co-visits then also sees what each user just did, and a
+        # batch retried after a store error has taught the signals nothing yet.
+        learnt.publish(services)
         finished = time.time()
         for state in changed:
             services.metrics.freshness.observe(max(0.0, finished - state.last_event_time))

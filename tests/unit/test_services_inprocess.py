@@ -9,12 +9,16 @@ from __future__ import annotations
 import base64
 import io
 import os
-from collections.abc import Iterator
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
@@ -23,16 +27,19 @@ from core.events import (
     ClickEvent,
     ImageRef,
     RecRequest,
+    RecResponse,
     RequestFilters,
     SearchEvent,
 )
 from core.settings import load_settings
+from exporter.drift import DriftMonitor, DriftResults, dimension_psi, gini, psi
 from model.serving.content import ImageEncoder, TextEncoder
-from stream.catalog import apply_catalog
+from stream.catalog import apply_catalog, embed_query_image
+from stream.kafka import Delivery
 from stream.recommend import recommend
 from stream.services import Services
 from stream.store import SearchFilter
-from stream.users import Delivery, apply_interactions
+from stream.users import apply_interactions
 
 T0 = 1_700_000_000.0
 CLICKS, SEARCHES = "events.clicks", "events.searches"
@@ -89,24 +96,36 @@ class World:
         topic = CLICKS if isinstance(event, ClickEvent) else SEARCHES
         return Delivery(event, topic, partition, next(self._offsets[topic]))
 
-    def click(self, user_id: str, item_id: str, action: str = "click") -> Delivery:
+    def click(self, user_id: str, item_id: str, action: str = "click", position: int | None = None) -> Delivery:
         event = ClickEvent(event_id=self.event_id(), event_time=T0, user_id=user_id, item_id=item_id,
-                           action=action)  # type: ignore[arg-type]
+                           action=action, position=position)  # type: ignore[arg-type]
         return self.delivery(event)
 
     def search(self, user_id: str, query: str) -> Delivery:
         event = SearchEvent(event_id=self.event_id(), event_time=T0, user_id=user_id, query=query)
         return self.delivery(event)
 
-    def recommend(self, user_id: str, k: int = 100, **request: object) -> list[tuple[str, str]]:
+    def respond(self, user_id: str, k: int = 100, image_vector: np.ndarray | None = None,
+                **request: object) -> RecResponse:
         response = recommend(
             self.services,
             RecRequest(request_id=self.event_id(), user_id=user_id, k=k, **request),  # type: ignore[arg-type]
             path="test",
+            image_vector=image_vector,
         )
         assert response.error is None
         assert response.user_id == user_id
         assert response.model_version == self.services.model.version
+        return response
+
+    def recommend(self, user_id: str, k: int = 100, **request: object) -> list[tuple[str, str]]:
+        return [(item.item_id, item.reason) for item in self.respond(user_id, k, **request).items]
+
+    def visual_search(self, user_id: str, photo: str, k: int, **request: object) -> list[tuple[str, str]]:
+        """A request with a photo, embedded as the HTTP endpoint and the images agent do."""
+        image = ImageRef(image_b64=photo)
+        vector = embed_query_image(self.services, image)
+        response = self.respond(user_id, k, image_vector=vector, image=image, **request)
         return [(item.item_id, item.reason) for item in response.items]
 
     def stored_user(self, user_id: str) -> dict[str, object]:
@@ -141,23 +160,36 @@ def shared_encoders() -> Iterator[None]:
 
 
 @pytest.fixture
-def world(
+def open_world(
     models_dir: Path, shared_encoders: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[World]:
+) -> Iterator[Callable[..., World]]:
+    """Opens the worker of a test, with settings overridden as given (once per test)."""
     for name in list(os.environ):
         if name.startswith("STREAMREC_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # no stray .env file
     (tmp_path / "images").mkdir()
-    settings = load_settings(
-        data_dir=tmp_path / "state", model_dir=models_dir, image_root=tmp_path / "images"
-    )
-    registry = CollectorRegistry()
-    services = Services.open(settings, registry)
+    opened: list[Services] = []
+
+    def open_(**overrides: object) -> World:
+        assert not opened, "one worker per test"
+        settings = load_settings(
+            data_dir=tmp_path / "state", model_dir=models_dir, image_root=tmp_path / "images", **overrides
+        )
+        registry = CollectorRegistry()
+        opened.append(Services.open(settings, registry))
+        return World(opened[0], registry)
+
     try:
-        yield World(services, registry)
+        yield open_
     finally:
-        services.close()
+        for services in opened:
+            services.close()
+
+
+@pytest.fixture
+def world(open_world: Callable[..., World]) -> World:
+    return open_world()
 
 
 def ids(results: list[tuple[str, str]]) -> list[str]:
@@ -328,6 +360,65 @@ def test_exclude_ids_are_honoured(world: World) -> None:
     apply_interactions(world.services, [world.click("u1", "book-1")])
     served = ids(world.recommend("u1", filters=RequestFilters(exclude_ids=["book-2", "book-3"])))
     assert served and not {"book-1", "book-2", "book-3"} & set(served)
+
+
+def test_seen_means_the_kept_sequence_and_older_items_can_come_back(open_world: Callable[..., World]) -> None:
+    """A user's state keeps the last ``user_sequence_length`` interactions, searches included
+    (README, Configuration): those are never served; items older than that may be again."""
+    world = open_world(user_sequence_length=4)
+    world.catalogue()
+    walked = ["tent-1", "tent-2", "tent-3", "tent-4", "shoe-1", "shoe-2"]  # oldest first
+    assert apply_interactions(world.services, [world.click("hiker", item_id) for item_id in walked]) == 6
+    kept, forgotten = walked[-4:], walked[:2]
+    assert world.stored_user("hiker")["payload"]["items"] == kept  # type: ignore[index]
+    servable = set(CATEGORY) - set(kept)
+    # Exactly as many as may be served, so the personal retrieval alone answers (no catalogue
+    # fill): any kept item in the answer would push one of these out.
+    assert set(ids(world.recommend("hiker", k=len(servable)))) == servable
+    # Only the two forgotten tents are left among the tents, on the personal and the search path;
+    # asking for one more shows nothing else gets in.
+    tents = RequestFilters(categories=["tents"])
+    assert sorted(ids(world.recommend("hiker", k=3, filters=tents))) == forgotten
+    assert sorted(ids(world.recommend("hiker", k=3, query="tent", filters=tents))) == forgotten
+    # A search takes a place in the sequence as well: tent-3 drops out of it and may come back.
+    assert apply_interactions(world.services, [world.search("hiker", "trail running")]) == 1
+    assert world.stored_user("hiker")["payload"]["items"][:3] == kept[1:]  # type: ignore[index]
+    assert set(ids(world.recommend("hiker", k=len(servable) + 1))) == servable | {"tent-3"}
+
+
+def test_a_visual_search_holds_the_filters_and_leaves_out_seen_items(world: World) -> None:
+    query_colour = (200, 40, 40)
+    # (item id, category, photo colour): three items wear the query's very photo.
+    photographed = [
+        ("tent-seen", "tents", query_colour),
+        ("tent-twin", "tents", query_colour),
+        ("shoe-excluded", "shoes", query_colour),
+        ("shoe-red", "shoes", (180, 60, 50)),
+        ("shoe-green", "shoes", (40, 160, 60)),
+        ("shoe-blue", "shoes", (30, 50, 200)),
+        ("tent-green", "tents", (40, 160, 60)),
+        ("tent-blue", "tents", (30, 50, 200)),
+    ]
+    assert apply_catalog(world.services, [
+        CatalogItem(event_id=world.event_id(), event_time=T0, item_id=item_id, title=f"Item {item_id}",
+                    category=category, price=50.0, image=ImageRef(image_b64=photo_b64(colour)))
+        for item_id, category, colour in photographed
+    ]) == []
+    # The shopper bought the first tent; the other twins are what everyone else buys (trending).
+    crowd = [world.click(f"fan-{n}", item_id, "purchase")
+             for n in range(3) for item_id in ("tent-twin", "shoe-excluded")]
+    assert apply_interactions(world.services, [world.click("shopper", "tent-seen", "purchase"), *crowd]) == 7
+    query = photo_b64(query_colour)
+    # Without filters or history the three twins are the answer: what a broken filter would let in.
+    assert set(ids(world.visual_search("stranger", query, k=3))) == {"tent-seen", "tent-twin", "shoe-excluded"}
+    # Three shoes are left for the shopper, who leans to tents; two are asked for.
+    served = world.visual_search("shopper", query, k=2,
+                                 filters=RequestFilters(categories=["shoes"], exclude_ids=["shoe-excluded"]))
+    assert len(served) == 2 and set(ids(served)) <= {"shoe-red", "shoe-green", "shoe-blue"}, served
+    assert all(reason == "looks like your photo" for _, reason in served), served
+    # Without filters the seen twin is still left out (two of the seven others are asked for).
+    unfiltered = ids(world.visual_search("shopper", query, k=2))
+    assert len(unfiltered) == 2 and "tent-seen" not in unfiltered, unfiltered
 
 
 @pytest.mark.parametrize("user_id", ["reader", "nobody"])  # personal and cold
@@ -543,3 +634,197 @@ def test_the_pointer_records_what_item_text_was_made_of(world: World) -> None:
     services = world.services
     write_pointer(services.settings, services.model, services.collections)
     assert read_pointer(services.settings)["text_fields"] == ["title", "category", "description"]  # type: ignore[index]
+
+
+# --- drift -----------------------------------------------------------------------------
+
+
+class RecordingDrift(DriftMonitor):
+    """The worker's drift monitor, keeping what every ``update`` was given as well."""
+
+    def __init__(self, monitor: DriftMonitor) -> None:
+        super().__init__(monitor.reference_size, monitor.window_size, monitor.thresholds)
+        self.updates: list[dict[str, Any]] = []
+
+    def update(self, scores: np.ndarray | None = None, user_vector: np.ndarray | None = None,
+               served: list[str] | None = None, clicks: int = 0, impressions: int = 0) -> None:
+        self.updates.append({
+            "scores": None if scores is None else np.array(scores),
+            "user_vector": None if user_vector is None else np.array(user_vector),
+            "served": None if served is None else list(served),
+            "clicks": clicks, "impressions": impressions,
+        })
+        super().update(scores, user_vector, served, clicks, impressions)
+
+
+def alert_threshold(gauge: str) -> float:
+    """The value the alert rule on ``gauge`` fires beyond (``infra/prometheus/alerts.yml``)."""
+    rules = yaml.safe_load((Path(__file__).resolve().parents[2] / "infra/prometheus/alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"] if gauge in rule["expr"]]
+    assert len(exprs) == 1, exprs
+    match = re.fullmatch(rf"\s*{gauge}\s*[<>]\s*([0-9.]+)\s*", exprs[0])
+    assert match, exprs[0]
+    return float(match.group(1))
+
+
+def drift_gauge(world: World, name: str) -> float | None:
+    """Publishes the monitor's results as the worker's drift timer does, and reads one gauge back."""
+    world.services.metrics.set_drift(world.services.drift.results())
+    return world.registry.get_sample_value(f"streamrec_drift_{name}")
+
+
+def test_requests_and_clicks_on_served_lists_feed_the_drift_monitor(open_world: Callable[..., World]) -> None:
+    world = open_world(drift_reference_size=10, drift_window_size=10)
+    assert (world.services.drift.reference_size, world.services.drift.window_size) == (10, 10)
+    drift = RecordingDrift(world.services.drift)
+    world.services.drift = drift
+    world.catalogue()
+    assert apply_interactions(world.services, [world.click("fan", "tent-1"), world.click("fan", "book-1")]) == 2
+    assert drift.updates == []  # clicks that were not on a served list
+
+    def fed(response: RecResponse) -> None:
+        """The last update is the served list: its ids, scores in served order, one impression each."""
+        update = drift.updates[-1]
+        assert update["served"] == [item.item_id for item in response.items]
+        np.testing.assert_allclose(update["scores"], [item.score for item in response.items], atol=1e-6)  # rounded
+        assert (update["impressions"], update["clicks"]) == (len(response.items), 0)
+        users = world.services.collections.users
+        stored = world.services.store.retrieve(users, [response.user_id], with_vectors=True)
+        if response.user_id in stored:
+            np.testing.assert_array_equal(update["user_vector"], stored[response.user_id].vectors["user"])
+        else:
+            assert update["user_vector"] is None  # a cold user has no vector to compare
+
+    personal = world.respond("fan", k=4)
+    fed(personal)
+    assert drift.updates[-1]["user_vector"] is not None
+    fed(world.respond("stranger", k=3))
+    assert len(drift.updates) == 2
+
+    # Clicks with a position were on a served list: they count, views and position-less clicks do not.
+    drift.updates.clear()
+    served = [item.item_id for item in personal.items]
+    assert apply_interactions(world.services, [
+        world.click("fan", served[0], position=0),
+        world.click("fan", served[1], "add_to_cart", position=1),
+        world.click("fan", served[2], "view", position=2),
+        world.click("fan", "book-4"),
+    ]) == 4
+    assert [(u["clicks"], u["impressions"], u["served"]) for u in drift.updates] == [(2, 0, None)]
+    assert not drift.results().reference_ready  # 7 of 10 reference scores so far
+    fed(world.respond("fan", k=3))
+    assert drift.results().reference_ready  # reference: 2 clicks in 10 impressions
+    fed(world.respond("fan", k=5))
+    assert apply_interactions(world.services, [world.click("fan", served[3], position=3),
+                                               world.click("walker", "shoe-1", "view", position=0)]) == 2
+    # Current window: 1 click in 5 impressions; (1/5) / (2/10) = 1.
+    assert drift.results().ctr_ratio == pytest.approx(1.0)
+    assert apply_interactions(world.services, [world.click("runner", "shoe-2", "purchase", position=4)]) == 1
+    assert drift_gauge(world, "ctr_ratio") == pytest.approx((2 / 5) / (2 / 10))
+
+
+def test_a_redelivered_click_is_not_counted_again_for_the_ctr(open_world: Callable[..., World]) -> None:
+    world = open_world(drift_reference_size=10)
+    drift = RecordingDrift(world.services.drift)
+    world.services.drift = drift
+    world.catalogue()
+    served = ids(world.recommend("fan", k=3))
+    click = world.click("fan", served[0], position=0)
+    assert apply_interactions(world.services, [click]) == 1
+    # The same record again, as after a consumer restart before its commit, in a batch with a
+    # new event: skipped as a duplicate, so it is not a second click on the served list either.
+    assert apply_interactions(world.services, [click, world.click("fan", "book-4")]) == 1
+    assert [u["clicks"] for u in drift.updates if u["clicks"]] == [1]
+
+
+def test_the_drift_reference_is_the_first_reference_size_scores_and_then_stays(
+    open_world: Callable[..., World],
+) -> None:
+    world = open_world(drift_reference_size=10, drift_window_size=10)
+    drift = RecordingDrift(world.services.drift)
+    world.services.drift = drift
+    world.catalogue()
+    apply_interactions(world.services, [world.click("fan", "tent-1"), world.click("reader", "book-1"),
+                                        world.click("walker", "shoe-2")])
+    for n, user_id in enumerate(["fan", "fan", "reader"]):  # 4 + 4 + 4 scores: the third crosses the cut
+        assert drift.results().reference_ready is False, n
+        world.respond(user_id, k=4)
+    assert drift.results().reference_ready
+    reference = drift.updates[:3]
+    later_users = ["reader", "walker", "fan"]
+    for n in range(12):  # more than a window of requests (2 scores each): the current window is theirs
+        world.respond(later_users[n % 3], k=2)
+    later = drift.updates[3:]
+
+    ref_scores = np.concatenate([u["scores"] for u in reference])[:10]
+    ref_vectors = np.stack([u["user_vector"] for u in reference])
+    ref_served = [item_id for u in reference for item_id in u["served"]][:10]
+    cur_scores = np.concatenate([u["scores"] for u in later])[-10:]
+    cur_vectors = np.stack([u["user_vector"] for u in later])[-10:]
+    cur_served = [item_id for u in later for item_id in u["served"]][-10:]
+    served_counts = Counter({item_id: 0 for item_id in ref_served})
+    served_counts.update(cur_served)
+    results = drift.results()
+    assert results.score_psi == pytest.approx(psi(ref_scores, cur_scores))
+    assert results.embedding_shift == pytest.approx(dimension_psi(ref_vectors, cur_vectors))
+    assert results.popularity_gini == pytest.approx(gini(np.array(list(served_counts.values()))))
+    # Not vacuous: a reference that kept taking scores would measure something else.
+    everything = np.concatenate([u["scores"] for u in drift.updates])
+    assert psi(everything, cur_scores) != pytest.approx(results.score_psi)
+    assert drift_gauge(world, "score_psi") == pytest.approx(results.score_psi)
+    assert drift_gauge(world, "embedding_shift") == pytest.approx(results.embedding_shift)
+
+
+def test_a_swap_starts_a_new_drift_reference(open_world: Callable[..., World]) -> None:
+    import copy
+
+    from stream.swap import build_state, install
+
+    world = open_world(drift_reference_size=10, drift_window_size=10)
+    services = world.services
+    world.catalogue()
+    apply_interactions(services, [world.click("fan", "tent-1"), world.click("walker", "shoe-2")])
+    for user_id in ("fan", "walker", "fan"):  # a full reference and five current scores
+        world.respond(user_id, k=5)
+    assert services.drift.results().reference_ready
+    assert drift_gauge(world, "popularity_gini") > 0.0
+
+    next_version = copy.copy(services.model)
+    next_version.version = "next"  # type: ignore[misc]
+    install(services, build_state(services, next_version))
+    assert services.model.version == "next"
+    assert services.drift.results() == DriftResults(0.0, 0.0, 1.0, 0.0, False, ())
+    assert drift_gauge(world, "popularity_gini") == 0.0
+    # The new version's reference takes the next ten scores, as the first one did, and the
+    # current window starts empty too (the five scores from before the swap are gone).
+    world.respond("fan", k=5)
+    assert not services.drift.results().reference_ready
+    world.respond("walker", k=5)
+    assert services.drift.results() == DriftResults(0.0, 0.0, 1.0, 0.0, True, ())
+    world.respond("fan", k=5)
+    assert services.drift.results().score_psi > 0.0 or services.drift.results().popularity_gini > 0.0
+
+
+def test_serving_a_few_items_far_more_than_others_raises_the_popularity_alert(
+    open_world: Callable[..., World],
+) -> None:
+    """Gini over how often each item was served, with the items the reference served counting
+    as zeros: a worker that narrows to two of forty items crosses the alert rule's threshold."""
+    threshold = alert_threshold("streamrec_drift_popularity_gini")
+    world = open_world(drift_reference_size=40, drift_window_size=40)
+    assert world.services.drift.thresholds.popularity_gini == threshold
+    kinds = ["tent", "boot", "novel", "kettle", "lamp", "scarf", "bike", "clock"]
+    world.catalogue([(f"{kind}-{n}", f"{colour} {kind} number {n}", kind, 10.0 + n)
+                     for kind in kinds for n, colour in enumerate(["red", "green", "blue", "black", "white"])])
+    assert len(world.item_ids()) == 40
+    assert len(world.recommend("first-visitor", k=40)) == 40  # the reference: every item once
+    assert len(world.recommend("second-visitor", k=40)) == 40  # the current window: every item once
+    assert drift_gauge(world, "popularity_gini") == pytest.approx(0.0)
+
+    apply_interactions(world.services, [world.click("fan", "tent-0", "purchase")])
+    narrow = [ids(world.recommend("fan", k=2)) for _ in range(20)]  # the current window: 40 served ids
+    assert len({item_id for answer in narrow for item_id in answer}) == 2, narrow
+    concentration = drift_gauge(world, "popularity_gini")
+    assert concentration == pytest.approx(gini(np.array([20] * 2 + [0] * 38)))
+    assert concentration > threshold
+    assert "popularity_gini" in world.services.drift.results().alerts
