@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from exporter.drift import DriftResults
+
 # Request latencies are milliseconds-scale; buckets in seconds.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -120,3 +122,10 @@ class Metrics:
             "Recommendation requests answered with an error, by path.",
             ["path"], registry=registry,
         )
+
+    def set_drift(self, results: DriftResults) -> None:
+        """Publish one ``DriftMonitor.results()`` on the ``streamrec_drift_*`` gauges the alert rules read."""
+        self.drift_score_psi.set(results.score_psi)
+        self.drift_embedding_shift.set(results.embedding_shift)
+        self.drift_ctr_ratio.set(results.ctr_ratio)
+        self.drift_popularity_gini.set(results.popularity_gini)
