@@ -225,13 +225,14 @@ async def hot_swap(services: Services, version: str | None = None) -> bool:
     return True
 
 
-async def reconcile(services: Services) -> None:
-    """Make the stored vectors match the model this worker loaded, once at start-up.
+def reconcile(services: Services) -> None:
+    """Make the stored vectors match the model this worker loaded, before it serves.
 
     A first start records the pointer. A worker that was down while another
     version was promoted finds the pointer naming the previous version: its
-    stored vectors belong to that version, so they are rebuilt for the model
-    just loaded. Then the registry's current version is served if it differs.
+    stored vectors belong to that version (``Services.open`` opened the loaded
+    version's own, empty collections), so they are rebuilt for the model just
+    loaded. Runs before any agent, so no event lands in a half-built state.
     """
     settings = services.settings
     pointer = read_pointer(settings)
@@ -243,13 +244,11 @@ async def reconcile(services: Services) -> None:
                                fused_dim=pointer["fused_dim"])
         for spec in collection_specs(source, dims):  # type: ignore[arg-type]
             services.store.ensure_collection(spec)
-        async with services.write_lock:
-            # A pointer without text fields comes from a worker whose every
-            # text vector was embedded from all of an item's text.
-            stored_fields = tuple(pointer.get("text_fields", CONTENT_TEXT_FIELDS))
-            state = await asyncio.to_thread(build_state, services, services.model, source, stored_fields)
-            install(services, state, replaced=source)
-    await hot_swap(services)
+        # A pointer without text fields comes from a worker whose every
+        # text vector was embedded from all of an item's text.
+        stored_fields = tuple(pointer.get("text_fields", CONTENT_TEXT_FIELDS))
+        state = build_state(services, services.model, source, stored_fields)
+        install(services, state, replaced=source)
 
 
 async def listen_for_updates(services: Services, stop: asyncio.Event) -> None:
@@ -280,12 +279,12 @@ async def listen_for_updates(services: Services, stop: asyncio.Event) -> None:
 
 
 def attach(app: object, services: Services) -> None:
-    """Reconcile at start-up, then ``listen_for_updates``, as a task of the worker's Faust app."""
+    """Serve the registry's current version, then ``listen_for_updates``, as a task of the worker's app."""
     stop = asyncio.Event()
 
     @app.task  # type: ignore[attr-defined]
     async def model_update_listener() -> None:
-        await reconcile(services)
+        await hot_swap(services)  # promoted between start-up and now
         await listen_for_updates(services, stop)
 
     @app.on_before_shutdown.connect  # type: ignore[attr-defined]

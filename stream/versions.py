@@ -117,8 +117,12 @@ def recorded(pointer: dict[str, Any] | None, key: str | None = None) -> Collecti
 
 
 def serving_collections(settings: Settings, version: str) -> Collections:
-    """The collections recorded for ``version``, else the plain names."""
+    """Where ``version`` is served from: the collections the pointer records for it; the
+    version's own when the pointer names another (``stream.swap.reconcile`` fills them
+    from the pointer's); the plain names on a first start."""
     pointer = read_pointer(settings)
-    if pointer and pointer.get("version") == version:
+    if pointer is None:
+        return default_collections(settings)
+    if pointer.get("version") == version:
         return recorded(pointer) or default_collections(settings)
-    return default_collections(settings)
+    return version_collections(settings, version)

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from core.errors import ConfigError
 from core.events import CatalogItem, ClickEvent, ModelUpdate, RecRequest
 from core.settings import Settings, load_settings
 from exporter.metrics import Metrics
@@ -314,7 +313,7 @@ def test_a_worker_down_during_a_promotion_rebuilds_items_and_users_when_it_start
     base_version = registry.current_version()
     services = Services.open(fine_settings, CollectorRegistry())
     try:
-        asyncio.run(reconcile(services))  # a first start records the pointer
+        reconcile(services)  # a first start records the pointer
         assert read_pointer(fine_settings)["version"] == base_version  # type: ignore[index]
         base_collections = services.collections
         apply_catalog(services, catalogue())
@@ -333,7 +332,7 @@ def test_a_worker_down_during_a_promotion_rebuilds_items_and_users_when_it_start
     services = Services.open(fine_settings, CollectorRegistry())
     try:
         assert services.model.version == new_version
-        asyncio.run(reconcile(services))
+        reconcile(services)
         assert services.collections == version_collections(fine_settings, new_version)
         pointer = read_pointer(fine_settings)
         assert pointer is not None
@@ -358,9 +357,6 @@ def test_a_worker_down_during_a_promotion_rebuilds_items_and_users_when_it_start
         services.close()
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "Services.open opens the pointer's collections with the loaded model's dimensions, so a worker "
-    "whose stored vectors have other dimensions fails before reconcile can rebuild them (reported)"))
 def test_a_worker_that_served_the_rule_model_starts_on_a_trained_model_promoted_meanwhile(
     base_artefact: Path, models_dir: Path, tmp_path: Path
 ) -> None:
@@ -374,7 +370,7 @@ def test_a_worker_that_served_the_rule_model_starts_on_a_trained_model_promoted_
     services = Services.open(on_rules, CollectorRegistry())
     try:
         assert services.model.version == RULE_VERSION
-        asyncio.run(reconcile(services))
+        reconcile(services)
         rule_collections = services.collections
         apply_catalog(services, catalogue())
         clicks = stream_clicks(seed=3)[: 20 * LENGTH]
@@ -387,7 +383,7 @@ def test_a_worker_that_served_the_rule_model_starts_on_a_trained_model_promoted_
     services = Services.open(trained, CollectorRegistry())
     try:
         assert services.model.version == registry.current_version()
-        asyncio.run(reconcile(services))
+        reconcile(services)
         assert services.collections == version_collections(trained, services.model.version)
         assert read_pointer(trained)["version"] == services.model.version  # type: ignore[index]
         model = services.model
