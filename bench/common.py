@@ -364,6 +364,7 @@ class TopicFollower:
 class StoreSnapshot:
     users: dict[str, Hit]
     items: dict[str, Hit]
+    half: dict[str, frozenset[str]] = field(default_factory=dict)  # "users"/"items" -> vectors stored as float16
 
 
 def read_store(settings: Settings, page: int = 1000) -> StoreSnapshot:
@@ -375,8 +376,9 @@ def read_store(settings: Settings, page: int = 1000) -> StoreSnapshot:
     collections = serving_collections(settings, model.version)
     store = open_store(settings.store_backend, data_dir=settings.store_path, url=settings.qdrant_url,
                        api_key=settings.qdrant_api_key)
+    specs = {spec.name: spec for spec in collection_specs(collections, model)}
     try:
-        for spec in collection_specs(collections, model):
+        for spec in specs.values():
             store.ensure_collection(spec)
         contents: dict[str, dict[str, Hit]] = {}
         for name in (collections.users, collections.items):
@@ -387,7 +389,8 @@ def read_store(settings: Settings, page: int = 1000) -> StoreSnapshot:
             contents[name] = hits
     finally:
         store.close()
-    return StoreSnapshot(users=contents[collections.users], items=contents[collections.items])
+    return StoreSnapshot(users=contents[collections.users], items=contents[collections.items],
+                         half={"users": specs[collections.users].half, "items": specs[collections.items].half})
 
 
 def without_topic_prefix(payload: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -399,23 +402,43 @@ def without_topic_prefix(payload: dict[str, Any], prefix: str) -> dict[str, Any]
             for key, value in payload.items() if key not in VOLATILE_PAYLOAD_KEYS}
 
 
-def same_point(expected: Hit, actual: Hit, *, atol: float = 1e-5,
+def same_vector(expected: np.ndarray, actual: np.ndarray, *, atol: float, half: bool) -> bool:
+    """Equal within ``atol``; a vector stored as float16 also within one float16 step.
+
+    The text tower's output for an item changes in its last float32 bits with
+    the batch it was embedded in (padding changes the kernels' summation
+    order); stored as float16 such a difference becomes one step of float16
+    where it crosses a rounding boundary (6.1e-5 for values in [1/16, 1/8)).
+    Stored vectors are compared at the precision they are stored in.
+    """
+    expected, actual = np.asarray(expected, np.float32), np.asarray(actual, np.float32)
+    if expected.shape != actual.shape:
+        return False
+    tolerance = np.full(expected.shape, atol, np.float32)
+    if half:
+        tolerance += np.spacing(np.abs(expected).astype(np.float16)).astype(np.float32)
+    return bool(np.all(np.abs(expected - actual) <= tolerance))
+
+
+def same_point(expected: Hit, actual: Hit, *, atol: float = 1e-5, half: frozenset[str] = frozenset(),
                expected_prefix: str = "", actual_prefix: str = "") -> bool:
-    """Equal payloads (volatile keys and topic prefixes aside) and named vectors equal within ``atol``."""
+    """Equal payloads (volatile keys and topic prefixes aside) and equal named vectors
+    (``half``: the vectors stored as float16, compared at that precision)."""
     if without_topic_prefix(expected.payload, expected_prefix) != without_topic_prefix(actual.payload, actual_prefix):
         return False
     if set(expected.vectors) != set(actual.vectors):
         return False
-    return all(np.allclose(expected.vectors[name], actual.vectors[name], atol=atol) for name in expected.vectors)
+    return all(same_vector(expected.vectors[name], actual.vectors[name], atol=atol, half=name in half)
+               for name in expected.vectors)
 
 
 def mismatched(expected: dict[str, Hit], actual: dict[str, Hit], *, atol: float = 1e-5,
-               expected_prefix: str = "", actual_prefix: str = "") -> list[str]:
+               half: frozenset[str] = frozenset(), expected_prefix: str = "", actual_prefix: str = "") -> list[str]:
     """Ids missing on either side or stored differently."""
     return sorted(
         point_id for point_id in expected.keys() | actual.keys()
         if point_id not in expected or point_id not in actual
-        or not same_point(expected[point_id], actual[point_id], atol=atol,
+        or not same_point(expected[point_id], actual[point_id], atol=atol, half=half,
                           expected_prefix=expected_prefix, actual_prefix=actual_prefix)
     )
 

@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "users": len(crashed.snapshot.users),
         "mismatched_users": len(mismatched(reference.snapshot.users, crashed.snapshot.users,
+                                           half=reference.snapshot.half.get("users", frozenset()),
                                            expected_prefix=reference.settings.topic_prefix,
                                            actual_prefix=crashed.settings.topic_prefix)),
         "lost": lost,
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "events": len(clicks),
         "seconds": round(time.perf_counter() - started, 1),
         "catalogue_items": len(crashed.snapshot.items),
-        "catalogue_mismatched": len(mismatched(reference.snapshot.items, crashed.snapshot.items)),
+        "catalogue_mismatched": len(mismatched(reference.snapshot.items, crashed.snapshot.items,
+                                               half=reference.snapshot.half.get("items", frozenset()))),
         "caught_up": crashed.caught_up and reference.caught_up,
         "reference_lost": reference_lost,
         "reference_double_applied": reference_double,
