@@ -189,8 +189,9 @@ def _print_howto(settings: Settings) -> None:
     b = settings.bootstrap_servers
     print(f"""
 How to use it yourself (start `streamrec broker` and `streamrec worker` first):
-  publish a click  : echo 'u1:{{"event_id":"e-1","event_time":{time.time():.0f},"user_id":"u1","item_id":"m50","action":"click"}}' \\
-                     | kcat -P -b {b} -t {settings.topic('clicks')} -K:
+  publish a click  : key u1, value {{"event_id":"e-1","event_time":{time.time():.0f},"user_id":"u1","item_id":"m50","action":"click"}}
+                     to {settings.topic('clicks')} on {b}, with any Kafka client built on librdkafka >= 2.2
+                     (README, "Publishing events"; Debian's kcat 1.7 cannot talk to the embedded broker)
   ask over Kafka   : streamrec recommend u1 -k 10
   ask over HTTP    : curl -s -X POST http://{settings.http_host}:{settings.http_port}/recommend \\
                        -d '{{"request_id":"r1","user_id":"u1","k":10}}'

@@ -1,27 +1,55 @@
-"""The HTTP entry point: POST /recommend, GET /health, GET /metrics.
+"""The HTTP entry point: POST /recommend, GET /users/{id}, /items/{id}, /health, /metrics, /openapi.json.
 
 Served by the worker process (the embedded vector store lives there), on
 ``STREAMREC_HTTP_HOST:STREAMREC_HTTP_PORT``. Bodies are size-capped and
 validated with the same schema as ``rec.requests``, so both paths rank alike.
+Every answer is built from the models in ``stream.openapi``, whose OpenAPI
+document is served at ``/openapi.json``; every error is an ``ErrorBody`` with a
+reason code, the router's own 404 and 405 included.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
-from core.errors import DecodeError
+from core.errors import DecodeError, StoreUnavailableError
 from core.events import RecRequest, decode
+from stream.openapi import ErrorBody, Health, ItemPayload, ItemView, UserView, openapi_document
 from stream.recommend import recommend
 from stream.services import Services
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_as_bodies(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The router's 404/405 and a store outage answered like every other error: an ErrorBody."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _error(404, "not_found", f"no route for {request.method} {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = sorted(exc.allowed_methods)
+        response = _error(405, "method_not_allowed", f"{request.path} takes {', '.join(allowed)}")
+        response.headers["Allow"] = ",".join(allowed)
+        return response
+    except StoreUnavailableError as exc:
+        log.warning("HTTP %s %s: %s", request.method, request.path, exc)
+        return _error(503, "store_unavailable", str(exc))
 
 
 def build_http_app(services: Services, health: "HealthState") -> web.Application:
     settings = services.settings
-    app = web.Application(client_max_size=settings.http_max_body_bytes)
+    app = web.Application(client_max_size=settings.http_max_body_bytes, middlewares=[errors_as_bodies])
+    openapi = json.dumps(openapi_document(), indent=2).encode()
 
     async def post_recommend(request: web.Request) -> web.Response:
         try:
@@ -32,7 +60,7 @@ def build_http_app(services: Services, health: "HealthState") -> web.Application
             rec_request = decode(RecRequest, body, max_bytes=settings.http_max_body_bytes)
         except DecodeError as exc:
             services.metrics.requests_failed.labels("http").inc()
-            return _error(400, exc.reason, exc.detail)
+            return _error(413 if exc.reason == "oversize" else 400, exc.reason, exc.detail)
         image_vector = None
         if rec_request.image is not None:
             from stream.catalog import embed_query_image
@@ -48,7 +76,7 @@ def build_http_app(services: Services, health: "HealthState") -> web.Application
 
     async def get_health(_: web.Request) -> web.Response:
         status = health.snapshot()
-        return web.json_response(status, status=200 if status["healthy"] else 503)
+        return _json(status, 200 if status.healthy else 503)
 
     async def get_metrics(_: web.Request) -> web.Response:
         return web.Response(
@@ -63,16 +91,16 @@ def build_http_app(services: Services, health: "HealthState") -> web.Application
         if user_id not in hits:
             return _error(404, "unknown_user", f"no state for user {user_id!r}")
         payload, vector = hits[user_id].payload, hits[user_id].vectors.get("user")
-        return web.json_response({"user_id": user_id, "items": payload.get("items", []),
-                                  # The user's embedding in the serving model's space (null while cold).
-                                  "model_version": serving.model.version,
-                                  "vector": None if vector is None else [float(x) for x in vector],
-                                  "actions": payload.get("actions", []),
-                                  "last_event_time": payload.get("last_event_time"),
-                                  # Where this user's state stands in each topic/partition,
-                                  # so clients can wait for their own writes.
-                                  "applied": payload.get("applied", {}),
-                                  "applied_count": payload.get("applied_count", 0)})
+        return _json(UserView(user_id=user_id, items=payload.get("items", []),
+                              # The user's embedding in the serving model's space (null while cold).
+                              model_version=serving.model.version,
+                              vector=None if vector is None else [float(x) for x in vector],
+                              actions=payload.get("actions", []),
+                              last_event_time=payload.get("last_event_time"),
+                              # Where this user's state stands in each topic/partition,
+                              # so clients can wait for their own writes.
+                              applied=payload.get("applied", {}),
+                              applied_count=payload.get("applied_count", 0)))
 
     async def get_item(request: web.Request) -> web.Response:
         item_id = request.match_info["item_id"]
@@ -80,23 +108,28 @@ def build_http_app(services: Services, health: "HealthState") -> web.Application
         if item_id not in hits:
             return _error(404, "unknown_item", f"no item {item_id!r}")
         hit = hits[item_id]
-        return web.json_response({"item_id": item_id, "payload": hit.payload,
-                                  "vectors": sorted(hit.vectors)})
+        view = ItemView(item_id=item_id, payload=ItemPayload.model_validate(hit.payload), vectors=sorted(hit.vectors))
+        return _json(view, exclude_unset=True)  # the payload as stored: no defaults filled in
+
+    async def get_openapi(_: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type="application/json")
 
     app.router.add_post("/recommend", post_recommend)
     app.router.add_get("/users/{user_id}", get_user)
     app.router.add_get("/items/{item_id}", get_item)
     app.router.add_get("/health", get_health)
     app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/openapi.json", get_openapi)
     return app
 
 
+def _json(body: BaseModel, status: int = 200, *, exclude_unset: bool = False) -> web.Response:
+    return web.Response(status=status, body=body.model_dump_json(exclude_unset=exclude_unset).encode(),
+                        content_type="application/json")
+
+
 def _error(status: int, reason: str, detail: str) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps({"error": reason, "detail": detail}).encode(),
-        content_type="application/json",
-    )
+    return _json(ErrorBody(error=reason, detail=detail), status)
 
 
 class HealthState:
@@ -115,16 +148,16 @@ class HealthState:
         self.checked_at = time.time()
         self._services.metrics.healthy.set(1 if broker_ok and store_ok else 0)
 
-    def snapshot(self) -> dict[str, object]:
-        return {
-            "healthy": self.broker_ok and self.store_ok,
-            "broker": self.broker_ok,
-            "store": self.store_ok,
-            "ready": self.ready,
-            "model_version": self._services.model.version,
-            "checked_at": self.checked_at,
-            "detail": self.detail,
-        }
+    def snapshot(self) -> Health:
+        return Health(
+            healthy=self.broker_ok and self.store_ok,
+            broker=self.broker_ok,
+            store=self.store_ok,
+            ready=self.ready,
+            model_version=self._services.model.version,
+            checked_at=self.checked_at,
+            detail=self.detail,
+        )
 
 
 async def serve_http(services: Services, health: HealthState) -> web.AppRunner:

@@ -206,3 +206,22 @@ def test_http_photo_over_the_limit_is_too_large(photo_server: str) -> None:
 
 def test_http_error_is_a_bad_image(photo_server: str) -> None:
     assert reason(uri(f"{photo_server}/missing.png"), None, allow_http=True) == "bad_image"
+
+
+# --- URIs that cannot be read at all: a reason, never an exception (found by fuzzing POST /recommend) ----
+
+
+@pytest.mark.parametrize("reference", ["http://[", "file://[::1/x.png", "[::1"])
+def test_unparseable_uri_is_a_bad_image(image_root: Path, reference: str) -> None:
+    assert reason(uri(reference), image_root, allow_http=True) == "bad_image"
+    assert reason(uri(reference), None) in ("bad_image", "image_uri_forbidden")
+
+
+@pytest.mark.parametrize("reference", ["shoes/red\x00.png", "shoes/" + "x" * 300 + ".png"])
+def test_unreadable_path_inside_the_root_is_a_bad_image(image_root: Path, reference: str) -> None:
+    assert reason(uri(reference), image_root) == "bad_image"
+
+
+@pytest.mark.parametrize("reference", ["http://127.0.0.1:port/x.png", "http://a b/x.png"])
+def test_invalid_http_url_is_a_bad_image(reference: str) -> None:
+    assert reason(uri(reference), None, allow_http=True) == "bad_image"
