@@ -33,3 +33,7 @@ class ModelLoadError(StreamrecError):
 
 class StoreUnavailableError(StreamrecError):
     """The vector store cannot be reached or refused an operation."""
+
+
+class StoreInUseError(StoreUnavailableError):
+    """An embedded store folder is open in another process: it has one owner at a time."""

@@ -126,13 +126,23 @@ class TextEncoder:
         return input_ids, attention_mask
 
     def encode(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """(N, dim) float32 unit vectors; an empty string still gets a vector."""
+        """(N, dim) float32 unit vectors in the order of ``texts``; an empty string still gets a vector.
+
+        Texts are batched in order of token count and each batch is cut to its
+        longest text, so a short title is not padded to a long description.
+        """
         out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        input_ids, attention_mask = self.tokenize(list(texts))  # (N, T), padded on the right to the longest
+        lengths = attention_mask.sum(axis=1)  # (N,) tokens per text
+        order = np.argsort(lengths, kind="stable")
         for start in range(0, len(texts), batch_size):
-            input_ids, attention_mask = self.tokenize(list(texts[start : start + batch_size]))
-            feeds = dict(zip(self._input_names, (input_ids, attention_mask)))
+            rows = order[start : start + batch_size]
+            width = int(lengths[rows].max())
+            feeds = dict(zip(self._input_names, (input_ids[rows, :width], attention_mask[rows, :width])))
             (embedding,) = self._session.run(None, feeds)  # (B, dim)
-            out[start : start + len(input_ids)] = embedding
+            out[rows] = embedding
         return out
 
 

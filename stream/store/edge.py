@@ -4,7 +4,7 @@ One ``EdgeShard`` per collection, in ``data_dir/<collection>/``, with its
 write-ahead log on, so an upsert that returned survives a crash of the process
 (flush() is only needed to shrink the log). A shard directory can be open in
 one process at a time: the log is locked, and a second opener gets
-``StoreUnavailableError``.
+``StoreInUseError`` (a ``StoreUnavailableError``).
 
 Concurrency, measured: three threads searching with filters while a fourth
 upserted and ran ``optimize`` gave no errors and exact counts, so searches are
@@ -36,7 +36,7 @@ import numpy as np
 import pydantic_core
 import qdrant_edge as qe
 
-from core.errors import ConfigError, StoreUnavailableError
+from core.errors import ConfigError, StoreInUseError, StoreUnavailableError
 from stream.store.base import (
     CATEGORY_KEY,
     ID_KEY,
@@ -69,6 +69,7 @@ _SCROLL_PAGE = 1000
 # an update, and a config that does not match the segments on disk.
 _MISSING_POINT = "No point with id"
 _INCOMPATIBLE = "incompatible"
+_LOCKED = "WouldBlock"  # the write-ahead log is locked by another process
 # Payload keys kept as engine values (filters, payload indexes, id lookups);
 # the rest travels as one JSON text under _PACKED_KEY (see the module docstring).
 _NATIVE_KEYS = frozenset({ID_KEY, CATEGORY_KEY, PRICE_KEY})
@@ -463,6 +464,11 @@ def _open_existing(path: Path, config: qe.EdgeConfig, spec: CollectionSpec) -> q
     try:
         return qe.EdgeShard.load(str(path), config)
     except Exception as exc:
+        if _LOCKED in str(exc):
+            raise StoreInUseError(
+                f"the embedded store {path.parent} is open in another process (a running worker?); "
+                "it opens in one process at a time"
+            ) from exc
         if _INCOMPATIBLE in str(exc).lower():
             raise ConfigError(
                 f"collection {spec.name!r} in {path} does not match {spec.vectors}: {exc}"

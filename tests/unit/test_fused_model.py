@@ -24,6 +24,7 @@ from model.training.data import InteractionData
 from model.training.ranker import RankerSettings
 from model.training.retrieval import RetrievalSettings
 from model.training.train import table_through, train_artefact, unsplit_sequences
+from tests.unit.test_user_batches import assert_length_groups_exact
 
 N_ITEMS = 30
 
@@ -156,6 +157,12 @@ def test_onnx_matches_torch_for_all_three_networks(artefact: Path) -> None:
         assert parity(networks, name, artefact / f"{name}.onnx", size=2, length=1) <= 1e-4, name
     recorded = read_manifest(artefact)["metrics"]["onnx_parity_max_abs_diff"]
     assert set(recorded) == set(NETWORKS) and max(recorded.values()) <= 1e-4
+
+
+def test_trained_user_tower_grouped_by_length_matches_full_length(artefact: Path) -> None:
+    # The exported tower's length axis is dynamic: shorter groups run as they are.
+    model = TrainedModel(artefact)
+    assert_length_groups_exact(model, length=model.max_sequence)
 
 
 def test_int8_copies_are_close_and_reported(artefact: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from core.errors import ConfigError, StoreUnavailableError
+from core.errors import ConfigError, StoreInUseError, StoreUnavailableError
 from stream.store import CollectionSpec, Point, SearchFilter, VectorStore, open_store
 from stream.store.edge import EdgeStore
 from stream.store.remote import RemoteStore
@@ -504,7 +504,7 @@ def test_edge_store_keeps_acknowledged_writes_after_a_crash(tmp_path: Path) -> N
 def test_edge_directory_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
     with EdgeStore(tmp_path) as holder:
         holder.ensure_collection(ITEMS)
-        with EdgeStore(tmp_path) as second, pytest.raises(StoreUnavailableError):
+        with EdgeStore(tmp_path) as second, pytest.raises(StoreInUseError, match="open in another process"):
             second.ensure_collection(ITEMS)
 
 

@@ -139,6 +139,27 @@ def test_text_vector_does_not_depend_on_batch_or_padding(text_encoder: TextEncod
     np.testing.assert_allclose(split, text_encoder.encode(TITLES), atol=1e-5)
 
 
+def test_texts_are_batched_by_length_and_come_back_in_order(
+    text_encoder: TextEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [TITLES[5], TITLES[0], TITLES[4], TITLES[3], TITLES[1], TITLES[2]]  # long and short mixed
+    alone = np.concatenate([text_encoder.encode([text]) for text in texts])
+    tokens = sorted(int(text_encoder.tokenize([text])[1].sum()) for text in texts)
+    widths: list[int] = []
+    session = text_encoder._session
+
+    class Recording:
+        def run(self, outputs: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            widths.append(feeds["input_ids"].shape[1])
+            return session.run(outputs, feeds)
+
+    monkeypatch.setattr(text_encoder, "_session", Recording())
+    np.testing.assert_allclose(text_encoder.encode(texts, batch_size=2), alone, atol=1e-5)
+    # Batches of two in order of token count, each cut to its own longest text.
+    assert widths == [max(tokens[0:2]), max(tokens[2:4]), max(tokens[4:6])]
+    assert widths[0] < widths[-1] == MAX_TEXT_TOKENS
+
+
 def test_long_text_is_truncated(text_encoder: TextEncoder) -> None:
     input_ids, attention_mask = text_encoder.tokenize([TITLES[-1]])
     assert input_ids.shape == (1, MAX_TEXT_TOKENS)
