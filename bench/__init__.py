@@ -11,6 +11,7 @@ set-up, timing), ``stack`` (the local broker and worker processes), ``demo``,
 BENCHMARKS: dict[str, str] = {
     "broker": "broker",
     "crash": "crash",
+    "encode": "encode",
     "finetune": "finetune",
     "freshness": "freshness",
     "fuzz": "fuzz",
@@ -20,4 +21,5 @@ BENCHMARKS: dict[str, str] = {
     "quality": "quality",
     "scale": "scale",
     "serve": "serve",
+    "signals": "signals",
 }

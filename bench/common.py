@@ -46,7 +46,9 @@ from core.settings import Settings, load_settings
 from stream import kafka
 from stream.broker import EmbeddedBroker, ensure_topics
 from stream.client import EventPublisher
+from stream.covisit import StreamTransitions
 from stream.store import Hit, open_store
+from stream.trending import Trending
 
 T = TypeVar("T")
 # Payload keys that legitimately differ between two runs over the same events.
@@ -365,11 +367,16 @@ class StoreSnapshot:
     users: dict[str, Hit]
     items: dict[str, Hit]
     half: dict[str, frozenset[str]] = field(default_factory=dict)  # "users"/"items" -> vectors stored as float16
+    # What a worker restarted on this store would hold (stream.signals).
+    trending: Trending | None = None
+    covisit: StreamTransitions | None = None
 
 
 def read_store(settings: Settings, page: int = 1000) -> StoreSnapshot:
-    """Every user and item with payload and vectors. The worker must have stopped."""
+    """Every user and item with payload and vectors, and the signals a restart restores.
+    The worker must have stopped."""
     from stream.services import load_serving_model
+    from stream.signals import read_signals
     from stream.versions import collection_specs, serving_collections
 
     model = load_serving_model(settings)
@@ -387,10 +394,12 @@ def read_store(settings: Settings, page: int = 1000) -> StoreSnapshot:
             for start in range(0, len(ids), page):
                 hits.update(store.retrieve(name, ids[start:start + page], with_vectors=True))
             contents[name] = hits
+        trending, covisit, _ = read_signals(store, settings)
     finally:
         store.close()
     return StoreSnapshot(users=contents[collections.users], items=contents[collections.items],
-                         half={"users": specs[collections.users].half, "items": specs[collections.items].half})
+                         half={"users": specs[collections.users].half, "items": specs[collections.items].half},
+                         trending=trending, covisit=covisit)
 
 
 def without_topic_prefix(payload: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -441,6 +450,40 @@ def mismatched(expected: dict[str, Hit], actual: dict[str, Hit], *, atol: float 
         or not same_point(expected[point_id], actual[point_id], atol=atol, half=half,
                           expected_prefix=expected_prefix, actual_prefix=actual_prefix)
     )
+
+
+def _close(expected: float, actual: float, tolerance: float = 1e-9) -> bool:
+    return abs(expected - actual) <= tolerance * max(1.0, abs(expected))
+
+
+def trending_differences(expected: Trending, actual: Trending) -> list[str]:
+    """Items whose undecayed trending weight differs (two runs at different wall
+    times have different decayed scores, but the same weights)."""
+    weights = [{item_id: total for item_id, _, total in trending.entries()[1]} for trending in (expected, actual)]
+    return sorted(item_id for item_id in weights[0].keys() | weights[1].keys()
+                  if not _close(weights[0].get(item_id, 0.0), weights[1].get(item_id, 0.0)))
+
+
+def covisit_differences(expected: StreamTransitions, actual: StreamTransitions, *, every_row: bool) -> list[str]:
+    """Sources whose co-visit row differs, within 1e-9.
+
+    Every row must have been taught the same weight. A row pruned to its
+    heaviest successors depends on the order in which clicks of different
+    partitions were learnt, which differs between two runs: its entries are
+    compared only when ``every_row`` (one partition: one order), otherwise only
+    rows neither run pruned (whose entries add up to what they were taught).
+    """
+    rows = [{source: (learnt, dict(pairs)) for source, learnt, pairs in covisit.entries()}
+            for covisit in (expected, actual)]
+    differ = []
+    for source in rows[0].keys() | rows[1].keys():
+        (taught, row), (other_taught, other) = (side.get(source, (0.0, {})) for side in rows)
+        if not _close(taught, other_taught):
+            differ.append(source)
+        elif every_row or (_close(taught, sum(row.values())) and _close(other_taught, sum(other.values()))):
+            if row.keys() != other.keys() or not all(abs(row[k] - other[k]) <= 1e-9 for k in row):
+                differ.append(source)
+    return sorted(differ)
 
 
 # -- numbers --------------------------------------------------------------------------

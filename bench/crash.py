@@ -7,6 +7,9 @@ as a supervisor would, while the producer keeps publishing. Afterwards every
 user's stored state (sequence, actions, applied offsets and times, recent
 event ids, applied count, user vector) and every catalogue item must equal the
 reference, and every user must have applied each of their events exactly once.
+So must the signals a restart restores (``stream.signals``): each item's
+undecayed trending weight, and each co-visit row's taught weight and, where
+the two runs' learning orders cannot differ, its entries (``covisit_differences``).
 
 A run has caught up when, for every partition, the user who owns the last
 message the broker acknowledged there has applied that offset (read back over
@@ -28,6 +31,7 @@ from bench.common import (
     RecordingPublisher,
     StoreSnapshot,
     bench_parser,
+    covisit_differences,
     handled,
     metric_totals,
     mismatched,
@@ -37,6 +41,7 @@ from bench.common import (
     stack_settings,
     start_broker,
     start_worker,
+    trending_differences,
     user_state,
     wait_for,
     work_dir,
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     assert reference.snapshot is not None and crashed.snapshot is not None
     lost, double = exactness(crashed.snapshot, clicks)
     reference_lost, reference_double = exactness(reference.snapshot, clicks)
+    assert reference.snapshot.trending is not None and crashed.snapshot.trending is not None
+    assert reference.snapshot.covisit is not None and crashed.snapshot.covisit is not None
     result = {
         "users": len(crashed.snapshot.users),
         "mismatched_users": len(mismatched(reference.snapshot.users, crashed.snapshot.users,
@@ -232,7 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         "publish_rate": round(rate, 1),
         "handled_before_each_kill": [int(p) for p in crashed.kill_points],
         "redelivered_skipped": crashed.redelivered_skipped,
+        "trending_items": len(crashed.snapshot.trending),
+        "trending_mismatched": len(trending_differences(reference.snapshot.trending, crashed.snapshot.trending)),
+        "covisit_rows": len(crashed.snapshot.covisit),
+        "covisit_mismatched": len(covisit_differences(reference.snapshot.covisit, crashed.snapshot.covisit,
+                                                      every_row=args.partitions == 1)),
     }
     report("crash exactness (SIGKILL during streaming vs an uninterrupted reference)", result)
     exact = result["mismatched_users"] == result["lost"] == result["double_applied"] == 0
-    return 0 if exact and result["catalogue_mismatched"] == 0 and result["caught_up"] else 1
+    signals_exact = result["trending_mismatched"] == result["covisit_mismatched"] == 0
+    return 0 if exact and signals_exact and result["catalogue_mismatched"] == 0 and result["caught_up"] else 1

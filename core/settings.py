@@ -134,6 +134,12 @@ class Settings(BaseSettings):
         description="Items whose stream-learnt successors a worker keeps (at most 200 each); the least "
                     "recently updated are forgotten beyond it.",
     )
+    signals_snapshot_every: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="Entries of the signal log (one per click batch that teaches trending or co-visits, "
+                    "catalogue deletion or co-visit reset) between two snapshots of trending and co-visits; "
+                    "a restart replays at most this many after the last snapshot.",
+    )
 
     # --- fine-tuning and drift (docs/finetuning.md) --------------------------
     finetune_epochs: int = Field(3, ge=1, le=1000, description="Most passes over the recent data per cycle.")

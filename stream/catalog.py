@@ -79,8 +79,7 @@ def apply_catalog(services: Services, items: list[CatalogItem]) -> list[Rejected
     if deletions:
         store.delete(collection, deletions)
         services.item_cache.drop(deletions)
-        for item_id in deletions:
-            services.trending.forget(item_id)
+        services.signals.forget(deletions)
     if not upsert_rows:
         return rejected
 

@@ -8,9 +8,16 @@ to other users and also for items the model never saw. A request's co-visit
 scores add both.
 
 Kept in memory by the worker that applies the clicks, bounded in items and in
-successors per item; after a restart, or a swap to a version with its own
-table, the learning starts again from the served model's table (the
-fine-tuner folds the same clicks into the next version's table).
+successors per item, and restored exactly after a restart from the signal log
+(``stream.signals``). A swap to a version with its own table starts the
+learning again from that table (the fine-tuner folds the same clicks into the
+next version's table).
+
+Each row also keeps the weight it was taught in all (``learnt``), before the
+pruning to its heaviest successors. Once a row is pruned its content depends
+on the order in which clicks of different partitions were learnt; what it was
+taught does not, which is how a run is checked for clicks learnt twice or not
+at all (and a row whose entries add up to ``learnt`` was never pruned).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ class StreamTransitions:
         self.neighbours = neighbours
         self.max_items = max_items
         self._rows: OrderedDict[str, dict[str, float]] = OrderedDict()  # least recently updated first
+        self._learnt: dict[str, float] = {}  # weight taught per row, same keys as _rows
         self.evictions = 0
         # Clicks are learnt in one worker thread while requests read in others.
         self._lock = threading.Lock()
@@ -64,12 +72,15 @@ class StreamTransitions:
             if len(self._rows) >= self.max_items:
                 # Forget the least recently updated eighth at once, not one row per click.
                 for _ in range(max(1, self.max_items // 8)):
-                    self._rows.popitem(last=False)
+                    evicted, _ = self._rows.popitem(last=False)
+                    del self._learnt[evicted]
                     self.evictions += 1
             row = self._rows[source] = {}
+            self._learnt[source] = 0.0
         else:
             self._rows.move_to_end(source)
         row[target] = row.get(target, 0.0) + weight
+        self._learnt[source] += weight
         if len(row) > 2 * self.neighbours:
             # Keep the heaviest: a popular item's row would otherwise grow with every click.
             for key in ranked(row, limit=len(row))[self.neighbours:]:
@@ -78,10 +89,28 @@ class StreamTransitions:
     def clear(self) -> None:
         with self._lock:
             self._rows.clear()
+            self._learnt.clear()
 
     def row(self, source: str) -> dict[str, float]:
         with self._lock:
             return dict(self._rows.get(source, {}))
+
+    def learnt(self, source: str) -> float:
+        """The weight row ``source`` was taught since it was created, pruned entries included."""
+        with self._lock:
+            return self._learnt.get(source, 0.0)
+
+    def entries(self) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        """Everything ``load`` needs to rebuild this exact state: (source, learnt,
+        [(target, weight), ...]) per row, least recently updated first."""
+        with self._lock:
+            return [(source, self._learnt[source], list(row.items())) for source, row in self._rows.items()]
+
+    def load(self, entries: list[tuple[str, float, list[tuple[str, float]]]]) -> None:
+        """Replace the rows with those ``entries`` returned, in their order."""
+        with self._lock:
+            self._rows = OrderedDict((source, dict(row)) for source, _, row in entries)
+            self._learnt = {source: learnt for source, learnt, _ in entries}
 
     def scores(self, history: Sequence[str], table: CoVisitTable | None = None,
                item_index: dict[str, int] | None = None, item_ids: Sequence[str] | None = None) -> dict[str, float]:

@@ -21,7 +21,14 @@ from pydantic import BaseModel
 
 from core.errors import DecodeError, StoreUnavailableError
 from core.events import RecRequest, decode
-from stream.openapi import ErrorBody, Health, ItemPayload, ItemView, UserView, openapi_document
+from stream.openapi import (
+    ErrorBody,
+    Health,
+    ItemPayload,
+    ItemView,
+    UserView,
+    openapi_document,
+)
 from stream.recommend import recommend
 from stream.services import Services
 

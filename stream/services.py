@@ -1,4 +1,4 @@
-"""What a worker holds while it runs: store, encoders, model, metrics, trending.
+"""What a worker holds while it runs: store, encoders, model, metrics, trending, co-visits.
 
 Built once per worker process by ``Services.open``; agents and HTTP views get
 it passed in, so there is no state in module globals.
@@ -22,6 +22,7 @@ from model.serving.contract import ServingModel
 from stream.covisit import StreamTransitions
 from stream.item_cache import ItemCache
 from stream.rwlock import ReadWriteLock
+from stream.signals import SignalLog
 from stream.store import VectorStore, open_store
 from stream.trending import Trending
 from stream.versions import (
@@ -45,6 +46,7 @@ class Services:
     trending: Trending
     serving: ServingState
     covisit: StreamTransitions
+    signals: SignalLog  # logs every change to trending and co-visits, which it restored at start-up
     started_at: float = field(default_factory=time.time)
     drift: DriftMonitor = field(default_factory=DriftMonitor)
     # Serialises writes to user and item state between agents (clicks and
@@ -96,16 +98,21 @@ class Services:
             metrics.requests_failed.labels(path)
         metrics.model_info.info({"version": model.version})
         metrics.model_loaded_timestamp.set(time.time())
+        trending = Trending(settings.trending_half_life_s)
+        covisit = StreamTransitions(settings.covisit_items)
+        visibility = ReadWriteLock()
         return cls(
             settings=settings,
             store=store,
             text_encoder=TextEncoder.from_dir(towers_dir / "text"),
             image_encoder=ImageEncoder.from_dir(towers_dir / "image"),
             metrics=metrics,
-            trending=Trending(settings.trending_half_life_s),
+            trending=trending,
             serving=ServingState(model, collections, new_item_cache(settings, model)),
-            covisit=StreamTransitions(settings.covisit_items),
+            covisit=covisit,
+            signals=SignalLog.open(store, settings, trending, covisit, visibility),
             drift=drift_monitor(settings),
+            visibility=visibility,
         )
 
     def close(self) -> None:

@@ -189,12 +189,19 @@ def install(services: Services, state: ServingState, replaced: Collections | Non
     ``replaced``: the collections that held the vectors until now (default: the served ones).
     """
     replaced = replaced or services.serving.collections
-    with services.visibility.writing():
+
+    def switch() -> None:
         services.serving = state
-        if state.model.transitions is not None:
-            # Its table holds the clicks the fine-tuner drained: counting the
-            # stream's copy of them as well would weigh them twice.
-            services.covisit.clear()
+
+    if state.model.transitions is not None:
+        # Its table holds the clicks the fine-tuner drained: counting the
+        # stream's copy of them as well would weigh them twice. Logged, so
+        # that a restart does not bring them back; first, so that a store
+        # that refuses leaves the old version serving.
+        services.signals.clear_covisits(along_with=switch)
+    else:
+        with services.visibility.writing():
+            switch()
     services.drift.reset()  # the reference window belongs to the model that serves
     services.metrics.model_info.info({"version": state.model.version})
     services.metrics.model_loaded_timestamp.set(time.time())

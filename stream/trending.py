@@ -1,9 +1,14 @@
 """Windowed item popularity: exponentially decayed interaction counts.
 
 A count decays with the configured half-life, so "trending" means popular
-*recently*. Kept by the worker that sees the clicks and rebuilt from the click
-stream after a restart (it steers candidates and a context feature; user state
-does not depend on it).
+*recently*. Kept in memory by the worker that sees the clicks (it steers
+candidates and a context feature; user state does not depend on it), and
+restored exactly after a restart from the signal log (``stream.signals``).
+
+Beside the decayed score, each item keeps the undecayed weight it was given
+(``total``): two runs over the same clicks at different wall times have
+different scores but the same totals, which is how a run is checked for
+clicks counted twice or not at all.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ class Trending:
         # single multiplication at read time: score(t) = stored * exp(-rate (t - t0)).
         self._origin: float | None = None
         self._stored: dict[str, float] = {}
+        self._totals: dict[str, float] = {}  # undecayed weight per item, same keys as _stored
         self._cache: tuple[float, int, list[tuple[str, float]]] | None = None
         # Clicks are applied in one worker thread while requests rank in others.
         self._lock = threading.Lock()
@@ -35,12 +41,14 @@ class Trending:
             self._rebase(at)
             exponent = 0.0
         self._stored[item_id] = self._stored.get(item_id, 0.0) + weight * math.exp(exponent)
+        self._totals[item_id] = self._totals.get(item_id, 0.0) + weight
 
     def _rebase(self, at: float) -> None:
         if self._origin is None:
             return
         factor = math.exp(-self._rate * (at - self._origin))
         self._stored = {k: v * factor for k, v in self._stored.items() if v * factor > 1e-9}
+        self._totals = {k: self._totals[k] for k in self._stored}
         self._origin = at
 
     def score(self, item_id: str, now: float) -> float:
@@ -74,6 +82,29 @@ class Trending:
     def forget(self, item_id: str) -> None:
         with self._lock:
             self._stored.pop(item_id, None)
+            self._totals.pop(item_id, None)
+
+    def total(self, item_id: str) -> float:
+        """The undecayed weight ``item_id`` was given since it was last forgotten (or dropped as faded)."""
+        with self._lock:
+            return self._totals.get(item_id, 0.0)
+
+    def entries(self) -> tuple[float | None, list[tuple[str, float, float]]]:
+        """Everything ``load`` needs to rebuild this exact state: the origin and
+        (item, stored score, total) per item."""
+        with self._lock:
+            return self._origin, [(k, v, self._totals[k]) for k, v in self._stored.items()]
+
+    def load(self, origin: float | None, entries: list[tuple[str, float, float]]) -> None:
+        """Replace the state with one ``entries`` returned."""
+        with self._lock:
+            self._origin = origin
+            self._stored = {item_id: stored for item_id, stored, _ in entries}
+            self._totals = {item_id: total for item_id, _, total in entries}
+            self._cache = None
 
     def __len__(self) -> int:
         return len(self._stored)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._stored

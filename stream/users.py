@@ -31,13 +31,13 @@ import numpy as np
 
 from core.events import ClickEvent, SearchEvent
 from model.serving.contract import ACTION_CODE
+from model.serving.user_batches import user_vectors_by_length
 from stream.kafka import Delivery
 from stream.services import Services
 from stream.store import Point
 
 QUERY_PREFIX = "q:"  # sequence entries that are searches point into the queries collection
 USER_CHUNK = 64  # users per user-tower call when recomputing a batch's vectors
-ACTION_WEIGHT_FOR_TRENDING = {"view": 0.25, "click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
 
 
 @dataclass
@@ -116,34 +116,6 @@ def _unpack_ids(stored: object) -> list[str]:
     return list(stored)  # type: ignore[call-overload]
 
 
-@dataclass
-class Learnt:
-    """What a batch of clicks teaches the signals shared by every user.
-
-    Collected while the batch is applied and published in one step after the
-    users are stored (``publish``), under the lock requests read under.
-    """
-
-    trending: list[tuple[str, float, float]] = field(default_factory=list)  # (item, weight, seconds)
-    transitions: list[tuple[list[str], str]] = field(default_factory=list)  # (previous items, item)
-    clicked_lists: int = 0  # clicks on a served list (with a position): the CTR drift numerator
-
-    def add_click(self, event: ClickEvent, previous: list[str], now: float) -> None:
-        self.trending.append((event.item_id, ACTION_WEIGHT_FOR_TRENDING[event.action], now))
-        self.transitions.append((previous, event.item_id))
-        if event.position is not None and event.action != "view":
-            self.clicked_lists += 1
-
-    def publish(self, services: Services) -> None:
-        with services.visibility.writing():
-            for item_id, weight, at in self.trending:
-                services.trending.add(item_id, weight, at)
-            for previous, item_id in self.transitions:
-                services.covisit.learn(previous, item_id)
-        if self.clicked_lists:
-            services.drift.update(clicks=self.clicked_lists)
-
-
 def load_users(services: Services, user_ids: list[str]) -> dict[str, UserState]:
     hits = services.store.retrieve(services.collections.users, user_ids)
     return {
@@ -164,8 +136,7 @@ def apply_interactions(services: Services, deliveries: list[Delivery[ClickEvent 
     query_vectors = _store_queries(services, searches, states)
     touched: set[str] = set()
     applied = 0
-    now = time.time()
-    learnt = Learnt()
+    learnt = services.signals.lesson(time.time())
     for delivery in deliveries:
         state = states[delivery.event.user_id]
         if state.already_applied(delivery):
@@ -175,7 +146,7 @@ def apply_interactions(services: Services, deliveries: list[Delivery[ClickEvent 
         event = delivery.event
         if isinstance(event, ClickEvent):
             entry, action = event.item_id, ACTION_CODE[event.action]
-            learnt.add_click(event, state.recent_items(services.covisit.window), now)
+            learnt.add_click(delivery, state.recent_items(services.covisit.window))  # type: ignore[arg-type]
         else:
             entry, action = QUERY_PREFIX + event.event_id, ACTION_CODE["search"]
         state.append(delivery, entry, action, settings.user_sequence_length, settings.dedup_window)
@@ -185,17 +156,21 @@ def apply_interactions(services: Services, deliveries: list[Delivery[ClickEvent 
         changed = [states[uid] for uid in user_ids if uid in touched]
         vectors = user_vectors(services, changed, query_vectors)
         has_vector = vectors.any(axis=1)
-        services.store.upsert(
-            services.collections.users,
-            # A user whose interactions are all with items not yet in the
-            # catalogue has no vector yet (only the sequence) and is served as cold.
-            [Point(s.user_id, {"user": v} if has else {}, s.payload())
-             for s, v, has in zip(changed, vectors, has_vector)],
-        )
-        # Only once the users are stored: a request that sees the batch's
-        # trending or co-visits then also sees what each user just did, and a
-        # batch retried after a store error has taught the signals nothing yet.
-        learnt.publish(services)
+        # The batch's trending and co-visits are logged before its users are
+        # stored and published in memory after (stream.signals): a request that
+        # sees them also sees what each user just did, a crash in between
+        # learns them once, and a batch whose users could not be stored has
+        # taught the signals nothing.
+        with services.signals.learning(learnt):
+            services.store.upsert(
+                services.collections.users,
+                # A user whose interactions are all with items not yet in the
+                # catalogue has no vector yet (only the sequence) and is served as cold.
+                [Point(s.user_id, {"user": v} if has else {}, s.payload())
+                 for s, v, has in zip(changed, vectors, has_vector)],
+            )
+        if learnt.clicked_lists:
+            services.drift.update(clicks=learnt.clicked_lists)
         finished = time.time()
         for state in changed:
             services.metrics.freshness.observe(max(0.0, finished - state.last_event_time))
@@ -259,9 +234,7 @@ def user_vectors(services: Services, states: list[UserState], known: dict[str, n
             if row:
                 rows[b, pos] = row
                 actions[b, pos] = action
-    # A few users at a time: table[rows] for a whole batch is (B, L, d), tens of
-    # MB that cost more to build than the model spends on them.
-    return np.concatenate([
-        model.user_vectors(table[rows[start:start + USER_CHUNK]], actions[start:start + USER_CHUNK])
-        for start in range(0, len(states), USER_CHUNK)
-    ]) if states else np.zeros((0, model.fused_dim), np.float32)
+    # A few users at a time (table[rows] for a whole batch is (B, L, d), tens of
+    # MB that cost more to build than the model spends on them), sorted by
+    # length so that each call runs only as long as its longest sequence.
+    return user_vectors_by_length(model, table, rows, actions, USER_CHUNK)

@@ -126,6 +126,56 @@ def _announce(settings: Settings, version: str, path: object) -> None:
         print(f"streamrec: model.updates not published ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
+def _cmd_schema(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stream import contracts
+
+    out = Path(args.out)
+    if args.check:
+        stale = contracts.stale(out)
+        for relative in stale:
+            print(f"streamrec schema: {out / relative} differs from what the code generates", file=sys.stderr)
+        if stale:
+            print("streamrec schema: run `streamrec schema` and commit the result", file=sys.stderr)
+        return 1 if stale else 0
+    for path in contracts.write(out):
+        print(path)
+    return 0
+
+
+def _cmd_load_catalogue(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from core.errors import StoreInUseError
+    from stream.catalog_file import DEFAULT_BATCH_SIZE, count_lines, load_catalogue
+    from stream.services import Services
+
+    path, batch_size = Path(args.file), args.batch_size or DEFAULT_BATCH_SIZE
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    total = count_lines(path)
+    try:
+        services = Services.open(settings)
+    except StoreInUseError as exc:
+        raise StoreInUseError(f"{exc}: stop the worker on {settings.data_dir} before loading into its store") from exc
+    try:
+        with tqdm(total=total, unit="items", desc=path.name, disable=args.quiet) as bar:
+            loaded = load_catalogue(services, path, batch_size=batch_size, progress=bar.update)
+    finally:
+        services.close()
+    for bad in loaded.rejected[:args.show_errors]:
+        print(f"streamrec load-catalogue: rejected {bad}", file=sys.stderr)
+    if len(loaded.rejected) > args.show_errors:
+        print(f"streamrec load-catalogue: ... and {len(loaded.rejected) - args.show_errors} more", file=sys.stderr)
+    print(f"loaded {loaded.loaded} items, rejected {len(loaded.rejected)}, into {services.collections.items} "
+          f"(model {services.model.version}): {loaded.load_seconds:.1f} s, {loaded.items_per_s:.0f} items/s; "
+          f"index built in {loaded.index_seconds:.1f} s")
+    return 1 if loaded.rejected else 0
+
+
 def _benchmarks() -> dict[str, str]:
     from bench import BENCHMARKS
 
@@ -175,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="the model registry: list, promote VERSION|DIR, rollback")
     model.add_argument("action", choices=("list", "promote", "rollback"))
     model.add_argument("version", nargs="?")
+    schema = sub.add_parser("schema", help="write the contracts: JSON Schema per message, AsyncAPI, OpenAPI")
+    schema.add_argument("--out", default="docs/schemas", help="folder to write them to (default docs/schemas)")
+    schema.add_argument("--check", action="store_true", help="write nothing; exit 1 if the folder's copies differ")
+    load = sub.add_parser("load-catalogue", help="bulk-load a JSON-lines catalogue file into the store "
+                                                 "(the worker must be stopped)")
+    load.add_argument("file", help="one catalogue item (the catalog.items schema) per line")
+    load.add_argument("--batch-size", type=int, default=None, help="items per embedding and upsert step (1024)")
+    load.add_argument("--show-errors", type=int, default=20, help="rejected lines to print at most")
+    load.add_argument("--quiet", action="store_true", help="no progress bar")
     bench = sub.add_parser("bench", help="benchmarks (streamrec bench NAME -h): quality, ingest, crash, ...",
                            add_help=False)
     bench.add_argument("benchmark", nargs="?")
@@ -192,6 +251,8 @@ COMMANDS = {
     "bench": _cmd_bench,
     "finetune": _cmd_finetune,
     "model": _cmd_model,
+    "schema": _cmd_schema,
+    "load-catalogue": _cmd_load_catalogue,
 }
 
 

@@ -23,7 +23,9 @@ from bench.stack import LocalStack, WorkerProcess, free_port
 from core.events import CatalogItem, ClickEvent, ImageEvent, ImageRef
 from core.settings import Settings
 from stream.broker import EmbeddedBroker, ensure_topics
+from stream.covisit import StreamTransitions
 from stream.kafka import consumer_groups
+from stream.signals import ACTION_WEIGHT_FOR_TRENDING
 from tests.integration.helpers import (
     ask_http,
     ask_kafka,
@@ -87,6 +89,10 @@ def _stable(payload: dict[str, object]) -> dict[str, object]:
 
 
 def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(settings: Settings, tmp_path: Path) -> None:
+    # Snapshots of trending and co-visits are written from the worker's memory:
+    # taken every other batch, what the store holds at the end is what the
+    # restarted worker held, not only what was logged.
+    settings = settings.model_copy(update={"signals_snapshot_every": 2, "batch_size": 100})
     asyncio.run(ensure_topics(settings))
     worker = WorkerProcess(settings, log_path=tmp_path / "worker.log").start()
     try:
@@ -110,13 +116,36 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(settings: Se
     finally:
         worker.stop()
     assert redelivered > 0, "no click was delivered again after the restart"
-    stored = read_store(settings).users
+    snapshot = read_store(settings)
+    stored = snapshot.users
     expected = _expected_sequences(events, settings.user_sequence_length)
     for user, count in _counts(events).items():
         payload = stored[user].payload
         assert payload["applied_count"] == count, f"{user}: applied {payload['applied_count']} of {count}"
         assert payload["items"] == expected[user]
         assert "user" in stored[user].vectors
+    # What a restart restores (stream.signals) counts every click once: its
+    # trending weight, and the transitions from the user's previous items.
+    assert snapshot.trending is not None and snapshot.covisit is not None
+    trending, taught, rows = _expected_signals(events, settings)
+    assert {item: total for item, _, total in snapshot.trending.entries()[1]} == pytest.approx(trending)
+    assert {source: learnt for source, learnt, _ in snapshot.covisit.entries()} == pytest.approx(taught)
+    # No row here is long enough to be pruned, so no row depends on the order partitions were learnt in.
+    assert {source: dict(row) for source, _, row in snapshot.covisit.entries()} == rows
+
+
+def _expected_signals(events: list[ClickEvent], settings: Settings) -> tuple[dict[str, float], ...]:
+    """(trending weight per item, co-visit weight taught per row, co-visit rows) of each click learnt once."""
+    trending: dict[str, float] = {}
+    covisit = StreamTransitions(settings.covisit_items)
+    previous: dict[str, list[str]] = {}
+    for event in events:
+        trending[event.item_id] = trending.get(event.item_id, 0.0) + ACTION_WEIGHT_FOR_TRENDING[event.action]
+        covisit.learn(previous.setdefault(event.user_id, [])[-covisit.window:], event.item_id)
+        previous[event.user_id].append(event.item_id)
+    entries = covisit.entries()
+    return (trending, {source: learnt for source, learnt, _ in entries},
+            {source: pytest.approx(dict(row)) for source, _, row in entries})
 
 
 def processed_clicks(worker: WorkerProcess) -> float:

@@ -20,7 +20,8 @@ from core.errors import StoreUnavailableError
 from core.events import ClickEvent
 from stream.agents.base import DeadLetters, RecordEvent, process_batch
 from stream.kafka import Delivery
-from stream.users import ACTION_WEIGHT_FOR_TRENDING, apply_interactions
+from stream.signals import ACTION_WEIGHT_FOR_TRENDING
+from stream.users import apply_interactions
 from tests.unit.test_services_inprocess import World, ids, open_world, shared_encoders  # noqa: F401
 
 
