@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import shutil
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 
@@ -19,6 +22,7 @@ from tqdm import tqdm
 
 from bench import movielens
 from bench.stack import LocalStack
+from core.errors import StreamrecError
 from core.events import CatalogItem, ClickEvent, ImageRef, RecRequest, RecResponse
 from core.settings import Settings
 from stream.client import EventPublisher, ResponseListener, http_recommend
@@ -115,7 +119,10 @@ async def _replay_and_show(settings: Settings, stack: LocalStack, *, users: int,
                                                    user_id=user, item_id=item_id, action="purchase"))
             await publisher.flush()
             print(f"    clicked: {', '.join(titles[i] for i in burst)}")
-            after = await _poll_until_changed(listener, publisher, user, before)
+            await _wait_until_stored(settings, user, burst)
+            after, _ = await _ask(listener, publisher, RecRequest(request_id=uuid.uuid4().hex, user_id=user, k=5))
+            if set(burst) & {i.item_id for i in after.items}:
+                raise StreamrecError(f"{user} was recommended a film just bought: {after.model_dump_json()}")
             _show("after", after)
 
         print(f"\n[5/6] request latency over {LATENCY_REQUESTS} requests per path:")
@@ -134,15 +141,25 @@ async def _replay_and_show(settings: Settings, stack: LocalStack, *, users: int,
     _print_howto(settings)
 
 
-async def _poll_until_changed(listener: ResponseListener, publisher: EventPublisher, user: str,
-                              before: RecResponse) -> RecResponse:
-    """Ask again until the response reflects the burst (or give the latest after 5 s)."""
-    deadline = time.monotonic() + 5
+async def _wait_until_stored(settings: Settings, user: str, items: list[str], timeout_s: float = 60) -> None:
+    """Until the worker's stored sequence of ``user`` holds ``items`` (GET /users/{id})."""
+    url = f"http://{settings.http_host}:{settings.http_port}/users/{user}"
+    deadline = time.monotonic() + timeout_s
     while True:
-        after, _ = await _ask(listener, publisher, RecRequest(request_id=uuid.uuid4().hex, user_id=user, k=5))
-        if [i.item_id for i in after.items] != [i.item_id for i in before.items] or time.monotonic() > deadline:
-            return after
+        try:
+            stored = await asyncio.to_thread(_get_json, url)
+        except urllib.error.HTTPError:
+            stored = {}
+        if set(items) <= set(stored.get("items", [])):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{user}'s clicks not applied after {timeout_s}s")
         await asyncio.sleep(0.02)
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return json.loads(reply.read())
 
 
 async def _show_image_event(settings: Settings, stack: LocalStack) -> None:
