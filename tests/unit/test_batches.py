@@ -22,7 +22,7 @@ from stream.agents.base import DeadLetters, RecordEvent, process_batch
 from stream.kafka import Delivery
 from stream.signals import ACTION_WEIGHT_FOR_TRENDING
 from stream.users import apply_interactions
-from tests.unit.test_services_inprocess import World, ids, open_world, shared_encoders  # noqa: F401
+from tests.unit.world import World, ids
 
 
 class StoreWrapper:

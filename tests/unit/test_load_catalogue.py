@@ -14,15 +14,7 @@ import pytest
 
 from core.events import CatalogItem
 from streamrec.cli import main
-from tests.unit.test_services_inprocess import (  # noqa: F401 (fixtures)
-    CATALOGUE,
-    CATEGORY,
-    T0,
-    World,
-    ids,
-    open_world,
-    shared_encoders,
-)
+from tests.unit.world import CATALOGUE, CATEGORY, T0, World, ids
 
 
 @pytest.fixture

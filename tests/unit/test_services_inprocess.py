@@ -7,194 +7,35 @@ store in a temporary folder, and the same ``apply_catalog``,
 from __future__ import annotations
 
 import base64
-import io
-import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
-from itertools import count
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-from prometheus_client import CollectorRegistry
 
 from core.events import (
     CatalogItem,
-    ClickEvent,
     ImageRef,
-    RecRequest,
     RecResponse,
     RequestFilters,
-    SearchEvent,
 )
-from core.settings import load_settings
 from exporter.drift import DriftMonitor, DriftResults, dimension_psi, gini, psi
-from model.serving.content import ImageEncoder, TextEncoder
-from stream.catalog import apply_catalog, embed_query_image
-from stream.kafka import Delivery
-from stream.recommend import recommend
-from stream.services import Services
+from stream.catalog import apply_catalog
 from stream.store import SearchFilter
 from stream.users import apply_interactions
-
-T0 = 1_700_000_000.0
-CLICKS, SEARCHES = "events.clicks", "events.searches"
-
-# (item id, title, category, price)
-CATALOGUE = [
-    ("tent-1", "Two-person backpacking tent", "tents", 240.0),
-    ("tent-2", "Family camping tent with a porch", "tents", 410.0),
-    ("tent-3", "Ultralight trekking pole tent", "tents", 320.0),
-    ("tent-4", "Pop-up dome tent for festivals", "tents", 45.0),
-    ("shoe-1", "Trail running shoes", "shoes", 130.0),
-    ("shoe-2", "Waterproof hiking boots", "shoes", 180.0),
-    ("shoe-3", "Leather city sneakers", "shoes", 95.0),
-    ("shoe-4", "Children's beach sandals", "shoes", 25.0),
-    ("book-1", "Cookbook of Italian pasta", "books", 30.0),
-    ("book-2", "Mystery novel set in Venice", "books", 12.0),
-    ("book-3", "Field guide to the birds of Europe", "books", 35.0),
-    ("book-4", "History of the Roman empire", "books", 28.0),
-]
-CATEGORY = {item_id: category for item_id, _, category, _ in CATALOGUE}
-PRICE = {item_id: price for item_id, _, _, price in CATALOGUE}
-
-
-def photo_b64(colour: tuple[int, int, int]) -> str:
-    image = Image.new("RGB", (96, 64), colour)
-    for x in range(0, 96, 8):  # some structure so the tower sees edges
-        image.paste((255 - colour[0], colour[1], 255 - colour[2]), (x, 0, x + 4, 64))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-class World:
-    """One worker's services plus helpers that number events and offsets like a broker."""
-
-    def __init__(self, services: Services, registry: CollectorRegistry) -> None:
-        self.services = services
-        self.registry = registry
-        self._event_ids = count()
-        self._offsets: dict[str, count[int]] = {CLICKS: count(), SEARCHES: count()}
-
-    def catalogue(self, rows: list[tuple[str, str, str, float]] = CATALOGUE) -> None:
-        items = [
-            CatalogItem(event_id=self.event_id(), event_time=T0, item_id=item_id, title=title,
-                        category=category, price=price)
-            for item_id, title, category, price in rows
-        ]
-        assert apply_catalog(self.services, items) == []
-
-    def event_id(self) -> str:
-        return f"e{next(self._event_ids)}"
-
-    def delivery(self, event: ClickEvent | SearchEvent, partition: int = 0) -> Delivery:
-        topic = CLICKS if isinstance(event, ClickEvent) else SEARCHES
-        return Delivery(event, topic, partition, next(self._offsets[topic]))
-
-    def click(self, user_id: str, item_id: str, action: str = "click", position: int | None = None) -> Delivery:
-        event = ClickEvent(event_id=self.event_id(), event_time=T0, user_id=user_id, item_id=item_id,
-                           action=action, position=position)  # type: ignore[arg-type]
-        return self.delivery(event)
-
-    def search(self, user_id: str, query: str) -> Delivery:
-        event = SearchEvent(event_id=self.event_id(), event_time=T0, user_id=user_id, query=query)
-        return self.delivery(event)
-
-    def respond(self, user_id: str, k: int = 100, image_vector: np.ndarray | None = None,
-                **request: object) -> RecResponse:
-        response = recommend(
-            self.services,
-            RecRequest(request_id=self.event_id(), user_id=user_id, k=k, **request),  # type: ignore[arg-type]
-            path="test",
-            image_vector=image_vector,
-        )
-        assert response.error is None
-        assert response.user_id == user_id
-        assert response.model_version == self.services.model.version
-        return response
-
-    def recommend(self, user_id: str, k: int = 100, **request: object) -> list[tuple[str, str]]:
-        return [(item.item_id, item.reason) for item in self.respond(user_id, k, **request).items]
-
-    def visual_search(self, user_id: str, photo: str, k: int, **request: object) -> list[tuple[str, str]]:
-        """A request with a photo, embedded as the HTTP endpoint and the images agent do."""
-        image = ImageRef(image_b64=photo)
-        vector = embed_query_image(self.services, image)
-        response = self.respond(user_id, k, image_vector=vector, image=image, **request)
-        return [(item.item_id, item.reason) for item in response.items]
-
-    def stored_user(self, user_id: str) -> dict[str, object]:
-        users = self.services.store.retrieve(self.services.collections.users, [user_id], with_vectors=True)
-        hit = users[user_id]
-        return {"payload": hit.payload, "vectors": hit.vectors}
-
-    def item_ids(self) -> set[str]:
-        return set(self.services.store.scroll_ids(self.services.collections.items))
-
-
-@pytest.fixture(scope="module")
-def shared_encoders() -> Iterator[None]:
-    """Load each exported tower once per module instead of once per test.
-
-    The encoders are stateless ONNX sessions, so every ``Services.open`` below
-    still gets the real objects; only the half-second load is shared.
-    """
-    loaded: dict[tuple[type, Path], object] = {}
-    with pytest.MonkeyPatch.context() as patch:
-        for encoder in (TextEncoder, ImageEncoder):
-            load = encoder.from_dir
-
-            def from_dir(model_dir: Path, *, load=load, encoder=encoder, **options: object) -> object:
-                key = (encoder, Path(model_dir).resolve())
-                if key not in loaded:
-                    loaded[key] = load(model_dir, **options)
-                return loaded[key]
-
-            patch.setattr(encoder, "from_dir", from_dir)
-        yield
-
-
-@pytest.fixture
-def open_world(
-    models_dir: Path, shared_encoders: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., World]]:
-    """Opens the worker of a test, with settings overridden as given (once per test)."""
-    for name in list(os.environ):
-        if name.startswith("STREAMREC_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no stray .env file
-    (tmp_path / "images").mkdir()
-    opened: list[Services] = []
-
-    def open_(**overrides: object) -> World:
-        assert not opened, "one worker per test"
-        settings = load_settings(
-            data_dir=tmp_path / "state", model_dir=models_dir, image_root=tmp_path / "images", **overrides
-        )
-        registry = CollectorRegistry()
-        opened.append(Services.open(settings, registry))
-        return World(opened[0], registry)
-
-    try:
-        yield open_
-    finally:
-        for services in opened:
-            services.close()
-
-
-@pytest.fixture
-def world(open_world: Callable[..., World]) -> World:
-    return open_world()
-
-
-def ids(results: list[tuple[str, str]]) -> list[str]:
-    return [item_id for item_id, _ in results]
-
+from tests.unit.world import (
+    CATALOGUE,
+    CATEGORY,
+    PRICE,
+    T0,
+    World,
+    ids,
+    photo_b64,
+)
 
 # --- catalogue -----------------------------------------------------------------
 

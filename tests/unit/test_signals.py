@@ -29,7 +29,7 @@ from stream.services import Services
 from stream.store.edge import EdgeStore
 from stream.trending import Trending
 from stream.users import apply_interactions
-from tests.unit.test_services_inprocess import CATALOGUE, World, shared_encoders  # noqa: F401
+from tests.unit.world import CATALOGUE, World
 
 T0 = 1_700_000_000.0
 HALF_LIFE_S = 3600.0
