@@ -51,7 +51,7 @@ def faust_options(settings: Settings) -> dict[str, object]:
     return options
 
 
-def _cap_fetch_wait(max_wait_ms: int) -> None:
+def cap_fetch_wait(max_wait_ms: int) -> None:
     """Bound how long a consumer fetch waits for data before returning.
 
     faust-streaming builds its aiokafka consumer with a fixed 1.5 s fetch wait;
@@ -77,7 +77,7 @@ def _cap_fetch_wait(max_wait_ms: int) -> None:
 
 
 def create_app(settings: Settings, services: Services) -> faust.App:
-    _cap_fetch_wait(settings.fetch_max_wait_ms)
+    cap_fetch_wait(settings.fetch_max_wait_ms)
     app = faust.App(settings.app_id, **faust_options(settings))
     topics = Topics.declare(app, settings)
     dead_letters = DeadLetters.via_faust(services, topics)
