@@ -25,6 +25,9 @@ def faust_options(settings: Settings) -> dict[str, object]:
     options: dict[str, object] = dict(
         broker=[f"kafka://{host}" for host in settings.bootstrap_list],
         store="memory://",
+        # Faust's own folder (table state; unused with memory tables) under the data
+        # dir, not "<app id>-data" in whatever directory the worker started in.
+        datadir=str(settings.data_dir / "faust"),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         consumer_auto_offset_reset="earliest",

@@ -177,3 +177,12 @@ def test_settings_are_frozen() -> None:
     settings = load_settings()
     with pytest.raises(ValidationError):
         settings.partitions = 9  # type: ignore[misc]
+
+
+def test_the_faust_app_keeps_its_folder_under_the_data_dir(tmp_path: Path) -> None:
+    """Faust's default is "<app id>-data" in the working directory: a worker started
+    in a checkout left one such folder per test run behind."""
+    from stream.app import faust_options
+
+    options = faust_options(Settings(data_dir=tmp_path / "state"))
+    assert Path(str(options["datadir"])) == tmp_path / "state" / "faust"
