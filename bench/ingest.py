@@ -12,6 +12,14 @@ one after the other so that none competes with another for the CPU:
   ``stream.agents.clicks``) decodes, dead-letters, updates each user's sequence
   and vector in the vector store and trending, and commits after the store write.
 
+The three are measured ``--rounds`` times (default 3). Every round publishes
+the clicks again to its own topics and seeds its own store, and starts with a
+different consumer: a single pass, run in a fixed order, compared consumers
+that met different machine noise and read topics of a broker whose reads slow
+as a partition grows (two runs of it gave worker/ceiling ratios of 1.48 and
+0.61). The JSON reports the median over the rounds under the usual keys, each
+round's figures and the spread (min, median, max) of the rate and the ratios.
+
 Each rate is events over the time from the first to the last applied event
 (the events applied before the first reading are left out of the count). The
 worker's progress is read from ``streamrec_events_processed_total`` and the
@@ -363,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure every consumer this many times, each round in a different order, "
+                             "and report the median and the spread")
     parser.add_argument("--worker-only", action="store_true",
                         help="skip the ceiling and baseline (e.g. while profiling the worker)")
     parser.add_argument("--profile", type=Path, default=None,
@@ -371,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-topic", help=argparse.SUPPRESS)
     parser.add_argument("--probe-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.probe:
         run_faust_probe(args.probe, args.probe_topic, args.events, args.probe_result)
         return 0
@@ -380,52 +393,131 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+CONSUMERS = ("ceiling", "baseline", "worker")
+
+
+@dataclass
+class Round:
+    """One measurement of each consumer on its own freshly published copy of the clicks."""
+
+    order: tuple[str, ...]
+    rates: dict[str, Rate]
+    applied_in_store: int
+
+    def ratio(self, to: str, *, cpu: bool = False) -> float:
+        worker, other = self.rates["worker"], self.rates.get(to)
+        if other is None:
+            return float("nan")
+        return worker.per_cpu_s / other.per_cpu_s if cpu else worker.per_s / other.per_s
+
+
+def round_order(index: int, consumers: tuple[str, ...]) -> tuple[str, ...]:
+    """Round ``index`` starts with a different consumer than the round before it, so
+    that none is always measured first (fresh machine) or last (warm caches, a
+    broker that has served the most reads)."""
+    shift = index % len(consumers)
+    return consumers[shift:] + consumers[:shift]
+
+
+def spread(values: list[float], digits: int) -> dict[str, float | None]:
+    finite = [v for v in values if np.isfinite(v)]
+    if not finite:
+        return {"median": None, "min": None, "max": None}
+    return {"median": round(float(np.median(finite)), digits), "min": round(min(finite), digits),
+            "max": round(max(finite), digits)}
+
+
 def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str, object]:
-    logs = folder / "logs"
-    ceiling_topic = f"{settings.topic_prefix}ceiling.events.clicks"
-    baseline_topic = f"{settings.topic_prefix}baseline.events.clicks"
-    asyncio.run(ensure_topics(settings))
-    asyncio.run(ensure_topics(settings, [ceiling_topic, baseline_topic]))
-    print(f"seeding {args.items} items and publishing {args.events} clicks ...", flush=True)
-    seeded = seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed), optimize=False)
-    clicks = click_stream(events=args.events, users=args.users, items=args.items, seed=args.seed,
-                          start_time=time.time())
-    messages = [(c.user_id.encode(), c.to_bytes()) for c in clicks]
-    del clicks
-    topics = [settings.topic("clicks")] + ([] if args.worker_only else [ceiling_topic, baseline_topic])
-    publish_seconds = asyncio.run(publish_raw(settings, topics, messages))
-    ceiling = baseline = Rate(0, 0.0, 0)
-    if not args.worker_only:
-        print("ceiling (bare Faust agent) ...", flush=True)
-        ceiling = measure_probe(settings, "ceiling", ceiling_topic, args.events, logs)
-        print(f"  {ceiling.per_s:.0f} events/s ({ceiling.per_cpu_s:.0f} per CPU-second)\n"
-              "baseline (Faust agent + changelog Table) ...", flush=True)
-        baseline = measure_probe(settings, "baseline", baseline_topic, args.events, logs)
-        print(f"  {baseline.per_s:.0f} events/s ({baseline.per_cpu_s:.0f} per CPU-second)", flush=True)
-    print("worker ...", flush=True)
-    worker, in_store = measure_worker(settings, args.events, logs, args.profile)
-    print(f"  {worker.per_s:.0f} events/s ({worker.per_cpu_s:.0f} per CPU-second)", flush=True)
+    consumers = ("worker",) if args.worker_only else CONSUMERS
+    rounds: list[Round] = []
+    publish_seconds, published = 0.0, 0
+    for index in range(args.rounds):
+        # Each round has its own topics, groups and store: nothing one round read or
+        # wrote makes the next one faster or slower, apart from the machine itself.
+        tag = f"r{index}"
+        round_settings = load_settings(**{
+            **settings.model_dump(), "topic_prefix": f"{settings.topic_prefix}{tag}.",
+            "app_id": f"{settings.app_id}-{tag}", "data_dir": settings.data_dir / tag})
+        topics = {"worker": round_settings.topic("clicks"),
+                  "ceiling": f"{round_settings.topic_prefix}ceiling.events.clicks",
+                  "baseline": f"{round_settings.topic_prefix}baseline.events.clicks"}
+        asyncio.run(ensure_topics(round_settings))
+        asyncio.run(ensure_topics(round_settings, [topics["ceiling"], topics["baseline"]]))
+        print(f"round {index + 1}/{args.rounds}: seeding {args.items} items and publishing "
+              f"{args.events} clicks ...", flush=True)
+        seeded = seed_catalogue(round_settings, item_vectors(args.items, served_fused_dim(round_settings),
+                                                             args.seed), optimize=False)
+        clicks = click_stream(events=args.events, users=args.users, items=args.items, seed=args.seed,
+                              start_time=time.time())
+        messages = [(c.user_id.encode(), c.to_bytes()) for c in clicks]
+        del clicks
+        publish_seconds += asyncio.run(publish_raw(round_settings, [topics[c] for c in consumers], messages))
+        published += len(consumers) * len(messages)
+        del messages
+        order = round_order(index, consumers)
+        rates: dict[str, Rate] = {}
+        in_store = 0
+        logs = folder / "logs" / tag
+        logs.mkdir(parents=True, exist_ok=True)
+        for consumer in order:
+            if consumer == "worker":
+                rates[consumer], in_store = measure_worker(round_settings, args.events, logs,
+                                                           args.profile if index == 0 else None)
+            else:
+                rates[consumer] = measure_probe(round_settings, consumer, topics[consumer], args.events, logs)
+            rate = rates[consumer]
+            print(f"  {consumer:<8} {rate.per_s:8.0f} events/s ({rate.per_cpu_s:.0f} per CPU-second)", flush=True)
+        rounds.append(Round(order, rates, in_store))
+        if in_store != args.events:
+            print(f"  the store holds {in_store} applied clicks of {args.events}", flush=True)
+    return summary(args, rounds, items=seeded.items, batch_size=settings.batch_size,
+                   publish_per_s=published / publish_seconds)
+
+
+def summary(args: argparse.Namespace, rounds: list[Round], *, items: int, batch_size: int,
+            publish_per_s: float) -> dict[str, object]:
+    """The JSON line: medians over the rounds under the historical keys, each
+    round's figures and the spread (min, median, max) beside them."""
+    def rates(consumer: str, cpu: bool = False) -> list[float]:
+        return [(r.rates[consumer].per_cpu_s if cpu else r.rates[consumer].per_s) if consumer in r.rates
+                else float("nan") for r in rounds]
+
+    def median(values: list[float], digits: int) -> float | None:
+        return spread(values, digits)["median"]
+
+    ratios = {f"{kind}ratio_to_{to}": [r.ratio(to, cpu=bool(kind)) for r in rounds]
+              for kind in ("", "cpu_") for to in ("ceiling", "baseline")}
     return {
-        "events_per_s": round(worker.per_s, 1),
-        "ceiling_events_per_s": _rounded(ceiling.per_s, 1),
-        "baseline_events_per_s": _rounded(baseline.per_s, 1),
-        "ratio_to_ceiling": _rounded(worker.per_s / ceiling.per_s, 3),
-        "ratio_to_baseline": _rounded(worker.per_s / baseline.per_s, 3),
-        "events_per_cpu_s": _rounded(worker.per_cpu_s, 1),
-        "ceiling_events_per_cpu_s": _rounded(ceiling.per_cpu_s, 1),
-        "baseline_events_per_cpu_s": _rounded(baseline.per_cpu_s, 1),
-        "cpu_ratio_to_ceiling": _rounded(worker.per_cpu_s / ceiling.per_cpu_s, 3),
-        "cpu_ratio_to_baseline": _rounded(worker.per_cpu_s / baseline.per_cpu_s, 3),
+        "events_per_s": median(rates("worker"), 1),
+        "ceiling_events_per_s": median(rates("ceiling"), 1),
+        "baseline_events_per_s": median(rates("baseline"), 1),
+        "ratio_to_ceiling": median(ratios["ratio_to_ceiling"], 3),
+        "ratio_to_baseline": median(ratios["ratio_to_baseline"], 3),
+        "events_per_cpu_s": median(rates("worker", cpu=True), 1),
+        "ceiling_events_per_cpu_s": median(rates("ceiling", cpu=True), 1),
+        "baseline_events_per_cpu_s": median(rates("baseline", cpu=True), 1),
+        "cpu_ratio_to_ceiling": median(ratios["cpu_ratio_to_ceiling"], 3),
+        "cpu_ratio_to_baseline": median(ratios["cpu_ratio_to_baseline"], 3),
         "events": args.events,
-        "applied_in_store": in_store,
-        "worker_seconds": round(worker.seconds, 2),
-        "ceiling_seconds": round(ceiling.seconds, 2),
-        "baseline_seconds": round(baseline.seconds, 2),
+        "applied_in_store": min(r.applied_in_store for r in rounds),
+        "worker_seconds": median([r.rates["worker"].seconds for r in rounds], 2),
+        "ceiling_seconds": median([r.rates["ceiling"].seconds if "ceiling" in r.rates else float("nan")
+                                   for r in rounds], 2),
+        "baseline_seconds": median([r.rates["baseline"].seconds if "baseline" in r.rates else float("nan")
+                                    for r in rounds], 2),
         "users": args.users,
-        "items": seeded.items,
+        "items": items,
         "partitions": args.partitions,
-        "batch_size": settings.batch_size,
-        "publish_events_per_s": round(len(topics) * args.events / publish_seconds, 1),
+        "batch_size": batch_size,
+        "publish_events_per_s": round(publish_per_s, 1),
+        "rounds": len(rounds),
+        "spread": {
+            "events_per_s": spread(rates("worker"), 1),
+            **{key: spread(values, 3) for key, values in ratios.items()},
+        },
+        "per_round": [{"order": list(r.order), **{f"{c}_events_per_s": _rounded(r.rates[c].per_s, 1)
+                                                   for c in r.order}}
+                      for r in rounds],
     }
 
 
