@@ -56,6 +56,14 @@ class Trending:
             return 0.0
         return self._stored.get(item_id, 0.0) * math.exp(-self._rate * (now - self._origin))
 
+    def scores(self, item_ids: list[str], now: float) -> list[float]:
+        """``score`` of each item, read under one decay factor (the request path's form)."""
+        if self._origin is None:
+            return [0.0] * len(item_ids)
+        factor = math.exp(-self._rate * (now - self._origin))
+        stored = self._stored
+        return [stored.get(i, 0.0) * factor for i in item_ids]
+
     def top(self, n: int, now: float, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, float]]:
         """The ``n`` items with the highest decayed count, best first."""
         with self._lock:  # a snapshot: iterating the live dict races with add()
