@@ -140,6 +140,8 @@ class EdgeStore(VectorStore):
                         shard.close()
                         raise
                     log.info("collection %s: %d points converted to integer point ids", spec.name, converted)
+                    if converted:  # rewritten points left the indexed segments: index them again
+                        _guard(f"optimize {spec.name!r}", shard.optimize)
                     _write_format(path)
             else:
                 config = self._edge_config(spec, half=spec.half)
