@@ -225,7 +225,7 @@ class ItemCache:
         ``fetch`` loads missing or stale ones from the store by point id.
         """
         now = time.monotonic()
-        wanted = [int(p) for p in np.asarray(point_ids, np.int64).tolist()]
+        wanted: list[int] = np.asarray(point_ids, np.int64).tolist()
         with self._lock:
             missing, cached = [], []
             for pid in wanted:

@@ -163,10 +163,7 @@ def recommend(
     # Only search hits carry a retrieval score; other sources follow every search hit.
     retrieved = np.fromiter((source in RETRIEVED for source in sources), bool, count)
     retrieval = np.where(retrieved, retrieval_scores, -np.inf).astype(np.float32)
-    covisit: list[int] = []
-    if covisit_order:
-        position = {item_id: n for n, item_id in enumerate(gathered.item_ids)}
-        covisit = [position[i] for i in covisit_order if i in position]
+    covisit = _positions(gathered.point_ids, point_ids(covisit_order)) if covisit_order else []
     order = rerank(scores.astype(np.float32), fused, k, settings.diversity,
                    retrieval=retrieval, rank_pool=model.rank_pool,
                    covisit=covisit, covisit_weight=covisit_weight)
@@ -189,6 +186,14 @@ def recommend(
     services.drift.update(scores=scores[order], user_vector=user_vector,
                           served=[item.item_id for item in chosen], impressions=len(chosen))
     return _response(services, request, chosen, started, path, model.version)
+
+
+def _positions(haystack: np.ndarray, needles: np.ndarray) -> list[int]:
+    """Positions in ``haystack`` (unique point ids) of each needle found there, in needle order."""
+    sorter = np.argsort(haystack)
+    at = np.searchsorted(haystack, needles, sorter=sorter).clip(max=len(haystack) - 1)
+    positions = sorter[at]
+    return positions[haystack[positions] == needles].tolist()
 
 
 def _vector_names(split: bool, with_query: bool) -> list[str]:
