@@ -70,9 +70,6 @@ class _Pool:
         self.retrieval = np.concatenate([self.retrieval, np.zeros(len(fresh), np.float32)])
         self.sources.extend([source] * len(fresh))
 
-    def candidate(self, n: int, item_id: str) -> Candidate:
-        return Candidate(item_id, float(self.retrieval[n]), self.sources[n])
-
 
 def recommend(
     services: Services,

@@ -317,14 +317,6 @@ def check_distinct_points(points: Sequence["Point"]) -> list[int]:
     return ids
 
 
-def hits_as_arrays(pairs: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """(point id, score) pairs -> (ids int64, scores float32)."""
-    if not pairs:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    ids, scores = zip(*pairs)
-    return np.asarray(ids, np.int64), np.asarray(scores, np.float32)
-
-
 def check_vector(spec: CollectionSpec, vector_name: str, vector: Any) -> list[float]:
     """A vector as a plain float list, after checking name, shape and values.
 
