@@ -11,8 +11,14 @@ over ``rec.requests``/``rec.responses``. A request retrieves the top
 re-ranks with MMR. Latency is what the client sees, from sending to having the
 parsed response.
 
-Recall@100 compares the store's ANN search with its exact search for the
-users' own vectors. Scoring cost compares, for 500 candidates, the served
+Recall@100 compares the store's ANN search (top 100, ``hnsw_ef`` as
+configured) with its exact search for the users' own vectors. The candidate
+sizing rows measure, for a few candidate
+counts with ``hnsw_ef`` equal to the count (the engine searches with
+``max(hnsw_ef, limit)``, so a smaller ef changes nothing), how many of the
+exact top 100 the candidate search returns and what that search costs.
+``--sizing`` adds those rows; ``--profile N`` serves N requests in this process after the load (worker
+stopped) and prints where their time goes (cProfile). Scoring cost compares, for 500 candidates, the served
 scorer and the trained ranker's architecture in ONNX fp32, ONNX int8
 (``quantize_dynamic``) and torch eager, in this process, on one thread.
 """
@@ -108,18 +114,99 @@ def ann_recall(settings: Settings, queries: np.ndarray, k: int = 100) -> dict[st
         recalls, ann_seconds, exact_seconds = [], [], []
         for query in queries:
             started = time.perf_counter()
-            approximate = store.search(items, "fused", query, k, with_payload=False)
+            approximate, _ = store.search_points(items, "fused", query, k)
             ann_seconds.append(time.perf_counter() - started)
             started = time.perf_counter()
-            exact = store.search(items, "fused", query, k, exact=True, with_payload=False)
+            exact, _ = store.search_points(items, "fused", query, k, exact=True)
             exact_seconds.append(time.perf_counter() - started)
-            truth = {hit.id for hit in exact}
-            recalls.append(len(truth & {hit.id for hit in approximate}) / max(1, len(truth)))
+            truth = set(exact.tolist())
+            recalls.append(len(truth & set(approximate.tolist())) / max(1, len(truth)))
     finally:
         store.close()
     ann, brute = percentiles(ann_seconds, (50, 99)), percentiles(exact_seconds, (50, 99))
     return {"recall": float(np.mean(recalls)), "ann_p50_ms": 1e3 * ann["p50"], "ann_p99_ms": 1e3 * ann["p99"],
             "exact_p50_ms": 1e3 * brute["p50"], "exact_p99_ms": 1e3 * brute["p99"]}
+
+
+SIZING = (100, 200, 300, 500)  # candidate counts the sizing rows measure, each with hnsw_ef = count
+
+
+def candidate_sizing(settings: Settings, queries: np.ndarray, sizes: tuple[int, ...] = SIZING,
+                     k: int = 100) -> list[dict[str, float]]:
+    """Recall@``k`` and search latency per (candidates, ef): ef = count for ``sizes``, plus the configured pair.
+
+    Recall is the share of the exact top ``k`` that the candidate search
+    returns (an exact top-``k`` item found at all ranks in the ANN top ``k``:
+    scores are exact), so it is what the rest of a request can work with.
+    """
+    from stream.store import open_store
+
+    settings_pair = (settings.candidates, max(settings.candidates, settings.hnsw_ef))
+    pairs = [(size, size) for size in sizes] + ([settings_pair] if settings_pair[0] != settings_pair[1]
+                                                 or settings_pair[0] not in sizes else [])
+    rows = []
+    exact: list[set[int]] | None = None
+    for size, ef in pairs:
+        store = open_store(settings.store_backend, data_dir=settings.store_path, url=settings.qdrant_url,
+                           api_key=settings.qdrant_api_key, hnsw_ef=ef)
+        try:
+            items = collection_specs(settings)["items"]
+            store.ensure_collection(items)
+            if exact is None:
+                exact = [set(store.search_points(items.name, "fused", q, k, exact=True)[0].tolist())
+                         for q in queries]
+            found, seconds = [], []
+            for query, truth in zip(queries, exact):
+                started = time.perf_counter()
+                ids, _ = store.search_points(items.name, "fused", query, size)
+                seconds.append(time.perf_counter() - started)
+                found.append(len(truth & set(ids.tolist())) / max(1, len(truth)))
+        finally:
+            store.close()
+        latency = percentiles(seconds, (50, 99))
+        rows.append({"candidates": size, "hnsw_ef": ef, "recall_at_100": round(float(np.mean(found)), 4),
+                     "search_p50_ms": round(1e3 * latency["p50"], 3), "search_p99_ms": round(1e3 * latency["p99"], 3)})
+        print(f"  candidates {size:>4}, ef {ef:>4}: recall@100 {rows[-1]['recall_at_100']:.3f}, "
+              f"search p50 {rows[-1]['search_p50_ms']:.2f} / p99 {rows[-1]['search_p99_ms']:.2f} ms", flush=True)
+    return rows
+
+
+def profile_requests(settings: Settings, user_ids: list[str], count: int, top: int = 30) -> dict[str, float]:
+    """Serve ``count`` requests in this process (no worker running), then ``count`` more under cProfile."""
+    import cProfile
+    import io
+    import pstats
+
+    from prometheus_client import CollectorRegistry
+
+    from stream.recommend import recommend
+    from stream.services import Services
+
+    services = Services.open(settings, CollectorRegistry())
+    try:
+        def one(n: int) -> None:
+            request = RecRequest(request_id=uuid.uuid4().hex, user_id=user_ids[n % len(user_ids)], k=10)
+            recommend(services, request, path="http")
+
+        for n in range(len(user_ids)):  # every candidate in the item cache, as in the load phases
+            one(n)
+        seconds = []
+        for n in range(count):
+            started = time.perf_counter()
+            one(n)
+            seconds.append(time.perf_counter() - started)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for n in range(count):
+            one(n)
+        profiler.disable()
+    finally:
+        services.close()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    print(f"profile of {count} in-process requests (cProfile; cumulative seconds):\n{text.getvalue()}", flush=True)
+    latency = percentiles([1e3 * s for s in seconds], (50, 99))
+    return {"inprocess_request_p50_ms": round(latency["p50"], 3), "inprocess_request_p99_ms": round(latency["p99"], 3)}
 
 
 # -- load ------------------------------------------------------------------------------
@@ -278,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests per path (HTTP, Kafka)")
     parser.add_argument("--recall-queries", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the load, serve N requests in this process and print their profile")
+    parser.add_argument("--sizing", action="store_true",
+                        help="measure recall and search cost for several candidate counts (hnsw_ef = count)")
     args = parser.parse_args(argv)
     result, settings = run_on_one_stack(args, "serve", run)
     result.update(scoring_costs(settings))
@@ -297,7 +388,9 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
     seed_users(settings, users=args.users, clicks_per_user=args.clicks_per_user, items=args.items, seed=args.seed)
     user_ids, vectors = user_vectors_sample(settings, args.users, args.seed)
     recall = ann_recall(settings, vectors[:args.recall_queries])
-    print(f"  recall@100 {recall['recall']:.3f}\nstarting the worker ...", flush=True)
+    print(f"  recall@100 {recall['recall']:.3f}", flush=True)
+    sizing = candidate_sizing(settings, vectors[:args.recall_queries]) if args.sizing else None
+    print("starting the worker ...", flush=True)
     worker = start_worker(settings, folder / "logs" / "worker.log")
     try:
         # Warm-up: every user once, so the item cache holds the candidates as in steady state.
@@ -312,8 +405,9 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         served = worker.metric("streamrec_request_latency_seconds_count")
     finally:
         worker.stop()
+    profiled = profile_requests(settings, user_ids, args.profile) if args.profile else {}
     http_summary, kafka_summary = latency_summary("http", http), latency_summary("kafka", kafka)
-    return {
+    result: dict[str, object] = {
         "http_p50_ms": http_summary["http_p50_ms"],
         "http_p99_ms": http_summary["http_p99_ms"],
         "http_p999_ms": http_summary["http_p999_ms"],
@@ -337,7 +431,11 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         "upserts_per_cpu_s": round(seeded.items / seeded.upsert_cpu_seconds, 1),
         "index_seconds": round(seeded.index_seconds, 1),
         "index_cpu_seconds": round(seeded.index_cpu_seconds, 1),
+        **profiled,
     }
+    if sizing is not None:
+        result["sizing"] = sizing
+    return result
 
 
 if __name__ == "__main__":

@@ -118,7 +118,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9108, ge=0, le=65535, description="/metrics of jobs without the HTTP endpoint (fine-tuner)."
     )
-    candidates: int = Field(500, ge=1, le=10_000)
+    candidates: int = Field(
+        200, ge=1, le=10_000,
+        description="Items the ANN search retrieves per request. The engine searches with "
+                    "max(hnsw_ef, candidates), so an hnsw_ef below this changes nothing "
+                    "(docs/performance.md, candidate sizing).",
+    )
     default_k: int = Field(10, ge=1, le=1000)
     max_k: int = Field(100, ge=1, le=10_000)
     diversity: float = Field(

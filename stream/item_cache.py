@@ -18,18 +18,25 @@ for.
 Requests (HTTP views in a thread pool, the request consumer) and click batches
 use one cache from several threads at once, so every change and every gather
 holds a lock; a fetch from the store runs outside it.
+
+Items are keyed by their integer point id (``stream.store.point_id``), the form
+in which a search returns them (``VectorStore.search_points``): the request
+path gathers candidates by point id and copies only the vectors it asks for.
+A ``Derived`` column holds a per-item vector computed from an item's stored
+vectors when it is put (the ranker's item-only part), so a request reads a
+short row instead of every candidate's text and photo vectors.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from stream.store import Hit
+from stream.store import Hit, point_id
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,33 @@ class Gathered:
 
     item_ids: list[str]
     vectors: dict[str, np.ndarray]  # name -> (n, dim); zero rows where an item lacks that vector
-    present: dict[str, np.ndarray]  # name -> (n,) bool
+    present: dict[str, np.ndarray]  # name -> (n,) bool, for every stored vector name
     payloads: list[dict[str, Any]]
+    point_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (n,) int64
+
+    def subset(self, keep: Sequence[int] | np.ndarray) -> "Gathered":
+        """The rows at positions ``keep``, in that order."""
+        keep = np.asarray(keep, np.int64)
+        return Gathered(
+            item_ids=[self.item_ids[n] for n in keep.tolist()],
+            vectors={name: m[keep] for name, m in self.vectors.items()},
+            present={name: m[keep] for name, m in self.present.items()},
+            payloads=[self.payloads[n] for n in keep.tolist()],
+            point_ids=self.point_ids[keep],
+        )
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A per-item vector computed from the item's stored vectors when it is put.
+
+    ``compute`` takes name -> (n, dim) matrices of ``n`` items (zero rows where
+    an item lacks a vector) and name -> (n,) presence flags; returns (n, dim).
+    """
+
+    name: str
+    dim: int
+    compute: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], np.ndarray]
 
 
 MIN_ITEMS = 1024  # the least ``max_items`` may be: a request's candidates must fit many times over
@@ -66,17 +98,21 @@ class _Column:
 
 class ItemCache:
     def __init__(self, dims: dict[str, int], ttl_s: float = float("inf"), capacity: int = 1024,
-                 max_items: int = 1_000_000) -> None:
+                 max_items: int = 1_000_000, derived: Derived | None = None) -> None:
         if max_items < MIN_ITEMS:
             raise ValueError(f"max_items must be at least {MIN_ITEMS}, got {max_items}")
-        self.dims = dict(dims)
+        if derived is not None and derived.name in dims:
+            raise ValueError(f"derived column {derived.name!r} clashes with a stored vector name")
+        self.dims = dict(dims)  # the stored vectors, as the store's items collection names them
+        self.derived = derived
         self.ttl_s = ttl_s
         self.max_items = max_items
         capacity = max(1, min(capacity, max_items))
-        self._rows: dict[str, int] = {}
+        columns = dict(dims) | ({derived.name: derived.dim} if derived is not None else {})
+        self._rows: dict[int, int] = {}  # point id -> row
         self._free: list[int] = list(range(capacity - 1, -1, -1))
-        self._columns = {name: _Column(dim, capacity) for name, dim in dims.items()}
-        self._slots = {name: np.full(capacity, -1, np.int64) for name in dims}  # row -> slot, -1: absent
+        self._columns = {name: _Column(dim, capacity) for name, dim in columns.items()}
+        self._slots = {name: np.full(capacity, -1, np.int64) for name in columns}  # row -> slot, -1: absent
         self._payloads: list[dict[str, Any] | None] = [None] * capacity
         self._ids: list[str | None] = [None] * capacity
         self._stamp = np.zeros(capacity, np.float64)  # when the row was written or fetched (TTL)
@@ -89,7 +125,7 @@ class ItemCache:
     def _grow(self) -> None:
         old = len(self._payloads)
         new = max(old + 1, min(old * 2, self.max_items))
-        for name in self.dims:
+        for name in self._columns:
             slots = np.full(new, -1, np.int64)
             slots[:old] = self._slots[name]
             self._slots[name] = slots
@@ -106,22 +142,32 @@ class ItemCache:
         rows = np.fromiter(self._rows.values(), np.int64, len(self._rows))
         count = max(1, len(rows) // EVICT_SHARE)
         oldest = rows[np.argpartition(self._used[rows], count - 1)[:count]]
-        self._drop([self._ids[row] for row in oldest.tolist()])  # type: ignore[misc]
+        self._drop([point_id(self._ids[row]) for row in oldest.tolist()])  # type: ignore[arg-type]
         self.evictions += count
 
     def put(self, item_id: str, vectors: dict[str, np.ndarray], payload: dict[str, Any]) -> None:
+        vectors = self._with_derived(vectors)
         with self._lock:
-            self._put(item_id, vectors, payload)
+            self._put(point_id(item_id), item_id, vectors, payload)
 
-    def _put(self, item_id: str, vectors: dict[str, np.ndarray], payload: dict[str, Any]) -> None:
-        row = self._rows.get(item_id)
+    def _with_derived(self, vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``vectors`` plus the derived column, computed outside the lock."""
+        if self.derived is None:
+            return vectors
+        rows = {name: np.asarray(vectors[name], np.float32).reshape(1, dim) if name in vectors
+                else np.zeros((1, dim), np.float32) for name, dim in self.dims.items()}
+        present = {name: np.asarray([name in vectors]) for name in self.dims}
+        return {**vectors, self.derived.name: self.derived.compute(rows, present)[0]}
+
+    def _put(self, pid: int, item_id: str, vectors: dict[str, np.ndarray], payload: dict[str, Any]) -> None:
+        row = self._rows.get(pid)
         if row is None:
             if len(self._rows) >= self.max_items:
                 self._evict()
             if not self._free:
                 self._grow()
             row = self._free.pop()
-            self._rows[item_id] = row
+            self._rows[pid] = row
             self._ids[row] = item_id
         for name, column in self._columns.items():
             vector = vectors.get(name)
@@ -140,11 +186,11 @@ class ItemCache:
 
     def drop(self, item_ids: Sequence[str]) -> None:
         with self._lock:
-            self._drop(item_ids)
+            self._drop([point_id(i) for i in item_ids])
 
-    def _drop(self, item_ids: Sequence[str]) -> None:
-        for item_id in item_ids:
-            row = self._rows.pop(item_id, None)
+    def _drop(self, pids: Sequence[int]) -> None:
+        for pid in pids:
+            row = self._rows.pop(pid, None)
             if row is not None:
                 self._payloads[row] = None
                 self._ids[row] = None
@@ -155,36 +201,61 @@ class ItemCache:
                         self._slots[name][row] = -1
                 self._free.append(row)
 
-    def gather(self, item_ids: Sequence[str], fetch: Callable[[list[str]], dict[str, Hit]]) -> Gathered:
-        """Rows for ``item_ids`` (in order, unknown ids left out); ``fetch`` loads missing or stale ones."""
+    def gather(self, item_ids: Sequence[str], fetch: Callable[[list[str]], dict[str, Hit]],
+               names: Sequence[str] | None = None) -> Gathered:
+        """Rows for ``item_ids`` (in order, unknown ids left out); ``fetch`` loads missing or stale ones.
+
+        ``names``: the vectors to copy out (default: every column); presence
+        flags come for every stored vector either way.
+        """
+        by_point = {point_id(i): i for i in item_ids}
+
+        def fetch_points(missing: list[int]) -> dict[int, Hit]:
+            hits = fetch([by_point[p] for p in missing])
+            return {point_id(item_id): hit for item_id, hit in hits.items()}
+
+        pids = np.fromiter(by_point, np.int64, len(by_point)) if len(by_point) == len(item_ids) \
+            else np.fromiter((point_id(i) for i in item_ids), np.int64, len(item_ids))
+        return self.gather_points(pids, fetch_points, names)
+
+    def gather_points(self, point_ids: np.ndarray, fetch: Callable[[list[int]], dict[int, Hit]],
+                      names: Sequence[str] | None = None) -> Gathered:
+        """Rows for the items with these point ids (in order, unknown ones left out).
+
+        ``fetch`` loads missing or stale ones from the store by point id.
+        """
         now = time.monotonic()
+        wanted: list[int] = np.asarray(point_ids, np.int64).tolist()
         with self._lock:
             missing, cached = [], []
-            for i in item_ids:
-                row = self._rows.get(i)
+            for pid in wanted:
+                row = self._rows.get(pid)
                 if row is None or now - self._stamp[row] >= self.ttl_s:
-                    missing.append(i)
+                    missing.append(pid)
                 else:
                     cached.append(row)
             # Marked before any fetched row is put: an eviction then spares this request's rows.
             self._used[cached] = now
         fetched = fetch(missing) if missing else {}
+        derived = {pid: self._with_derived(hit.vectors) for pid, hit in fetched.items()}
         with self._lock:
-            for item_id, hit in fetched.items():
-                row = self._rows.get(item_id)
+            for pid, hit in fetched.items():
+                row = self._rows.get(pid)
                 if row is None or self._stamp[row] < now:  # not rewritten (e.g. by the catalogue) meanwhile
-                    self._put(item_id, hit.vectors, hit.payload)
-            return self._rows_of(item_ids)
+                    self._put(pid, hit.id, derived[pid], hit.payload)
+            return self._rows_of(wanted, list(self._columns) if names is None else names)
 
-    def _rows_of(self, item_ids: Sequence[str]) -> Gathered:
-        found = [i for i in item_ids if i in self._rows]
-        rows = np.fromiter((self._rows[i] for i in found), np.int64, len(found))
-        slots = {name: self._slots[name][rows] for name in self.dims}
+    def _rows_of(self, wanted: list[int], names: Sequence[str]) -> Gathered:
+        rows_by_id = self._rows
+        found = [pid for pid in wanted if pid in rows_by_id]
+        rows = np.fromiter((rows_by_id[pid] for pid in found), np.int64, len(found))
+        slots = {name: self._slots[name][rows] for name in self._columns}
         return Gathered(
-            item_ids=found,
-            vectors={name: self._matrix(name, slots[name]) for name in self.dims},
+            item_ids=[self._ids[r] for r in rows.tolist()],  # type: ignore[misc]
+            vectors={name: self._matrix(name, slots[name]) for name in names},
             present={name: slots[name] >= 0 for name in self.dims},
-            payloads=[self._payloads[r] for r in rows],  # type: ignore[misc]
+            payloads=[self._payloads[r] for r in rows.tolist()],  # type: ignore[misc]
+            point_ids=np.asarray(found, np.int64),
         )
 
     def _matrix(self, name: str, slots: np.ndarray) -> np.ndarray:
@@ -193,7 +264,7 @@ class ItemCache:
         present = slots >= 0
         if present.all():
             return data[slots]
-        matrix = np.zeros((len(slots), self.dims[name]), np.float32)
+        matrix = np.zeros((len(slots), data.shape[1]), np.float32)
         if present.any():
             matrix[present] = data[slots[present]]
         return matrix

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.events import RecommendedItem, RecRequest, RecResponse
-from model.serving.contract import ServingModel
+from model.serving.contract import ITEM_PART, ServingModel, splits_scores
 from model.serving.covisit import fused_relevance, ranked
 from model.serving.rerank import mmr
 from stream.covisit import fusion_weight
 from stream.item_cache import Gathered
 from stream.services import Services
-from stream.store import Hit, SearchFilter
+from stream.store import SearchFilter, point_ids
 from stream.users import QUERY_PREFIX, UserState
 from stream.versions import ServingState
 
@@ -37,6 +37,40 @@ class Candidate:
     source: str  # "personal", "query", "image", "covisit", "trending" or "catalogue"
 
 
+@dataclass
+class _Pool:
+    """A request's candidates as arrays: point ids, retrieval scores (0 where not searched), sources."""
+
+    point_ids: np.ndarray  # (N,) int64, unique
+    retrieval: np.ndarray  # (N,) float32
+    sources: list[str]
+
+    @classmethod
+    def searched(cls, results: list[tuple[np.ndarray, np.ndarray, str]]) -> "_Pool":
+        """Search results, best score per point when several searches found it."""
+        if len(results) == 1:
+            ids, scores, source = results[0]
+            return cls(ids, scores, [source] * len(ids))
+        best: dict[int, tuple[float, str]] = {}
+        for ids, scores, source in results:
+            for pid, score in zip(ids.tolist(), scores.tolist()):
+                if pid not in best or best[pid][0] < score:
+                    best[pid] = (score, source)
+        return cls(np.fromiter(best, np.int64, len(best)),
+                   np.asarray([v[0] for v in best.values()], np.float32), [v[1] for v in best.values()])
+
+    def add(self, item_ids: list[str], source: str) -> None:
+        """Append the items not in the pool yet, with retrieval score 0."""
+        known = set(self.point_ids.tolist())
+        fresh = [(pid, i) for pid, i in zip(point_ids(item_ids).tolist(), item_ids) if pid not in known]
+        fresh = list({pid: i for pid, i in fresh}.items())
+        if not fresh:
+            return
+        self.point_ids = np.concatenate([self.point_ids, np.asarray([f[0] for f in fresh], np.int64)])
+        self.retrieval = np.concatenate([self.retrieval, np.zeros(len(fresh), np.float32)])
+        self.sources.extend([source] * len(fresh))
+
+
 def recommend(
     services: Services,
     request: RecRequest,
@@ -48,6 +82,7 @@ def recommend(
     # One read of the serving state: a hot swap during this request cannot mix versions.
     serving = services.serving
     settings, store, model = services.settings, services.store, serving.model
+    split = splits_scores(model)
     query_vector = text_query = None
     if request.query:
         text_query = services.text_encoder.encode([request.query])[0]  # type: ignore[union-attr]
@@ -61,94 +96,108 @@ def recommend(
         state = UserState.from_payload(request.user_id, hit.payload) if hit else UserState(request.user_id)
         user_vector = hit.vectors.get("user") if hit else None
         seen = {e for e in state.items if not e.startswith(QUERY_PREFIX)}
-        excluded = tuple(seen | set(request.filters.exclude_ids))
+        excluded_set = seen | set(request.filters.exclude_ids)
         flt = SearchFilter(
             categories=tuple(request.filters.categories),
-            exclude_ids=excluded,
+            # Point ids: the engine takes them as they are (no per-request id conversion).
+            exclude_points=tuple(point_ids(list(excluded_set)).tolist()),
             max_price=request.filters.max_price,
         )
 
         # --- retrieval ---------------------------------------------------------
         t0 = time.perf_counter()
-        pool: dict[str, Candidate] = {}
-
-        def add(hits: list[Hit], source: str) -> None:
-            for h in hits:
-                if h.id not in pool or pool[h.id].retrieval_score < h.score:
-                    pool[h.id] = Candidate(h.id, h.score, source)
-
         limit = settings.candidates
         items = serving.collections.items
+        searched: list[tuple[np.ndarray, np.ndarray, str]] = []
         if text_query is not None:
-            add(store.search(items, "text", text_query, limit, flt, with_payload=False), "query")
+            searched.append((*store.search_points(items, "text", text_query, limit, flt), "query"))
         if image_vector is not None:
-            add(store.search(items, "image", image_vector, limit, flt, with_payload=False), "image")
+            searched.append((*store.search_points(items, "image", image_vector, limit, flt), "image"))
         if user_vector is not None and text_query is None and image_vector is None:
-            add(store.search(items, "fused", user_vector, limit, flt, with_payload=False), "personal")
+            searched.append((*store.search_points(items, "fused", user_vector, limit, flt), "personal"))
+        pool = _Pool.searched(searched) if searched else _Pool(np.zeros(0, np.int64), np.zeros(0, np.float32), [])
         now = time.time()
-        excluded_set = set(excluded)
         covisit_order: list[str] = []
         covisit_weight = fusion_weight(settings.covisit_weight, model)
         if covisit_weight > 0.0 and text_query is None and image_vector is None:
             covisit_order = _covisits(services, model, state, excluded_set)
-            for item_id in covisit_order:
-                if item_id not in pool:
-                    pool[item_id] = Candidate(item_id, 0.0, "covisit")
-        for item_id, _ in services.trending.top_cached(TRENDING_CANDIDATES, now, exclude=excluded_set):
-            if item_id not in pool:
-                pool[item_id] = Candidate(item_id, 0.0, "trending")
-        gathered = _gather(services, serving, pool, flt)
-        if len(gathered.item_ids) < request.k and not (text_query is not None or image_vector is not None):
+            pool.add(covisit_order, "covisit")
+        trending = services.trending.top_cached(TRENDING_CANDIDATES, now, exclude=excluded_set)
+        pool.add([item_id for item_id, _ in trending], "trending")
+        names = _vector_names(split, text_query is not None)
+        gathered, kept = _gather(services, serving, pool, flt, names)
+        if len(kept) < request.k and not (text_query is not None or image_vector is not None):
             # Too little signal (cold user, nothing trending that passes the
             # filters): fill up with catalogue items that pass them.
-            for item_id in itertools.islice(store.scroll_ids(items), COLD_SCAN):
-                if item_id not in excluded_set and item_id not in pool:
-                    pool[item_id] = Candidate(item_id, 0.0, "catalogue")
-            gathered = _gather(services, serving, pool, flt)
+            scanned = [i for i in itertools.islice(store.scroll_ids(items), COLD_SCAN) if i not in excluded_set]
+            pool.add(scanned, "catalogue")
+            gathered, kept = _gather(services, serving, pool, flt, names)
         services.metrics.retrieval_latency.observe(time.perf_counter() - t0)
         if not gathered.item_ids:
             return _response(services, request, [], started, path, model.version)
-        candidates = [pool[i] for i in gathered.item_ids]
+        retrieval_scores = pool.retrieval[kept]
+        sources = [pool.sources[n] for n in kept.tolist()]
 
         # --- scoring -------------------------------------------------------------
         t1 = time.perf_counter()
-        fused, text, image = (gathered.vectors[name] for name in ("fused", "text", "image"))
-        context = _context(services, model, gathered, candidates, state, now)
+        fused = gathered.vectors["fused"]
+        context = _context(services, model, gathered, retrieval_scores, state, now)
     personal = user_vector if user_vector is not None else (
         query_vector if query_vector is not None else np.zeros(model.fused_dim, np.float32)
     )
-    scores = model.score(personal, text_query, fused, text, image, context)
+    if split:
+        # The item-only part of the scorer was computed once per item (the cache's ITEM_PART column).
+        scores = model.score_split(personal, text_query, fused, gathered.vectors[ITEM_PART],  # type: ignore[attr-defined]
+                                   gathered.vectors.get("text"), context)
+    else:
+        scores = model.score(personal, text_query, fused, gathered.vectors["text"], gathered.vectors["image"],
+                             context)
     services.metrics.scoring_latency.observe(time.perf_counter() - t1)
 
     # --- re-ranking and reasons ------------------------------------------------
-    k = min(request.k, settings.max_k, len(candidates))
+    count = len(gathered.item_ids)
+    k = min(request.k, settings.max_k, count)
     # Only search hits carry a retrieval score; other sources follow every search hit.
-    retrieval = np.asarray([c.retrieval_score if c.source in RETRIEVED else -np.inf for c in candidates],
-                           dtype=np.float32)
-    position = {c.item_id: n for n, c in enumerate(candidates)}
-    covisit = [position[i] for i in covisit_order if i in position]
+    retrieved = np.fromiter((source in RETRIEVED for source in sources), bool, count)
+    retrieval = np.where(retrieved, retrieval_scores, -np.inf).astype(np.float32)
+    covisit = _positions(gathered.point_ids, point_ids(covisit_order)) if covisit_order else []
     order = rerank(scores.astype(np.float32), fused, k, settings.diversity,
                    retrieval=retrieval, rank_pool=model.rank_pool,
                    covisit=covisit, covisit_weight=covisit_weight)
     # Explained as "chosen after" where the co-visit ranking put it higher than the model did.
     by_covisit: set[int] = set()
     if covisit and covisit_weight > 0.0:
-        model_rank = np.empty(len(candidates), np.int64)
-        model_rank[_model_order(scores, retrieval, model.rank_pool)] = np.arange(len(candidates))
+        model_rank = np.empty(count, np.int64)
+        model_rank[_model_order(scores, retrieval, model.rank_pool)] = np.arange(count)
         by_covisit = {n for rank, n in enumerate(covisit) if rank < model_rank[n]}
     explain = _Explainer(services, serving, state)
-    chosen = [
-        RecommendedItem(
-            item_id=candidates[i].item_id,
+    chosen = []
+    for i in order.tolist():
+        candidate = Candidate(gathered.item_ids[i], float(retrieval_scores[i]), sources[i])
+        chosen.append(RecommendedItem(
+            item_id=candidate.item_id,
             score=round(float(scores[i]), 6),
-            reason=explain.reason(candidates[i], fused[i], request.query, int(i) in by_covisit),
+            reason=explain.reason(candidate, fused[i], request.query, i in by_covisit),
             title=str(gathered.payloads[i].get("title") or ""),
-        )
-        for i in order
-    ]
+        ))
     services.drift.update(scores=scores[order], user_vector=user_vector,
                           served=[item.item_id for item in chosen], impressions=len(chosen))
     return _response(services, request, chosen, started, path, model.version)
+
+
+def _positions(haystack: np.ndarray, needles: np.ndarray) -> list[int]:
+    """Positions in ``haystack`` (unique point ids) of each needle found there, in needle order."""
+    sorter = np.argsort(haystack)
+    at = np.searchsorted(haystack, needles, sorter=sorter).clip(max=len(haystack) - 1)
+    positions = sorter[at]
+    return positions[haystack[positions] == needles].tolist()
+
+
+def _vector_names(split: bool, with_query: bool) -> list[str]:
+    """The cached vectors a request copies out: what its scorer reads, and MMR's fused vectors."""
+    if not split:
+        return list(CANDIDATE_VECTORS)
+    return ["fused", ITEM_PART] + (["text"] if with_query else [])
 
 
 def rerank(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: float, *,
@@ -208,7 +257,7 @@ def _mmr_over_best(scores: np.ndarray, fused: np.ndarray, k: int, trade_off: flo
     return best[mmr(scores[best], fused[best], k, trade_off)]
 
 
-def _context(services: Services, model: ServingModel, gathered: Gathered, candidates: list[Candidate],
+def _context(services: Services, model: ServingModel, gathered: Gathered, retrieval: np.ndarray,
              state: UserState, now: float) -> np.ndarray:
     """(N, 3) context features: log popularity, recency in days, retrieval score.
 
@@ -219,14 +268,14 @@ def _context(services: Services, model: ServingModel, gathered: Gathered, candid
     reads the live ones: decayed trending counts and days since the item was
     listed.
     """
-    retrieval = np.asarray([c.retrieval_score for c in candidates], dtype=np.float32)
+    retrieval = np.asarray(retrieval, dtype=np.float32)
     own = model.context_features(gathered.item_ids, retrieval, state.last_event_time or now)
     if own is not None:
         return own
     created = np.array([float(p.get("created_at") or now) for p in gathered.payloads])
     return np.stack(
         [
-            np.log1p([services.trending.score(i, now) for i in gathered.item_ids]),
+            np.log1p(services.trending.scores(gathered.item_ids, now)),
             np.maximum(0.0, now - created) / 86400.0,
             retrieval,
         ],
@@ -234,25 +283,29 @@ def _context(services: Services, model: ServingModel, gathered: Gathered, candid
     ).astype(np.float32)
 
 
-def _gather(services: Services, serving: ServingState, pool: dict[str, Candidate], flt: SearchFilter) -> Gathered:
-    """Candidate rows from the item cache; trending and catalogue candidates were
-    not found by a filtered search, so the filters are applied to them here."""
-    gathered = serving.item_cache.gather(
-        list(pool),
-        lambda missing: services.store.retrieve(serving.collections.items, missing, with_vectors=CANDIDATE_VECTORS),
+def _gather(services: Services, serving: ServingState, pool: _Pool, flt: SearchFilter,
+            names: list[str]) -> tuple[Gathered, np.ndarray]:
+    """Candidate rows from the item cache by point id, and their positions in ``pool``.
+
+    Trending, co-visit and catalogue candidates were not found by a filtered
+    search, so the filters are applied to them here; ids the store does not
+    hold are left out.
+    """
+    gathered = serving.item_cache.gather_points(
+        pool.point_ids,
+        lambda missing: services.store.retrieve_points(serving.collections.items, missing,
+                                                       with_vectors=CANDIDATE_VECTORS),
+        names,
     )
+    found = np.isin(pool.point_ids, gathered.point_ids, assume_unique=True)
+    positions = np.flatnonzero(found)  # pool positions of the gathered rows, in order
     keep = [
-        n for n, item_id in enumerate(gathered.item_ids)
-        if pool[item_id].source in ("personal", "query", "image") or _passes(gathered.payloads[n], flt)
+        n for n, position in enumerate(positions.tolist())
+        if pool.sources[position] in RETRIEVED or _passes(gathered.payloads[n], flt)
     ]
-    if len(keep) == len(gathered.item_ids):
-        return gathered
-    return Gathered(
-        item_ids=[gathered.item_ids[n] for n in keep],
-        vectors={name: m[keep] for name, m in gathered.vectors.items()},
-        present={name: m[keep] for name, m in gathered.present.items()},
-        payloads=[gathered.payloads[n] for n in keep],
-    )
+    if len(keep) == len(positions):
+        return gathered, positions
+    return gathered.subset(keep), positions[keep]
 
 
 def _passes(payload: dict, flt: SearchFilter) -> bool:
@@ -289,6 +342,7 @@ class _Explainer:
             recent,
             lambda missing: services.store.retrieve(serving.collections.items, missing,
                                                     with_vectors=CANDIDATE_VECTORS),
+            ["fused"],
         )
         self._titles = [str(p.get("title") or i) for i, p in zip(found.item_ids, found.payloads)]
         self._vectors = found.vectors["fused"]  # (R, fused_dim)

@@ -16,6 +16,8 @@ import heapq
 import math
 import threading
 
+import numpy as np
+
 
 class Trending:
     def __init__(self, half_life_s: float) -> None:
@@ -56,6 +58,14 @@ class Trending:
             return 0.0
         return self._stored.get(item_id, 0.0) * math.exp(-self._rate * (now - self._origin))
 
+    def scores(self, item_ids: list[str], now: float) -> list[float]:
+        """``score`` of each item, read under one decay factor (the request path's form)."""
+        if self._origin is None:
+            return [0.0] * len(item_ids)
+        factor = math.exp(-self._rate * (now - self._origin))
+        stored = self._stored
+        return [stored.get(i, 0.0) * factor for i in item_ids]
+
     def top(self, n: int, now: float, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, float]]:
         """The ``n`` items with the highest decayed count, best first."""
         with self._lock:  # a snapshot: iterating the live dict races with add()
@@ -63,7 +73,15 @@ class Trending:
         if origin is None:
             return []
         factor = math.exp(-self._rate * (now - origin))
-        best = heapq.nlargest(n + len(exclude), stored, key=lambda kv: (kv[1], kv[0]))
+        wanted = n + len(exclude)
+        if len(stored) > 4 * wanted:
+            # Only items scoring at least the wanted-th best can be among the best (ties
+            # included, so the order below is exactly the full sort's): a partition in
+            # numpy instead of a Python key per item (a 100k catalogue: ~25 ms -> a few).
+            values = np.fromiter((v for _, v in stored), np.float64, len(stored))
+            threshold = np.partition(values, len(values) - wanted)[len(values) - wanted]
+            stored = [stored[i] for i in np.flatnonzero(values >= threshold).tolist()]
+        best = heapq.nlargest(wanted, stored, key=lambda kv: (kv[1], kv[0]))
         return [(k, v * factor) for k, v in best if k not in exclude][:n]
 
     def top_cached(self, n: int, now: float, exclude: set[str] | frozenset[str] = frozenset(),

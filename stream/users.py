@@ -216,6 +216,7 @@ def user_vectors(services: Services, states: list[UserState], known: dict[str, n
     gathered = cache.gather(
         [e for e in entries if not e.startswith(QUERY_PREFIX) and e not in queries],
         lambda missing: services.store.retrieve(serving.collections.items, missing, with_vectors=list(cache.dims)),
+        ["fused"],  # the user tower reads item vectors only: no text or photo rows copied
     )
     with_fused = gathered.present["fused"]
     found = [i for i, present in zip(gathered.item_ids, with_fused) if present] + list(queries)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
-from model.serving.contract import ServingModel
-from stream.item_cache import ItemCache
+from model.serving.contract import ITEM_PART, ServingModel, splits_scores
+from stream.item_cache import Derived, ItemCache
 from stream.store import CollectionSpec
 
 POINTER = "serving.json"
@@ -60,11 +60,14 @@ def collection_specs(collections: Collections, model: ServingModel) -> list[Coll
 
 
 def new_item_cache(settings: Settings, model: ServingModel) -> ItemCache:
+    """The item cache of one model version; with the model's per-item scoring part when it splits scores."""
+    derived = Derived(ITEM_PART, model.item_part_dim, model.item_part) if splits_scores(model) else None  # type: ignore[attr-defined]
     return ItemCache(
         {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
         # The in-process store has no other writer; a shared server may.
         ttl_s=float("inf") if settings.store_backend == "edge" else settings.item_cache_ttl_s,
         max_items=settings.item_cache_items,
+        derived=derived,
     )
 
 

@@ -30,6 +30,8 @@ from model.nets.towers import ItemTower, Ranker, UserTower
 from model.serving.artefact import MANIFEST, read_manifest, write_manifest
 from model.serving.contract import ACTIONS
 from model.serving.networks import INPUT_NAMES, NETWORKS, OUTPUT_NAMES, TowerConfig
+from model.serving.ranker_parts import FILE_NAME as RANKER_PARTS_FILE
+from model.serving.ranker_parts import RankerParts
 
 DEFAULT_TOLERANCE = 1e-4
 OPSET = 17
@@ -187,7 +189,41 @@ def export_all(
         errors[name] = max(parity(networks, name, path), parity(networks, name, path, size=3, length=1))
         if not errors[name] <= tolerance:
             raise ModelLoadError(f"{name}.onnx differs from torch by {errors[name]:.2e} > {tolerance:.0e}")
+    # Serving scores with the ranker split into a per-item part and the rest
+    # (model.serving.ranker_parts); the export refuses a split that differs.
+    export_ranker_parts(networks, directory, tolerance)
     return errors
+
+
+def ranker_weights(ranker: Ranker, fused_dim: int) -> dict[str, np.ndarray]:
+    """The ranker's parameters and buffers as ``RankerParts`` reads them (``ranker_parts.npz``)."""
+    state = {name.replace(".", "_"): value.detach().cpu().numpy().astype(np.float32)
+             for name, value in ranker.state_dict().items()}
+    return {**state, "fused_dim": np.asarray(fused_dim, np.int64)}
+
+
+def export_ranker_parts(networks: Networks, directory: Path, tolerance: float = DEFAULT_TOLERANCE,
+                        size: int = 37) -> float:
+    """Write ``ranker_parts.npz``; the largest |split - onnx| over random inputs (with and without a query)."""
+    path = directory / RANKER_PARTS_FILE
+    np.savez(path, **ranker_weights(networks.ranker, networks.config.fused_dim))
+    parts = RankerParts.load(path)
+    onnx_ranker = session(directory / "ranker.onnx")
+    error = 0.0
+    for seed, with_query in ((3, True), (4, False)):
+        user, fused, text, image, query, context = (
+            x.numpy() for x in example_inputs("ranker", networks.config, size=size, length=1, seed=seed))
+        if not with_query:
+            query = np.zeros_like(query)
+        user, query = np.repeat(user[:1], size, 0), np.repeat(query[:1], size, 0)
+        feeds = dict(zip(INPUT_NAMES["ranker"], (user, fused, text, image, query, context)))
+        expected = onnx_ranker.run(None, feeds)[0]
+        split = parts.score(user[0], query[0] if with_query else None, fused, parts.item_part(fused, text, image),
+                            text if with_query else None, context)
+        error = max(error, float(np.abs(split - expected).max()))
+    if not error <= tolerance:
+        raise ModelLoadError(f"{RANKER_PARTS_FILE} differs from ranker.onnx by {error:.2e} > {tolerance:.0e}")
+    return error
 
 
 def _median_latency_seconds(model: ort.InferenceSession, feeds: dict[str, np.ndarray], repeats: int = 30) -> float:

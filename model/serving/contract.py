@@ -7,7 +7,7 @@ registry. Workers only ever talk to ``ServingModel``; shapes are the contract.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -110,6 +110,43 @@ class ServingModel(Protocol):
         time of the user's latest event. None when the model learnt no context
         of its own: the worker then computes it from live counts and ages.
         """
+
+
+# The item cache column that holds a split scorer's per-item part.
+ITEM_PART = "ranker_item"
+
+
+@runtime_checkable
+class SplitScorer(Protocol):
+    """A model whose ``score`` splits into a per-item part and a per-request rest.
+
+    ``item_part`` runs once per item (when the item cache takes it) on that
+    item's stored vectors; ``score_split`` then needs only the candidates'
+    fused vectors and parts, plus their text vectors for a search query.
+    ``score_split`` must equal ``score`` within float tolerance (the models'
+    parity tests). ``item_part_dim`` 0: this model version cannot split.
+    """
+
+    item_part_dim: int
+
+    def item_part(self, vectors: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> np.ndarray:
+        """name -> (N, dim) stored vectors (zero rows where absent), name -> (N,) bool -> (N, item_part_dim)."""
+
+    def score_split(
+        self,
+        user_vector: np.ndarray,
+        query_vector: np.ndarray | None,
+        candidate_fused: np.ndarray,
+        item_part: np.ndarray,
+        candidate_text: np.ndarray | None,
+        context: np.ndarray,
+    ) -> np.ndarray:
+        """``score`` from the parts: (N, fused_dim), (N, item_part_dim), (N, text_dim) or None -> (N,)."""
+
+
+def splits_scores(model: object) -> bool:
+    """Whether ``model`` serves ``score_split`` (a ``SplitScorer`` with a non-zero part)."""
+    return isinstance(model, SplitScorer) and model.item_part_dim > 0
 
 
 SECONDS_PER_DAY = 86400.0

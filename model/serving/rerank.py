@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+BLOCK_LIMIT = 512  # the most candidates whose full similarity block is computed up front
+
 
 def mmr(relevance: np.ndarray, item_vectors: np.ndarray, k: int, trade_off: float) -> np.ndarray:
     """Pick ``k`` of N candidates greedily by ``trade_off * rel - (1 - trade_off) * max_sim``.
@@ -24,18 +26,22 @@ def mmr(relevance: np.ndarray, item_vectors: np.ndarray, k: int, trade_off: floa
     spread = relevance.max() - relevance.min()
     scaled = (relevance - relevance.min()) / spread if spread > 0 else np.zeros(n)
     norms = np.linalg.norm(item_vectors, axis=1, keepdims=True)
-    unit = item_vectors / np.maximum(norms, 1e-12)
+    unit = (item_vectors / np.maximum(norms, 1e-12)).astype(np.float64)
+    # A request re-ranks a pool of ~50: one (N, N) similarity block, then the
+    # greedy loop reads rows of it. Over large N, one chosen row at a time
+    # (k*N*d) instead of the whole block (N*N*d).
+    block = unit @ unit.T if n <= BLOCK_LIMIT else None  # (N, N)
 
-    # Similarities are computed one chosen row at a time: k matrix-vector
-    # products (k*N*d) instead of the full N x N matrix (N*N*d).
     chosen: list[int] = []
     max_similarity = np.zeros(n)
     available = np.ones(n, dtype=bool)
+    relevance_gain = trade_off * scaled
     for step in range(k):
-        gain = trade_off * scaled - (1.0 - trade_off) * max_similarity if step else trade_off * scaled
-        gain = np.where(available, gain, -np.inf)
+        gain = relevance_gain - (1.0 - trade_off) * max_similarity if step else relevance_gain.copy()
+        gain[~available] = -np.inf
         best = int(np.argmax(gain))
         chosen.append(best)
         available[best] = False
-        max_similarity = np.maximum(max_similarity, unit @ unit[best]) if step else unit @ unit[best]
+        similarity = block[best] if block is not None else unit @ unit[best]
+        max_similarity = np.maximum(max_similarity, similarity) if step else similarity
     return np.asarray(chosen, dtype=np.int64)

@@ -93,6 +93,36 @@ class RuleModel:
         """None: the fixed scorer was fitted on no data, so the worker's live context is its context."""
         return None
 
+    item_part_dim = 1  # whether the item has a photo: the only item-only term of the scorer
+
+    def item_part(self, vectors: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, 1): 1.0 where the item's photo vector is non-zero, as the ONNX scorer tests it."""
+        image = vectors["image"]
+        return (np.abs(image).sum(axis=1) > 0).astype(np.float32)[:, None]
+
+    def score_split(
+        self,
+        user_vector: np.ndarray,
+        query_vector: np.ndarray | None,
+        candidate_fused: np.ndarray,
+        item_part: np.ndarray,
+        candidate_text: np.ndarray | None,
+        context: np.ndarray,
+    ) -> np.ndarray:
+        """``score`` in numpy from the candidates' fused vectors and photo flags (the same fixed weights)."""
+        affinity = candidate_fused @ np.asarray(user_vector, np.float32)  # (N,)
+        logit = (
+            4.0 * affinity
+            + 0.15 * context[:, 0]
+            - 0.1 * np.log1p(np.maximum(context[:, 1], 0.0))
+            + 1.0 * context[:, 2]
+            + 0.05 * item_part[:, 0]
+            - 2.0
+        )
+        if query_vector is not None and candidate_text is not None:
+            logit = logit + 4.0 * (candidate_text @ np.asarray(query_vector, np.float32))
+        return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+
     def score(
         self,
         user_vector: np.ndarray,

@@ -1,7 +1,10 @@
 """A trained artefact served through onnxruntime; implements ``ServingModel``.
 
-Only the ONNX files, ``config.json``, ``id_maps.json``, ``item_features.npz``
-and ``transitions.npz`` are read: serving never unpickles torch weights.
+Only the ONNX files, ``config.json``, ``id_maps.json``, ``item_features.npz``,
+``transitions.npz`` and ``ranker_parts.npz`` are read: serving never unpickles
+torch weights. With ``ranker_parts.npz`` (written by every export since the
+split) requests score through ``score_split``; an older artefact scores
+through ``ranker.onnx`` as before.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from model.serving.contract import (
 from model.serving.covisit import FILE_NAME as TRANSITIONS_FILE
 from model.serving.covisit import CoVisitTable
 from model.serving.networks import INPUT_NAMES, TowerConfig
+from model.serving.ranker_parts import FILE_NAME as RANKER_PARTS_FILE
+from model.serving.ranker_parts import RankerParts
 from model.serving.runtime import load_session
 
 CATEGORY_SEPARATOR = "|"
@@ -72,6 +77,13 @@ class TrainedModel:
         self.last_seen: np.ndarray | None = stored.get("last_seen")  # (N+1,) seconds, data with times only
         self.stored_text: np.ndarray | None = stored.get("text")  # (N+1, T) or absent
         self.stored_has_text: np.ndarray | None = stored.get("has_text")
+        parts_path = self.directory / RANKER_PARTS_FILE
+        try:
+            # int8 serves the quantised ONNX ranker: its scores are not the float split's.
+            self._parts = RankerParts.load(parts_path) if parts_path.is_file() and not int8 else None
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"cannot read artefact {self.directory}: {error}") from error
+        self.item_part_dim = self._parts.hidden if self._parts is not None else 0
         suffix = ".int8.onnx" if int8 else ".onnx"
         self._sessions = {}
         self.served_files: dict[str, Path] = {}  # network -> the ONNX file its session runs
@@ -217,6 +229,29 @@ class TrainedModel:
             "context": np.ascontiguousarray(context, dtype=np.float32),
         }
         return self._sessions["ranker"].run(None, feeds)[0]
+
+    def item_part(self, vectors: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, ranker hidden): the ranker's item-only first-layer share (``RankerParts``)."""
+        if self._parts is None:
+            raise ModelLoadError(f"artefact {self.directory} has no {RANKER_PARTS_FILE}: it cannot split scores")
+        return self._parts.item_part(vectors["fused"], vectors["text"], vectors["image"])
+
+    def score_split(
+        self,
+        user_vector: np.ndarray,
+        query_vector: np.ndarray | None,
+        candidate_fused: np.ndarray,
+        item_part: np.ndarray,
+        candidate_text: np.ndarray | None,
+        context: np.ndarray,
+    ) -> np.ndarray:
+        """``score`` from the candidates' fused vectors and item parts: numpy, no ONNX call."""
+        if self._parts is None:
+            raise ModelLoadError(f"artefact {self.directory} has no {RANKER_PARTS_FILE}: it cannot split scores")
+        count = len(candidate_fused)
+        if np.asarray(context).shape != (count, len(CONTEXT_FEATURES)):
+            raise ValueError(f"context must be ({count}, {len(CONTEXT_FEATURES)})")
+        return self._parts.score(user_vector, query_vector, candidate_fused, item_part, candidate_text, context)
 
     def score(
         self,

@@ -17,6 +17,8 @@ from stream.store.base import (
     Point,
     SearchFilter,
     VectorStore,
+    point_id,
+    point_ids,
     point_uuid,
 )
 
@@ -31,6 +33,8 @@ __all__ = [
     "SearchFilter",
     "VectorStore",
     "open_store",
+    "point_id",
+    "point_ids",
     "point_uuid",
 ]
 

@@ -5,13 +5,26 @@ point carries any subset of the collection's named vectors and a JSON payload.
 All named vectors use cosine similarity: backends store them unit-normalised,
 so vectors read back have norm 1 and scores are cosine similarities.
 
-Qdrant only accepts integers or UUIDs as point ids, so a domain id is mapped to
-``uuid5(POINT_ID_NAMESPACE, id)`` and kept verbatim in the payload under the
-reserved key ``"id"``. Callers never see that key: it comes back as ``Hit.id``.
+Qdrant only accepts integers or UUIDs as point ids. A domain id is mapped to
+an integer, ``point_id(id)`` (the first 63 bits of its BLAKE2b digest: the
+same in every process and on every machine, with no table to share), and kept
+verbatim in the payload under the reserved key ``"id"``, which is the way back
+from a point id to the domain id. Callers of the string verbs never see that
+key: it comes back as ``Hit.id``. The hot path uses the integer verbs
+(``search_points``, ``retrieve_points``, ``SearchFilter.exclude_points``):
+ids and scores come back as numpy arrays and no payload is read per hit.
+
+Two domain ids with the same point id would overwrite each other; with 63
+bits that takes about 2^31 ids to be likely (about 5e-8 at a million ids), and
+``upsert`` refuses a batch in which two ids collide. Stores written with the
+earlier UUID point ids (format 1) are refused at open with a message saying
+how to convert them (``stream.store.edge`` converts its own).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import re
 import uuid
@@ -25,8 +38,10 @@ import numpy as np
 
 from core.errors import ConfigError
 
-# Fixed for the life of the data: changing it orphans every stored point.
+# The namespace of the UUID point ids of format 1 (before integer ids), kept to
+# recognise and convert stores written then.
 POINT_ID_NAMESPACE = uuid.UUID("7ac7671c-aad0-4a84-8726-9f083a8f9f68")
+POINT_ID_MASK = (1 << 63) - 1  # non-negative int64, as numpy and the engine both hold it
 
 # Payload key holding the domain id; reserved, so callers may not write it.
 ID_KEY = "id"
@@ -106,6 +121,7 @@ class SearchFilter:
 
     categories: tuple[str, ...] = ()  # payload "category" must be one of these (empty = any)
     exclude_ids: tuple[str, ...] = ()  # domain ids to leave out
+    exclude_points: tuple[int, ...] = ()  # point ids (``point_id``) to leave out, the hot path's form
     min_price: float | None = None  # payload "price" >= min_price
     max_price: float | None = None  # payload "price" <= max_price
 
@@ -114,9 +130,15 @@ class SearchFilter:
         return (
             not self.categories
             and not self.exclude_ids
+            and not self.exclude_points
             and self.min_price is None
             and self.max_price is None
         )
+
+
+    def excluded_points(self) -> set[int]:
+        """Every excluded point id, from ``exclude_ids`` and ``exclude_points`` together."""
+        return {point_id(i) for i in self.exclude_ids} | {int(p) for p in self.exclude_points}
 
 
 WithVectors = bool | Sequence[str]
@@ -202,6 +224,28 @@ class VectorStore(ABC):
         """``search`` for each row of ``vectors`` (Q, dim), as one request; Q lists back."""
 
     @abstractmethod
+    def search_points(
+        self,
+        collection: str,
+        vector_name: str,
+        vector: np.ndarray,
+        limit: int,
+        flt: SearchFilter | None = None,
+        exact: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` for the hot path: (point ids int64, scores float32), best first.
+
+        No payload is read and no per-hit object is kept; map ids back with
+        ``retrieve_points`` (or a cache keyed by ``point_id``).
+        """
+
+    @abstractmethod
+    def retrieve_points(
+        self, collection: str, point_ids: Sequence[int] | np.ndarray, with_vectors: WithVectors = False
+    ) -> dict[int, Hit]:
+        """Stored points by point id (score 0), keyed by point id; ids not stored are absent."""
+
+    @abstractmethod
     def count(self, collection: str) -> int:
         """Number of points stored (with or without any vector)."""
 
@@ -241,9 +285,36 @@ class VectorStore(ABC):
         self.close()
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def point_id(domain_id: str) -> int:
+    """The qdrant point id of a domain id: stable across processes, machines and backends.
+
+    Cached: users and items are written and read over and over (a digest is ~1 µs).
+    """
+    digest = hashlib.blake2b(domain_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & POINT_ID_MASK
+
+
+def point_ids(domain_ids: Sequence[str]) -> np.ndarray:
+    """``point_id`` of each domain id, as an int64 array."""
+    return np.fromiter((point_id(i) for i in domain_ids), np.int64, len(domain_ids))
+
+
 def point_uuid(domain_id: str) -> uuid.UUID:
-    """The qdrant point id for a domain id (stable across processes and backends)."""
+    """The point id format 1 gave a domain id (before integer ids); for converting old stores."""
     return uuid.uuid5(POINT_ID_NAMESPACE, domain_id)
+
+
+def check_distinct_points(points: Sequence["Point"]) -> list[int]:
+    """Each point's ``point_id``; ``ValueError`` if two different domain ids share one."""
+    ids = [point_id(point.id) for point in points]
+    if len(set(ids)) != len({point.id for point in points}):
+        seen: dict[int, str] = {}
+        for pid, point in zip(ids, points):
+            other = seen.setdefault(pid, point.id)
+            if other != point.id:
+                raise ValueError(f"domain ids {other!r} and {point.id!r} map to the same point id {pid}")
+    return ids
 
 
 def check_vector(spec: CollectionSpec, vector_name: str, vector: Any) -> list[float]:

@@ -23,7 +23,6 @@ written unpacked (before this format) are read as they are.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shutil
@@ -47,6 +46,7 @@ from stream.store.base import (
     SearchFilter,
     VectorStore,
     WithVectors,
+    check_distinct_points,
     check_limit,
     check_payload,
     check_price_bounds,
@@ -54,7 +54,7 @@ from stream.store.base import (
     check_same_spec,
     check_vector,
     named_vectors,
-    point_uuid,
+    point_id,
     stored_payload,
     to_hit,
     wanted_vectors,
@@ -74,10 +74,10 @@ _LOCKED = "WouldBlock"  # the write-ahead log is locked by another process
 # the rest travels as one JSON text under _PACKED_KEY (see the module docstring).
 _NATIVE_KEYS = frozenset({ID_KEY, CATEGORY_KEY, PRICE_KEY})
 _PACKED_KEY = "_packed_json"
-
-
-# uuid5 is a SHA-1 per call (~6 µs); users and items are written and read over and over.
-_point_uuid = functools.lru_cache(maxsize=1 << 16)(point_uuid)
+# In a shard's directory: the point-id format its points use ("2": integer
+# ``point_id``); a shard without it was written with UUID ids (format 1).
+_FORMAT_FILE = "streamrec_point_ids"
+_FORMAT = "2"
 
 
 class EdgeStore(VectorStore):
@@ -132,12 +132,24 @@ class EdgeStore(VectorStore):
             path = self._data_dir / spec.name
             if path.is_dir() and any(path.iterdir()):
                 shard = _open_existing(path, self._edge_config(spec, half=_stored_half(path, spec)), spec)
+                if not (path / _FORMAT_FILE).is_file():
+                    try:
+                        converted = _guard(f"convert {spec.name!r} to integer point ids",
+                                           lambda: _convert_uuid_points(shard))
+                    except StoreUnavailableError:
+                        shard.close()
+                        raise
+                    log.info("collection %s: %d points converted to integer point ids", spec.name, converted)
+                    if converted:  # rewritten points left the indexed segments: index them again
+                        _guard(f"optimize {spec.name!r}", shard.optimize)
+                    _write_format(path)
             else:
                 config = self._edge_config(spec, half=spec.half)
                 shard = _guard(
                     f"create collection {spec.name!r}",
                     lambda: qe.EdgeShard.create(str(path), config),
                 )
+                _write_format(path)
             try:
                 _guard(f"index payload of {spec.name!r}", lambda: _index_payload(shard))
             except StoreUnavailableError:
@@ -193,40 +205,40 @@ class EdgeStore(VectorStore):
     def upsert(self, collection: str, points: Sequence[Point]) -> None:
         spec, shard = self._shard(collection)
         edge_points = [
-            qe.Point(_point_uuid(point.id), vectors, _pack(stored_payload(point)))
-            for point, vectors in zip(points, _checked_vectors(spec, points))
+            qe.Point(pid, vectors, _pack(stored_payload(point)))
+            for pid, point, vectors in zip(check_distinct_points(points), points, _checked_vectors(spec, points))
         ]
         if edge_points:
             operation = qe.UpdateOperation.upsert_points(edge_points)
             _guard(f"upsert into {collection!r}", lambda: shard.update(operation))
 
-    def update_payload(self, collection: str, point_id: str, payload: dict[str, Any]) -> None:
+    def update_payload(self, collection: str, domain_id: str, payload: dict[str, Any]) -> None:
         _, shard = self._shard(collection)
         checked = check_payload(payload)
-        uid = _point_uuid(point_id)
+        uid = point_id(domain_id)
         # Packed keys cannot be merged by the engine: read, merge, write back whole.
         records = _guard(f"retrieve from {collection!r}", lambda: shard.retrieve([uid], True, False))
         if not records:
-            raise KeyError(point_id)
+            raise KeyError(domain_id)
         merged = {**_unpack(records[0].payload), **checked}
         operation = qe.UpdateOperation.overwrite_payload([uid], _pack(merged))
-        _update_existing(shard, operation, collection, point_id)
+        _update_existing(shard, operation, collection, domain_id)
 
     def update_vectors(
-        self, collection: str, point_id: str, vectors: Mapping[str, np.ndarray]
+        self, collection: str, domain_id: str, vectors: Mapping[str, np.ndarray]
     ) -> None:
         spec, shard = self._shard(collection)
         checked = {name: check_vector(spec, name, vec) for name, vec in vectors.items()}
         if not checked:
             return
-        point_vectors = qe.PointVectors(_point_uuid(point_id), checked)
+        point_vectors = qe.PointVectors(point_id(domain_id), checked)
         operation = qe.UpdateOperation.update_vectors([point_vectors])
-        _update_existing(shard, operation, collection, point_id)
+        _update_existing(shard, operation, collection, domain_id)
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         _, shard = self._shard(collection)
         if ids:
-            operation = qe.UpdateOperation.delete_points([_point_uuid(i) for i in ids])
+            operation = qe.UpdateOperation.delete_points([point_id(i) for i in ids])
             _guard(f"delete from {collection!r}", lambda: shard.update(operation))
 
     # -- reads -------------------------------------------------------------
@@ -240,10 +252,24 @@ class EdgeStore(VectorStore):
             return {}
         records = _guard(
             f"retrieve from {collection!r}",
-            lambda: shard.retrieve([_point_uuid(i) for i in ids], True, vectors),
+            lambda: shard.retrieve([point_id(i) for i in ids], True, vectors),
         )
         hits = (to_hit(_unpack(record.payload), 0.0, named_vectors(record.vector)) for record in records)
         return {hit.id: hit for hit in hits}
+
+    def retrieve_points(
+        self, collection: str, point_ids: Sequence[int] | np.ndarray, with_vectors: WithVectors = False
+    ) -> dict[int, Hit]:
+        spec, shard = self._shard(collection)
+        vectors = wanted_vectors(spec, with_vectors)
+        wanted = [int(p) for p in point_ids]
+        if not wanted:
+            return {}
+        records = _guard(f"retrieve from {collection!r}", lambda: shard.retrieve(wanted, True, vectors))
+        return {
+            int(record.id): to_hit(_unpack(record.payload), 0.0, named_vectors(record.vector))
+            for record in records
+        }
 
     def search(
         self,
@@ -264,6 +290,24 @@ class EdgeStore(VectorStore):
             # Candidate retrieval: ids and scores of hundreds of hits per request.
             return [Hit(str(p.payload[ID_KEY]), float(p.score), {}) for p in points]
         return [to_hit(_unpack(p.payload), p.score, named_vectors(p.vector)) for p in points]
+
+    def search_points(
+        self,
+        collection: str,
+        vector_name: str,
+        vector: np.ndarray,
+        limit: int,
+        flt: SearchFilter | None = None,
+        exact: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        spec, shard = self._shard(collection)
+        query = check_vector(spec, vector_name, vector)
+        request = self._request(spec, vector_name, query, limit, flt, False, exact, with_payload=None)
+        points = _guard(f"search {collection!r}", lambda: shard.query(request))
+        count = len(points)
+        ids = np.fromiter((p.id for p in points), np.int64, count)
+        scores = np.fromiter((p.score for p in points), np.float32, count)
+        return ids, scores
 
     def search_batch(
         self,
@@ -292,14 +336,15 @@ class EdgeStore(VectorStore):
         flt: SearchFilter | None,
         with_vectors: WithVectors,
         exact: bool,
-        with_payload: bool = True,
+        with_payload: bool | None = True,
     ) -> qe.QueryRequest:
+        """``with_payload``: True all of it, False only the domain id, None none (point ids only)."""
         check_limit(limit)
         return qe.QueryRequest(
             limit=limit,
             query=qe.Query.Nearest(query, using=vector_name),
             filter=_edge_filter(flt),
-            with_payload=True if with_payload else [ID_KEY],
+            with_payload=False if with_payload is None else (True if with_payload else [ID_KEY]),
             with_vector=wanted_vectors(spec, with_vectors),
             params=qe.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact),
         )
@@ -431,15 +476,45 @@ def _index_payload(shard: qe.EdgeShard) -> None:
     shard.update(qe.UpdateOperation.create_field_index(PRICE_KEY, number))
 
 
-def _update_existing(shard: qe.EdgeShard, operation: Any, collection: str, point_id: str) -> None:
+def _update_existing(shard: qe.EdgeShard, operation: Any, collection: str, domain_id: str) -> None:
     try:
         shard.update(operation)
     except Exception as exc:
         if _MISSING_POINT in str(exc):
-            raise KeyError(point_id) from None
+            raise KeyError(domain_id) from None
         raise StoreUnavailableError(
-            f"edge store: update of {point_id!r} in {collection!r} failed: {exc}"
+            f"edge store: update of {domain_id!r} in {collection!r} failed: {exc}"
         ) from exc
+
+
+def _convert_uuid_points(shard: qe.EdgeShard) -> int:
+    """Rewrite format-1 points (UUID ids) under their integer ``point_id``; how many were converted.
+
+    Safe to interrupt and run again: a point is written under its new id
+    before its old one is deleted, and both carry the same payload.
+    """
+    old: list[Any] = []
+    offset: Any = None
+    while True:
+        request = qe.ScrollRequest(offset=offset, limit=_SCROLL_PAGE, with_payload=False, with_vector=False)
+        records, offset = shard.scroll(request)
+        old.extend(r.id for r in records if not isinstance(r.id, int))
+        if offset is None:
+            break
+    for start in range(0, len(old), _SCROLL_PAGE):
+        records = shard.retrieve(old[start : start + _SCROLL_PAGE], True, True)
+        points = [qe.Point(point_id(str(r.payload[ID_KEY])), named_vectors(r.vector) or {}, r.payload)
+                  for r in records]
+        shard.update(qe.UpdateOperation.upsert_points(points))
+        shard.update(qe.UpdateOperation.delete_points([r.id for r in records]))
+    return len(old)
+
+
+def _write_format(path: Path) -> None:
+    try:
+        (path / _FORMAT_FILE).write_text(_FORMAT + "\n")
+    except OSError as exc:
+        raise StoreUnavailableError(f"edge store: cannot write {path / _FORMAT_FILE}: {exc}") from exc
 
 
 def _stored_half(path: Path, spec: CollectionSpec) -> frozenset[str]:
@@ -488,6 +563,6 @@ def _edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
         price_range = qe.RangeFloat(gte=flt.min_price, lte=flt.max_price)
         must.append(qe.FieldCondition(PRICE_KEY, range=price_range))
     must_not: list[Any] = []
-    if flt.exclude_ids:
-        must_not.append(qe.HasIdCondition({_point_uuid(i) for i in flt.exclude_ids}))
+    if flt.exclude_ids or flt.exclude_points:
+        must_not.append(qe.HasIdCondition(flt.excluded_points()))
     return qe.Filter(must=must or None, must_not=must_not or None)

@@ -4,6 +4,9 @@ Also runs on the client's local mode (``QdrantClient(location=":memory:")``),
 which the contract tests use. Local mode has no ANN index and scans every
 point, so it answers exactly and ignores search parameters; it is for tests,
 not serving. The server builds its indexes itself, so ``optimize`` is a no-op.
+
+Point ids are integers (``point_id``, format 2). A collection written with the
+UUID point ids of format 1 is refused at open, with the way to convert it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from stream.store.base import (
     SearchFilter,
     VectorStore,
     WithVectors,
+    check_distinct_points,
     check_limit,
     check_payload,
     check_price_bounds,
@@ -37,7 +41,7 @@ from stream.store.base import (
     check_same_vectors,
     check_vector,
     named_vectors,
-    point_uuid,
+    point_id,
     stored_payload,
     to_hit,
     wanted_vectors,
@@ -93,7 +97,25 @@ class RemoteStore(VectorStore):
             for key, schema in _PAYLOAD_INDEXES.items():
                 index_key = partial(client.create_payload_index, spec.name, key, schema, wait=True)
                 self._call(f"index {key!r} of {spec.name!r}", index_key)
+        self._check_point_format(spec.name)
         self._specs[spec.name] = spec
+
+    def _check_point_format(self, collection: str) -> None:
+        """``ConfigError`` for a collection written with format-1 (UUID) point ids.
+
+        This backend never writes UUID ids into a collection it opened, so the
+        first point tells.
+        """
+        records, _ = self._call(
+            f"inspect {collection!r}",
+            lambda: self._client.scroll(collection, limit=1, with_payload=False, with_vectors=False),
+        )
+        if records and not isinstance(records[0].id, int):
+            raise ConfigError(
+                f"collection {collection!r} holds points with UUID ids (written before integer point ids); "
+                "rebuild it: drop it and load the catalogue again (`streamrec load-catalogue FILE`), "
+                "or open it once with the embedded store, which converts its own shards"
+            )
 
     def _create(self, spec: CollectionSpec) -> None:
         vectors_config = {
@@ -145,11 +167,11 @@ class RemoteStore(VectorStore):
         spec = self._spec(collection)
         structs = [
             models.PointStruct(
-                id=str(point_uuid(point.id)),
+                id=pid,
                 vector={name: check_vector(spec, name, v) for name, v in point.vectors.items()},
                 payload=stored_payload(point),
             )
-            for point in points
+            for pid, point in zip(check_distinct_points(points), points)
         ]
         if structs:
             self._call(
@@ -157,47 +179,47 @@ class RemoteStore(VectorStore):
                 lambda: self._client.upsert(collection, points=structs, wait=True),
             )
 
-    def update_payload(self, collection: str, point_id: str, payload: dict[str, Any]) -> None:
+    def update_payload(self, collection: str, domain_id: str, payload: dict[str, Any]) -> None:
         self._spec(collection)
         checked = check_payload(payload)
-        selector = [str(point_uuid(point_id))]
+        selector = [point_id(domain_id)]
         self._update_existing(
             collection,
-            point_id,
+            domain_id,
             lambda: self._client.set_payload(collection, checked, points=selector, wait=True),
         )
 
     def update_vectors(
-        self, collection: str, point_id: str, vectors: Mapping[str, np.ndarray]
+        self, collection: str, domain_id: str, vectors: Mapping[str, np.ndarray]
     ) -> None:
         spec = self._spec(collection)
         checked = {name: check_vector(spec, name, v) for name, v in vectors.items()}
         if not checked:
             return
-        point = models.PointVectors(id=str(point_uuid(point_id)), vector=checked)
+        point = models.PointVectors(id=point_id(domain_id), vector=checked)
         self._update_existing(
             collection,
-            point_id,
+            domain_id,
             lambda: self._client.update_vectors(collection, [point], wait=True),
         )
 
-    def _update_existing(self, collection: str, point_id: str, call: Callable[[], Any]) -> None:
+    def _update_existing(self, collection: str, domain_id: str, call: Callable[[], Any]) -> None:
         try:
             with self._serial:
                 call()
         except KeyError:  # local mode's answer for an absent point
-            raise KeyError(point_id) from None
+            raise KeyError(domain_id) from None
         except UnexpectedResponse as exc:
             if exc.status_code == _HTTP_NOT_FOUND:
-                raise KeyError(point_id) from None
-            raise _unavailable(f"update {point_id!r} in {collection!r}", exc) from exc
+                raise KeyError(domain_id) from None
+            raise _unavailable(f"update {domain_id!r} in {collection!r}", exc) from exc
         except (ApiException, RuntimeError, OSError) as exc:
-            raise _unavailable(f"update {point_id!r} in {collection!r}", exc) from exc
+            raise _unavailable(f"update {domain_id!r} in {collection!r}", exc) from exc
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         self._spec(collection)
         if ids:
-            selector = models.PointIdsList(points=[str(point_uuid(i)) for i in ids])
+            selector = models.PointIdsList(points=[point_id(i) for i in ids])
             self._call(
                 f"delete from {collection!r}",
                 lambda: self._client.delete(collection, points_selector=selector, wait=True),
@@ -212,15 +234,29 @@ class RemoteStore(VectorStore):
         vectors = wanted_vectors(spec, with_vectors)
         if not ids:
             return {}
-        point_ids = [str(point_uuid(i)) for i in ids]
+        wanted = [point_id(i) for i in ids]
         records = self._call(
             f"retrieve from {collection!r}",
             lambda: self._client.retrieve(
-                collection, point_ids, with_payload=True, with_vectors=vectors
+                collection, wanted, with_payload=True, with_vectors=vectors
             ),
         )
         hits = (to_hit(r.payload, 0.0, named_vectors(r.vector)) for r in records)
         return {hit.id: hit for hit in hits}
+
+    def retrieve_points(
+        self, collection: str, point_ids: Sequence[int] | np.ndarray, with_vectors: WithVectors = False
+    ) -> dict[int, Hit]:
+        spec = self._spec(collection)
+        vectors = wanted_vectors(spec, with_vectors)
+        wanted = [int(p) for p in point_ids]
+        if not wanted:
+            return {}
+        records = self._call(
+            f"retrieve from {collection!r}",
+            lambda: self._client.retrieve(collection, wanted, with_payload=True, with_vectors=vectors),
+        )
+        return {int(r.id): to_hit(r.payload, 0.0, named_vectors(r.vector)) for r in records}
 
     def search(
         self,
@@ -252,6 +288,37 @@ class RemoteStore(VectorStore):
             ),
         )
         return [to_hit(p.payload, p.score, named_vectors(p.vector)) for p in response.points]
+
+    def search_points(
+        self,
+        collection: str,
+        vector_name: str,
+        vector: np.ndarray,
+        limit: int,
+        flt: SearchFilter | None = None,
+        exact: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        spec = self._spec(collection)
+        query = check_vector(spec, vector_name, vector)
+        check_limit(limit)
+        query_filter = _qdrant_filter(flt)
+        response = self._call(
+            f"search {collection!r}",
+            lambda: self._client.query_points(
+                collection,
+                query=query,
+                using=vector_name,
+                limit=limit,
+                query_filter=query_filter,
+                with_payload=False,
+                with_vectors=False,
+                search_params=self._search_params(exact),
+            ),
+        )
+        hits = response.points
+        ids = np.fromiter((p.id for p in hits), np.int64, len(hits))
+        scores = np.fromiter((p.score for p in hits), np.float32, len(hits))
+        return ids, scores
 
     def search_batch(
         self,
@@ -378,7 +445,6 @@ def _qdrant_filter(flt: SearchFilter | None) -> models.Filter | None:
             )
         )
     must_not: list[Any] = []
-    if flt.exclude_ids:
-        ids = [str(point_uuid(i)) for i in flt.exclude_ids]
-        must_not.append(models.HasIdCondition(has_id=ids))
+    if flt.exclude_ids or flt.exclude_points:
+        must_not.append(models.HasIdCondition(has_id=sorted(flt.excluded_points())))
     return models.Filter(must=must or None, must_not=must_not or None)

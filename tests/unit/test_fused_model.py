@@ -335,3 +335,32 @@ def test_a_fine_tuned_version_adds_the_windows_transitions_once(artefact: Path, 
     write_candidate(Networks.load(artefact), child, tmp_path / "grandchild", manifest, window)
     grandchild = TrainedModel(tmp_path / "grandchild")
     np.testing.assert_array_equal(grandchild.transitions.weights, child.transitions.weights)
+
+
+def test_a_trained_model_scores_the_same_split_into_item_parts(artefact: Path) -> None:
+    model = TrainedModel(artefact)
+    assert model.item_part_dim == 8  # the ranker's hidden width: the export wrote ranker_parts.npz
+    rng = np.random.default_rng(3)
+    count = 40
+    fused = rng.standard_normal((count, model.fused_dim)).astype(np.float32)
+    text = rng.standard_normal((count, model.text_dim)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    text[::4] = 0.0  # items without text or photo read zero rows, as the item cache gives them
+    image = np.abs(rng.standard_normal((count, model.image_dim))).astype(np.float32)
+    image[::3] = 0.0
+    context = np.stack([rng.uniform(0, 8, count), rng.uniform(0, 30, count), rng.normal(0, 2, count)],
+                       axis=1).astype(np.float32)
+    user = rng.standard_normal(model.fused_dim).astype(np.float32)
+    vectors = {"fused": fused, "text": text, "image": image}
+    present = {name: np.abs(m).sum(axis=1) > 0 for name, m in vectors.items()}
+    parts = model.item_part(vectors, present)
+    assert parts.shape == (count, 8)
+    query = text[1]
+    for query_vector in (None, query):
+        full = model.score(user, query_vector, fused, text, image, context)
+        split = model.score_split(user, query_vector, fused, parts, text if query_vector is not None else None,
+                                  context)
+        np.testing.assert_allclose(split, full, atol=2e-6)
+    # One item part per row: computing them one at a time (as the cache does) changes nothing.
+    one = model.item_part({name: m[5:6] for name, m in vectors.items()}, {n: p[5:6] for n, p in present.items()})
+    np.testing.assert_allclose(one[0], parts[5], atol=1e-6)

@@ -178,3 +178,48 @@ def test_items_without_a_vector_take_no_room_in_its_matrix(clock: Clock) -> None
 def test_max_items_below_the_minimum_is_refused() -> None:
     with pytest.raises(ValueError, match="max_items"):
         ItemCache(DIMS, max_items=10)
+
+
+def test_gather_points_finds_items_by_point_id_and_copies_only_the_names_asked(clock: Clock) -> None:
+    from stream.store import point_id, point_ids
+
+    cache = ItemCache(DIMS)
+    cache.put("a", {"fused": np.full(4, 1.0, np.float32), "image": np.ones(3, np.float32)}, {"title": "A"})
+    store = Store(["b"])
+    asked: list[list[int]] = []
+
+    def fetch(missing: list[int]) -> dict[int, Hit]:
+        asked.append(missing)
+        by_point = {point_id(i): i for i in store.hits}
+        return {p: store.hits[by_point[p]] for p in missing if p in by_point}
+
+    found = cache.gather_points(point_ids(["zzz", "b", "a"]), fetch, ["fused"])
+
+    assert asked == [point_ids(["zzz", "b"]).tolist()]
+    assert found.item_ids == ["b", "a"] and found.point_ids.tolist() == point_ids(["b", "a"]).tolist()
+    assert set(found.vectors) == {"fused"}  # no image rows copied for a request that reads none
+    assert found.present["image"].tolist() == [False, True]
+    assert found.payloads[1] == {"title": "A"}
+    assert found.subset([1]).item_ids == ["a"]
+
+
+def test_a_derived_column_is_computed_once_per_item_from_its_vectors(clock: Clock) -> None:
+    from stream.item_cache import Derived
+
+    calls: list[int] = []
+
+    def photo_sum(vectors: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> np.ndarray:
+        calls.append(len(vectors["fused"]))
+        return np.stack([vectors["image"].sum(axis=1), present["image"].astype(np.float32)], axis=1)
+
+    cache = ItemCache(DIMS, derived=Derived("part", 2, photo_sum))
+    cache.put("a", {"fused": np.ones(4, np.float32), "image": np.full(3, 2.0, np.float32)}, {})
+    cache.put("b", {"fused": np.ones(4, np.float32)}, {})
+    found = cache.gather(["a", "b", "a"], Store([]).fetch, ["part"])
+    found = cache.gather(["a", "b"], Store([]).fetch, ["part"])
+
+    assert calls == [1, 1]  # at put time, not per request
+    assert found.vectors["part"].tolist() == [[6.0, 1.0], [0.0, 0.0]]
+    assert set(cache.dims) == {"fused", "image"}  # what the store is asked for stays the stored vectors
+    with pytest.raises(ValueError, match="clashes"):
+        ItemCache(DIMS, derived=Derived("fused", 1, photo_sum))

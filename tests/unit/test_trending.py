@@ -167,3 +167,17 @@ def test_ranking_while_clicks_are_added_from_another_thread() -> None:
     writer.join()
     assert failures == []
     assert len(trending) == 200_000
+
+
+def test_top_over_a_large_catalogue_is_the_full_sort_ties_included() -> None:
+    import heapq
+    import random
+
+    rng = random.Random(4)
+    trending = Trending(3600.0)
+    for _ in range(3000):  # ~800 items, many with equal counts
+        trending.add(f"i{rng.randrange(800)}", float(rng.choice([1, 1, 2, 3])), 1000.0)
+    for exclude in (set(), {f"i{rng.randrange(800)}" for _ in range(20)}):
+        by_full_sort = heapq.nlargest(50 + len(exclude), trending.entries()[1], key=lambda e: (e[1], e[0]))
+        expected = [item for item, _, _ in by_full_sort if item not in exclude][:50]
+        assert [item for item, _ in trending.top(50, 1000.0, exclude)] == expected
