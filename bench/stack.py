@@ -117,8 +117,14 @@ class WorkerProcess:
 
     def metrics_text(self) -> str:
         """The worker's metrics; with N processes each one's, one after another (``metric`` sums them)."""
-        if self.processes > 1:
-            return "".join(self.process_metrics_text(index) for index in range(self.processes))
+        if self.processes > 1:  # a process being restarted counts nothing until it answers
+            texts = []
+            for index in range(self.processes):
+                try:
+                    texts.append(self.process_metrics_text(index))
+                except OSError:
+                    continue
+            return "".join(texts)
         url = f"http://{self.settings.http_host}:{self.settings.http_port}/metrics"
         # Generous: a worker busy embedding a catalogue answers slowly on a small machine.
         with urllib.request.urlopen(url, timeout=15) as reply:
@@ -136,12 +142,23 @@ class WorkerProcess:
         (``stream.agents.lessons.ExchangeGauges``); always true with one."""
         if self.processes == 1:
             return True
-        texts = [self.process_metrics_text(i) for i in range(self.processes)]
+        try:
+            texts = [self.process_metrics_text(i) for i in range(self.processes)]
+        except OSError:  # one is being restarted
+            return False
         if any(_sum_metric(text, "streamrec_signal_lessons_unsent", None) for text in texts):
             return False
         seq = [[_sum_metric(text, "streamrec_signal_lessons_seq", {"process": str(j)}) for j in range(self.processes)]
                for text in texts]
         return all(seq[i][j] == seq[j][j] for i in range(self.processes) for j in range(self.processes))
+
+    def process_ready(self, index: int) -> bool:
+        """Whether worker process ``index`` answers on its socket, healthy and holding its partitions."""
+        try:
+            status = json.loads(process_get(self.ownership.socket_address(index), "/health", timeout=2))
+        except (OSError, ValueError):
+            return False
+        return bool(status.get("healthy") and status.get("ready"))
 
     def pids(self) -> dict[int, int]:
         """The worker processes' pids (with one process, the worker's own)."""
