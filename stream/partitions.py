@@ -84,7 +84,13 @@ class Ownership:
         """This process's settings: its own data dir, the shared models folder."""
         if self.single:
             return settings
-        return settings.model_copy(update={"data_dir": self.process_dir(), "model_dir": settings.models_path})
+        return settings.model_copy(update={"data_dir": self.process_dir(), "model_dir": settings.models_path,
+                                           "replica": self.origin(settings)})
+
+    def origin(self, settings: Settings) -> int:
+        """This process's number among every process of the app (``STREAMREC_REPLICA`` x N + i):
+        it names its lessons and its signal log."""
+        return (settings.replica or 0) * self.count + self.index
 
 
 def check_layout(settings: Settings, count: int) -> None:

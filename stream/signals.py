@@ -70,12 +70,14 @@ with a complete log after it; a crash after the new marker leaves entries and
 parts it covers, skipped and deleted at the next start.
 
 One writer per collection: the embedded store opens in one process at a time.
-Several workers sharing one Qdrant server under one ``collection_prefix`` would
-write one log; that is not supported.
+Several workers sharing one Qdrant server under one ``collection_prefix`` each
+need a ``STREAMREC_REPLICA`` number of their own: the log is then
+``signals_r<replica>``, and they share lessons as below.
 
-**Several worker processes** (``streamrec worker --processes N``) each apply
-the clicks of the partitions they own, yet trending and co-visits must learn
-from every click. Each process keeps its own log as above and shares its
+**Several worker processes** (``streamrec worker --processes N``, or workers
+on several machines with ``STREAMREC_REPLICA`` set) each apply the clicks of
+the partitions they hold, yet trending and co-visits must learn from every
+click. Each process keeps its own log as above and shares its
 batches' lessons: once a batch is published in memory, its lesson (origin
 process, its seq in the origin's log, the wall time, the trending adds and the
 transitions) goes to the topic ``<topic_prefix>signals.lessons``, and every
@@ -126,8 +128,10 @@ PEER_SOURCE = "process/"  # positions of lessons learnt from peer process i: "pr
 
 
 def signals_spec(settings: Settings) -> CollectionSpec:
+    """The log's collection: one per worker (``STREAMREC_REPLICA``) where several share a store."""
+    suffix = "" if settings.replica is None else f"_r{settings.replica}"
     # Points carry payload only; a collection needs one named vector, which none of them has.
-    return CollectionSpec(f"{settings.collection_prefix}signals", {"unused": 1})
+    return CollectionSpec(f"{settings.collection_prefix}signals{suffix}", {"unused": 1})
 
 
 def covered(position: Position | None, offset: int, event_time: float) -> bool:
@@ -408,6 +412,10 @@ class SignalLog:
             self._origin = origin
             self._unsent = self._restored_own + self._unsent
             self._restored_own = []
+            if self._seq and (not self._unsent or self._unsent[-1]["seq"] < self._seq):
+                # An empty lesson at the log's seq: the peers' positions then say they have
+                # everything this process sent before, even what a snapshot compacted away.
+                self._unsent.append({"seq": self._seq, "at": time.time(), "trending": [], "transitions": []})
 
     def send_with(self, send: Callable[[list[bytes]], None]) -> None:
         """``send(values)`` returns once the broker has every value (raises otherwise)."""

@@ -51,6 +51,10 @@ def run_worker(settings: Settings, *, loglevel: str = "info", processes: int = 1
                process_index: int | None = None) -> None:
     if processes < 1:
         raise ConfigError(f"--processes must be at least 1, not {processes}")
+    if process_index is None and processes > 1 and settings.replica is not None:
+        raise ConfigError(
+            f"STREAMREC_REPLICA={settings.replica} makes this worker one replica of a group that Kafka "
+            f"splits the partitions among; it takes --processes 1, not {processes} (run one container per core)")
     if process_index is not None:
         run_process(settings, Ownership(process_index, processes, settings.data_dir), loglevel=loglevel)
         return
@@ -58,12 +62,13 @@ def run_worker(settings: Settings, *, loglevel: str = "info", processes: int = 1
                                 client_options=settings.kafka_client_options()))
     asyncio.run(ensure_topics(settings))
     check_layout(settings, processes)
+    if processes > 1 or settings.replica is not None:  # there are peers to share lessons with
+        from stream.agents.lessons import ensure_lessons_topic
+
+        asyncio.run(ensure_lessons_topic(settings))
     if processes == 1:
         run_process(settings, Ownership(), loglevel=loglevel)
         return
-    from stream.agents.lessons import ensure_lessons_topic
-
-    asyncio.run(ensure_lessons_topic(settings))
     Supervisor(settings, processes, loglevel=loglevel).run()
 
 

@@ -58,36 +58,36 @@ class ExchangeGauges:
     ``streamrec_signal_lessons_seq{process="j"}``: in process j itself, the seq
     of the newest lesson it sent; in any other, the newest it learnt from j. The
     processes have exchanged everything when those agree and no process has
-    ``streamrec_signal_lessons_unsent`` above 0.
+    ``streamrec_signal_lessons_unsent`` above 0. A peer's series appears with its first lesson.
     """
 
-    def __init__(self, services: Services, ownership: Ownership) -> None:
+    def __init__(self, services: Services, origin: int) -> None:
         registry = services.metrics.registry
-        self._services = services
-        self._ownership = ownership
         self.seq = Gauge("streamrec_signal_lessons_seq", "Newest lesson seq sent (own process) or learnt (peer)",
                          ["process"], registry=registry)
         self.unsent = Gauge("streamrec_signal_lessons_unsent", "Own lessons the broker has not acknowledged yet",
                             registry=registry)
         signals = services.signals
         # Read when scraped (without the log's lock, which a batch may hold while it sends).
-        for index in range(ownership.count):
-            if index == ownership.index:
-                self.seq.labels(str(index)).set_function(lambda: signals.sent_seq)
-            else:
-                self.seq.labels(str(index)).set_function(lambda index=index: signals.peer_seq(index))
+        self.seq.labels(str(origin)).set_function(lambda: signals.sent_seq)
         self.unsent.set_function(lambda: signals.unsent_count)
+        self._signals, self._peers = signals, {origin}
+
+    def learnt_from(self, origins: set[int]) -> None:
+        """A series for each peer heard from (a peer's series appears with its first lesson)."""
+        for peer in origins - self._peers:
+            self._peers.add(peer)
+            self.seq.labels(str(peer)).set_function(lambda peer=peer: self._signals.peer_seq(peer))
 
 
-async def exchange_lessons(services: Services, ownership: Ownership, stop: asyncio.Event,
-                           ready: asyncio.Event) -> None:
+async def exchange_lessons(services: Services, origin: int, stop: asyncio.Event, ready: asyncio.Event) -> None:
     settings = services.settings
-    ExchangeGauges(services, ownership)
+    gauges = ExchangeGauges(services, origin)
     topic = lessons_topic(settings)
     producer = kafka.producer(settings, linger_ms=0)
     await producer.start()
     loop = asyncio.get_running_loop()
-    key = str(ownership.index).encode()
+    key = str(origin).encode()
 
     async def send_all(values: list[bytes]) -> None:
         sent = [await producer.send(topic, value, key=key) for value in values]
@@ -105,6 +105,7 @@ async def exchange_lessons(services: Services, ownership: Ownership, stop: async
                 log.error("%s offset %d is not a lesson (%s); skipped", topic, record.offset, error)
         async with services.write_lock:
             await asyncio.to_thread(services.signals.learn_from_peers, lessons)
+        gauges.learnt_from({int(lesson["origin"]) for lesson in lessons})
 
     async def retry_unsent() -> None:
         while not stop.is_set():
@@ -113,7 +114,7 @@ async def exchange_lessons(services: Services, ownership: Ownership, stop: async
     
     await asyncio.to_thread(services.signals.send_with, send)
     retry = asyncio.create_task(retry_unsent())
-    consumer = kafka.consumer(settings, group_id=ownership.group(f"{settings.app_id}.lessons"),
+    consumer = kafka.consumer(settings, group_id=f"{settings.app_id}.lessons.{origin}",
                               max_records=MAX_LESSONS_PER_POLL)
     try:
         await run_consumer(consumer, handle, stop, name="lesson", ready=ready,
@@ -124,18 +125,20 @@ async def exchange_lessons(services: Services, ownership: Ownership, stop: async
 
 
 def attach(app: faust.App, services: Services, ownership: Ownership) -> asyncio.Event:
-    """Share lessons with the peer processes; the returned event is set once their lessons are read
-    (at once with one process)."""
+    """Share lessons with the peers (the other processes, or the other workers with a
+    ``STREAMREC_REPLICA`` of their own); the returned event is set once their lessons are read
+    (at once for a single worker, which has no peers)."""
     ready = asyncio.Event()
-    if ownership.single:
+    origin = services.settings.replica
+    if origin is None:
         ready.set()
         return ready
-    services.signals.share(ownership.index)
+    services.signals.share(origin)
     stop = asyncio.Event()
 
     @app.task
     async def lesson_exchange() -> None:
-        await exchange_lessons(services, ownership, stop, ready)
+        await exchange_lessons(services, origin, stop, ready)
 
     @app.on_before_shutdown.connect
     async def stop_lesson_exchange(app: faust.App, **_: object) -> None:

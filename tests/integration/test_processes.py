@@ -191,3 +191,31 @@ def test_a_killed_process_is_restarted_and_nothing_is_lost_or_applied_twice(four
         assert {item: total for item, _, total in snapshot.trending.entries()[1]} == pytest.approx(trending)
         assert {source: learnt for source, learnt, _ in snapshot.covisit.entries()} == pytest.approx(taught)
         assert {source: dict(row) for source, _, row in snapshot.covisit.entries()} == rows
+
+
+def test_compose_runs_two_replicas_that_split_the_partitions_and_share_lessons() -> None:
+    import shutil
+    import subprocess
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    compose = repo / "docker-compose.yml"
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        pytest.skip("docker-compose is not installed")
+    result = subprocess.run([tool, "-f", str(compose), "config", "-q"], cwd=repo, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    services = yaml.safe_load(compose.read_text())["services"]
+    replicas = [services["worker"], services["worker-2"]]
+    environments = [replica["environment"] for replica in replicas]
+    # One consumer group (Kafka splits the partitions), one Qdrant server (state moves with them) ...
+    assert {env["STREAMREC_APP_ID"] for env in environments} == {"streamrec"}
+    assert all(env["STREAMREC_STORE_BACKEND"] == "qdrant" for env in environments)
+    assert all(replica["command"][-2:] == ["--processes", "1"] for replica in replicas)
+    # ... a trending/co-visit log each, and the topic on which they share lessons.
+    assert sorted(env["STREAMREC_REPLICA"] for env in environments) == ["0", "1"]
+    assert "--topic signals.lessons --partitions 1" in services["kafka-init"]["command"][0]
+    # Prometheus finds both replicas under one name.
+    assert services["worker-2"]["networks"]["default"]["aliases"] == ["worker"]
