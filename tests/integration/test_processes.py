@@ -219,3 +219,47 @@ def test_compose_runs_two_replicas_that_split_the_partitions_and_share_lessons()
     assert "--topic signals.lessons --partitions 1" in services["kafka-init"]["command"][0]
     # Prometheus finds both replicas under one name.
     assert services["worker-2"]["networks"]["default"]["aliases"] == ["worker"]
+
+
+def test_no_answer_recommends_what_the_user_already_has_while_clicks_stream(four: Settings,
+                                                                            tmp_path: Path) -> None:
+    """Whichever process takes the connection, an answer never holds an item the user's
+    applied history had when the request was sent, while clicks that make those very items
+    trend are being applied."""
+    import threading
+
+    with LocalStack(four, log_dir=tmp_path / "logs", start_broker=False, processes=2) as stack:
+        _catalogue_everywhere(four, [stack.worker])
+        users = [f"fresh-u{n}" for n in range(6)]
+        shoppers = [f"fresh-s{n}" for n in range(10)]
+        bursts = [ITEM_IDS[40 + 3 * b:43 + 3 * b] for b in range(6)]
+        done = threading.Event()
+
+        def stream() -> None:
+            try:
+                for b, burst in enumerate(bursts):
+                    events = [ClickEvent(event_id=f"fresh-{b}-{who}-{item}", event_time=time.time(), user_id=who,
+                                         item_id=item, action="purchase")
+                              for who in [*users, *shoppers] for item in burst]
+                    publish(four, events)
+                    time.sleep(0.5)
+            finally:
+                done.set()
+
+        def _history(user: str) -> list[str]:  # from the owner, whichever process would answer
+            owner = stack.worker.ownership.owner_of(user.encode(), PARTITIONS)
+            status, body = process_request(stack.worker.ownership.socket_address(owner), "GET", f"/users/{user}")
+            return json.loads(body)["items"] if status == 200 else []
+
+        producer = threading.Thread(target=stream, daemon=True)
+        producer.start()
+        checked = seen = 0
+        while not done.is_set() or checked < 60:
+            for user in users:
+                before = set(_history(user))
+                answer = [item.item_id for item in ask_http(four, user, k=10).items]
+                assert not before & set(answer), f"{user} was offered {sorted(before & set(answer))} it already has"
+                checked += 1
+                seen += bool(before)
+        producer.join()
+        assert seen > 0, "no request was answered with a history to check against"
