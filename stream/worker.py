@@ -61,6 +61,15 @@ def run_worker(settings: Settings, *, loglevel: str = "info", processes: int = 1
     asyncio.run(wait_for_broker(settings.bootstrap_servers, 60,
                                 client_options=settings.kafka_client_options()))
     asyncio.run(ensure_topics(settings))
+    if processes > 1:
+        from stream.app import topic_partitions
+
+        partitions = asyncio.run(topic_partitions(settings))
+        if partitions < processes:
+            raise ConfigError(
+                f"{processes} worker processes need at least as many partitions, but the user-keyed topics "
+                f"have {partitions}: start --processes {partitions} or fewer, or create the topics with more "
+                "(STREAMREC_PARTITIONS)")
     check_layout(settings, processes)
     if processes > 1 or settings.replica is not None:  # there are peers to share lessons with
         from stream.agents.lessons import ensure_lessons_topic

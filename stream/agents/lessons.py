@@ -21,6 +21,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Gauge
 
+from core.errors import StoreUnavailableError
 from core.settings import Settings
 from stream import kafka
 from stream.agents.base import run_consumer
@@ -103,8 +104,16 @@ async def exchange_lessons(services: Services, origin: int, stop: asyncio.Event,
                 lessons.append(json.loads(record.value))
             except (TypeError, ValueError) as error:
                 log.error("%s offset %d is not a lesson (%s); skipped", topic, record.offset, error)
-        async with services.write_lock:
-            await asyncio.to_thread(services.signals.learn_from_peers, lessons)
+        delay = 0.1
+        while True:
+            try:
+                async with services.write_lock:
+                    await asyncio.to_thread(services.signals.learn_from_peers, lessons)
+                break
+            except StoreUnavailableError as exc:  # lessons learnt before the failure are skipped next time
+                log.warning("store unavailable (%s); learning the peers' lessons again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
         gauges.learnt_from({int(lesson["origin"]) for lesson in lessons})
 
     async def retry_unsent() -> None:

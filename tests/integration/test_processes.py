@@ -263,3 +263,13 @@ def test_no_answer_recommends_what_the_user_already_has_while_clicks_stream(four
                 seen += bool(before)
         producer.join()
         assert seen > 0, "no request was answered with a history to check against"
+
+
+def test_more_processes_than_partitions_are_refused_at_start(settings: Settings) -> None:
+    from core.errors import ConfigError
+    from stream.worker import run_worker
+
+    with pytest.raises(ConfigError, match="3 worker processes need at least as many partitions, but the "
+                                          "user-keyed topics have 2"):
+        run_worker(settings, processes=3)  # the fixture's topics have 2 partitions
+    assert not (settings.data_dir / "processes.json").exists()
