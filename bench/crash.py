@@ -16,8 +16,8 @@ message the broker acknowledged there has applied that offset (read back over
 GET /users/{id}); the broker's end offsets are never consulted.
 
 ``--processes N`` runs the crashed stack as ``streamrec worker --processes N``
-(the reference stays one process): a kill SIGKILLs one worker process, chosen
-at random, and the supervisor restarts it. Each process's store must then hold
+(the reference stays one process): a kill SIGKILLs one worker process (each
+in turn), and the supervisor restarts it. Each process's store must then hold
 exactly its own users, a catalogue equal to the reference's, and the signals
 of every click (each process learns the others' lessons).
 """
@@ -164,9 +164,9 @@ def _start(run: Run) -> WorkerProcess:
     return worker
 
 
-def _kill_one_process(run: Run, worker: WorkerProcess, rng: random.Random) -> None:
+def _kill_one_process(run: Run, worker: WorkerProcess) -> None:
     """SIGKILL one worker process of a supervised worker; return once the supervisor has restarted it."""
-    index = rng.randrange(run.processes)
+    index = run.kills % run.processes  # each process in turn, at a random moment
     text = worker.process_metrics_text(index)
     run.kill_points.append(sum(_metric_sum(text, name) for name in HANDLED_METRICS))
     run.redelivered_skipped += int(_metric_sum(text, DUPLICATES_METRIC))
@@ -233,7 +233,7 @@ def _run_processes(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEve
         publish_seconds = len(clicks) / rate if rate else 0.0
         for _ in range(kills):
             time.sleep(rng.uniform(1.0, max(2.0, publish_seconds / (kills + 1))))
-            _kill_one_process(run, worker, rng)
+            _kill_one_process(run, worker)
         producer.join()
         if "error" in box:
             raise box["error"]  # type: ignore[misc]
