@@ -20,7 +20,14 @@ from pathlib import Path
 import aiohttp
 
 from bench import movielens
-from bench.common import bench_parser, report, stack_settings, start_broker, wait_for, work_dir
+from bench.common import (
+    bench_parser,
+    report,
+    stack_settings,
+    start_broker,
+    wait_for,
+    work_dir,
+)
 from bench.stack import LocalStack
 from core.events import ClickEvent, RecRequest
 from core.settings import Settings, load_settings

@@ -13,7 +13,7 @@ from stream.agents import catalog, clicks, images, lessons, recommend, searches
 from stream.agents.base import DeadLetters
 from stream.http_api import HealthState, serve_http
 from stream.lag import LAG_TOPICS, measure_lag
-from stream.partitions import Ownership
+from stream.partitions import SINGLE, Ownership
 from stream.services import Services
 from stream.topics import Topics
 
@@ -103,7 +103,7 @@ async def topic_partitions(settings: Settings) -> int:
     return next(iter(counts.values()))
 
 
-def create_app(settings: Settings, services: Services, ownership: Ownership = Ownership(),
+def create_app(settings: Settings, services: Services, ownership: Ownership = SINGLE,
                *, partitions: int = 0) -> faust.App:
     """The app of one worker process; ``partitions`` (of the user-keyed topics) is needed with N > 1."""
     cap_fetch_wait(settings.fetch_max_wait_ms)

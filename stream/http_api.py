@@ -30,7 +30,7 @@ from stream.openapi import (
     UserView,
     openapi_document,
 )
-from stream.partitions import Ownership
+from stream.partitions import SINGLE, Ownership
 from stream.recommend import recommend
 from stream.services import Services
 
@@ -97,7 +97,7 @@ class Peers:
                 payload = await reply.read()
                 return web.Response(status=reply.status, body=payload,
                                     content_type=reply.content_type or "application/json")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return _error(503, "owner_unavailable",
                           f"worker process {index}, which holds this user, did not answer "
                           f"({type(exc).__name__}: {exc}); try again")
@@ -110,7 +110,7 @@ class Peers:
                     timeout=aiohttp.ClientTimeout(total=PEER_HEALTH_TIMEOUT_S),
                 ) as reply:
                     return Health.model_validate_json(await reply.read())
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (aiohttp.ClientError, TimeoutError, ValueError):
                 return None
 
         others = [i for i in range(self.ownership.count) if i != self.ownership.index]
@@ -126,7 +126,7 @@ def build_http_app(services: Services, health: "HealthState", peers: Peers | Non
     settings = services.settings
     app = web.Application(client_max_size=settings.http_max_body_bytes, middlewares=[errors_as_bodies])
     openapi = json.dumps(openapi_document(), indent=2).encode()
-    peers = peers or Peers(Ownership(), 0)
+    peers = peers or Peers(SINGLE, 0)
 
     def owner(request: web.Request, user_id: str) -> int | None:
         return None if FORWARDED in request.headers else peers.owner(user_id)
@@ -266,7 +266,7 @@ def _together(index: int, own: Health, peers: dict[int, Health | None]) -> Healt
     )
 
 
-async def serve_http(services: Services, health: HealthState, ownership: Ownership = Ownership(),
+async def serve_http(services: Services, health: HealthState, ownership: Ownership = SINGLE,
                      partitions: int = 0) -> web.AppRunner:
     """Serve on the configured port; with N processes every one listens on it (SO_REUSEPORT) and
     also on its own unix socket, where its peers pass on the requests of the users it owns."""

@@ -93,6 +93,9 @@ class Ownership:
         return (settings.replica or 0) * self.count + self.index
 
 
+SINGLE = Ownership()  # one process: today's layout, group-assigned partitions
+
+
 def check_layout(settings: Settings, count: int) -> None:
     """Refuse to start ``count`` processes on a data dir laid out for another count.
 

@@ -16,7 +16,7 @@ from core.events import CatalogItem
 from stream.agents.base import DeadLetters, process_batch
 from stream.catalog import apply_catalog
 from stream.kafka import Delivery
-from stream.partitions import Ownership
+from stream.partitions import SINGLE, Ownership
 from stream.services import Services
 from stream.topics import Topics
 
@@ -52,7 +52,7 @@ def index_catalogue(services: Services, threshold: int = INDEX_AT_START_UNINDEXE
 
 
 def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters,
-           ownership: Ownership = Ownership()) -> None:
+           ownership: Ownership = SINGLE) -> None:
     """Every worker process applies the whole catalogue (each has a store of its own)."""
     settings = services.settings
     if not ownership.single:

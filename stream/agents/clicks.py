@@ -27,14 +27,14 @@ from core.errors import DecodeError
 from core.events import ClickEvent
 from stream import kafka
 from stream.agents.base import DeadLetters, RecordEvent, process_batch, run_consumer
-from stream.partitions import Ownership
+from stream.partitions import SINGLE, Ownership
 from stream.services import Services
 from stream.topics import Topics
 from stream.users import apply_interactions
 
 
 async def consume_clicks(services: Services, dead_letters: DeadLetters, stop: asyncio.Event,
-                         ownership: Ownership = Ownership(), partitions: int = 0) -> None:
+                         ownership: Ownership = SINGLE, partitions: int = 0) -> None:
     """With one process the consumer takes the partitions its group assigns; process i of N
     reads exactly the partitions ``p mod N == i`` of ``partitions``."""
     settings = services.settings
@@ -58,7 +58,7 @@ async def consume_clicks(services: Services, dead_letters: DeadLetters, stop: as
 
 
 def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters,
-           ownership: Ownership = Ownership(), partitions: int = 0) -> None:
+           ownership: Ownership = SINGLE, partitions: int = 0) -> None:
     stop = asyncio.Event()
 
     @app.task

@@ -10,14 +10,14 @@ from core.events import ImageEvent, RecRequest
 from stream.agents.base import DeadLetters, process_batch
 from stream.catalog import apply_catalog_photos, embed_query_image
 from stream.kafka import Delivery
+from stream.partitions import SINGLE, Ownership
 from stream.recommend import recommend
-from stream.partitions import Ownership
 from stream.services import Services
 from stream.topics import Topics
 
 
 def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters,
-           ownership: Ownership = Ownership()) -> None:
+           ownership: Ownership = SINGLE) -> None:
     """Every worker process applies every catalogue photo; a visual search is answered (and a
     bad event dead-lettered) by the owner of its partition alone."""
     settings = services.settings

@@ -22,7 +22,7 @@ from core.errors import DecodeError
 from core.events import RecRequest
 from stream import kafka
 from stream.agents.base import DeadLetters, RecordEvent, process_batch, run_consumer
-from stream.partitions import Ownership
+from stream.partitions import SINGLE, Ownership
 from stream.recommend import recommend
 from stream.services import Services
 from stream.topics import Topics
@@ -31,7 +31,7 @@ MAX_REQUESTS_PER_POLL = 64
 
 
 async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio.Event,
-                         ownership: Ownership = Ownership(), partitions: int = 0) -> None:
+                         ownership: Ownership = SINGLE, partitions: int = 0) -> None:
     """With N processes, process i answers the partitions ``p mod N == i`` of ``partitions``."""
     settings = services.settings
     group = kafka.consumer_groups(settings)["requests"]
@@ -71,7 +71,7 @@ async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio
 
 
 def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters,
-           ownership: Ownership = Ownership(), partitions: int = 0) -> asyncio.Event:
+           ownership: Ownership = SINGLE, partitions: int = 0) -> asyncio.Event:
     """Start the request server with the app; the returned event is set once it holds partitions."""
     stop, ready = asyncio.Event(), asyncio.Event()
 

@@ -9,15 +9,15 @@ from core.errors import DecodeError
 from core.events import RecRequest, SearchEvent
 from stream.agents.base import DeadLetters, process_batch
 from stream.kafka import Delivery
+from stream.partitions import SINGLE, Ownership
 from stream.recommend import recommend
-from stream.partitions import Ownership
 from stream.services import Services
 from stream.topics import Topics
 from stream.users import apply_interactions
 
 
 def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters,
-           ownership: Ownership = Ownership()) -> None:
+           ownership: Ownership = SINGLE) -> None:
     """Process i of N reads the whole topic (under its own group) and applies the partitions
     ``p mod N == i``: those of the users whose state it holds."""
     settings = services.settings

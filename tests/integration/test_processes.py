@@ -23,7 +23,11 @@ from core.settings import Settings
 from stream.broker import ensure_topics
 from stream.partitions import Ownership
 from tests.integration.helpers import ask_http, publish, user_state, wait_until
-from tests.integration.test_reliability import _counts, _expected_sequences, _expected_signals
+from tests.integration.test_reliability import (
+    _counts,
+    _expected_sequences,
+    _expected_signals,
+)
 
 pytestmark = pytest.mark.integration
 CATALOGUE = movielens.catalog_events()[:200]
@@ -39,19 +43,17 @@ def four(settings: Settings) -> Settings:
 
 
 def _per_process(worker: WorkerProcess, topic: str) -> list[float]:
-    return [worker.process_metric(i, "streamrec_events_processed_total", {"topic": topic})
-            for i in range(worker.processes)]
+    labels = {"topic": topic}
+    if worker.processes == 1:
+        return [worker.metric("streamrec_events_processed_total", labels)]
+    return [worker.process_metric(i, "streamrec_events_processed_total", labels) for i in range(worker.processes)]
 
 
 def _catalogue_everywhere(settings: Settings, workers: list[WorkerProcess]) -> None:
     publish(settings, CATALOGUE)
     for worker in workers:
-        if worker.processes == 1:
-            wait_until(lambda: worker.metric("streamrec_events_processed_total", {"topic": "catalog"})
-                       >= len(CATALOGUE), 120, "catalogue applied")
-        else:  # every process applies the whole catalogue
-            wait_until(lambda: min(_per_process(worker, "catalog")) >= len(CATALOGUE), 120,
-                       "catalogue applied by every process")
+        # Every process applies the whole catalogue.
+        wait_until(lambda w=worker: min(_per_process(w, "catalog")) >= len(CATALOGUE), 120, "catalogue applied")
 
 
 def _trails(users: list[str], *, start: float, tag: str) -> list[ClickEvent]:
