@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "ingest": "ingest",
     "load": "load",
     "prequential": "prequential",
+    "processes": "processes",
     "quality": "quality",
     "scale": "scale",
     "serve": "serve",

@@ -14,6 +14,12 @@ the two runs' learning orders cannot differ, its entries (``covisit_differences`
 A run has caught up when, for every partition, the user who owns the last
 message the broker acknowledged there has applied that offset (read back over
 GET /users/{id}); the broker's end offsets are never consulted.
+
+``--processes N`` runs the crashed stack as ``streamrec worker --processes N``
+(the reference stays one process): a kill SIGKILLs one worker process (each
+in turn), and the supervisor restarts it. Each process's store must then hold
+exactly its own users, a catalogue equal to the reference's, and the signals
+of every click (each process learns the others' lessons).
 """
 from __future__ import annotations
 
@@ -49,7 +55,8 @@ from bench.common import (
 from bench.stack import WorkerProcess
 from core.events import CatalogItem, ClickEvent
 from core.settings import Settings, load_settings
-from stream.broker import EmbeddedBroker
+from stream.broker import EmbeddedBroker, ensure_topics
+from stream.partitions import Ownership
 
 ACTIONS = ("view", "click", "add_to_cart", "purchase")
 ACTION_WEIGHTS = (4, 8, 2, 1)
@@ -90,6 +97,10 @@ class Run:
     snapshot: StoreSnapshot | None = None
     kill_points: list[float] = field(default_factory=list)  # messages handled by the killed process
     redelivered_skipped: int = 0  # deliveries skipped as already applied, over all worker processes
+    processes: int = 1
+    killed: list[int] = field(default_factory=list)  # which worker process each kill hit
+    per_process: list[StoreSnapshot] = field(default_factory=list)  # with N > 1, each process's store
+    handled: list[float] = field(default_factory=list)  # per worker process, at the end of the run
 
 
 def _publish(settings: Settings, catalogue: list[CatalogItem] | None, clicks: list[ClickEvent],
@@ -118,8 +129,13 @@ def _publish_catalogue(settings: Settings, worker: WorkerProcess, catalogue: lis
     _publish(settings, catalogue, [], None, box)
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
-    done = wait_for(lambda: worker.metric("streamrec_events_processed_total", {"topic": "catalog"})
-                    >= len(catalogue), timeout_s=600, progress=lambda: handled(worker))
+
+    def applied() -> bool:  # by every process: each holds the whole catalogue
+        return all(worker.process_metric(i, "streamrec_events_processed_total", {"topic": "catalog"})
+                   >= len(catalogue) for i in range(worker.processes)) if worker.processes > 1 else \
+            worker.metric("streamrec_events_processed_total", {"topic": "catalog"}) >= len(catalogue)
+
+    done = wait_for(applied, timeout_s=600, progress=lambda: handled(worker))
     if not done:
         raise RuntimeError("the catalogue was not applied; see the worker log")
 
@@ -135,8 +151,43 @@ def _caught_up(settings: Settings, publisher: RecordingPublisher) -> bool:
     return True
 
 
+def _start(run: Run) -> WorkerProcess:
+    if run.processes == 1:
+        return start_worker(run.settings, run.log_path)
+    asyncio.run(ensure_topics(run.settings))
+    worker = WorkerProcess(run.settings, log_path=run.log_path, processes=run.processes).start()
+    try:
+        worker.wait_ready(180.0)
+    except BaseException:
+        worker.kill()
+        raise
+    return worker
+
+
+def _kill_one_process(run: Run, worker: WorkerProcess) -> None:
+    """SIGKILL one worker process of a supervised worker; return once the supervisor has restarted it."""
+    index = run.kills % run.processes  # each process in turn, at a random moment
+    text = worker.process_metrics_text(index)
+    run.kill_points.append(sum(_metric_sum(text, name) for name in HANDLED_METRICS))
+    run.redelivered_skipped += int(_metric_sum(text, DUPLICATES_METRIC))
+    killed = worker.kill_process(index)
+    run.kills += 1
+    run.killed.append(index)
+    if not wait_for(lambda: worker.pids().get(index) not in (None, killed) and worker.process_ready(index),
+                    timeout_s=180):
+        raise RuntimeError(f"worker process {index} was not restarted; see {run.log_path}")
+
+
+def _metric_sum(text: str, name: str) -> float:
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if not line.startswith("#") and line.split("{")[0].split(" ")[0] == name)
+
+
 def run_stack(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEvent], *, kills: int, rate: float | None,
               rng: random.Random) -> None:
+    if run.processes > 1:
+        _run_processes(run, catalogue, clicks, kills=kills, rate=rate, rng=rng)
+        return
     started = time.perf_counter()
     workers = [start_worker(run.settings, run.log_path)]
     try:
@@ -169,6 +220,54 @@ def run_stack(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEvent], 
     run.snapshot = read_store(run.settings)
 
 
+def _run_processes(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEvent], *, kills: int,
+                   rate: float | None, rng: random.Random) -> None:
+    """``run_stack`` for a supervised worker of ``run.processes`` processes."""
+    started = time.perf_counter()
+    worker = _start(run)
+    try:
+        _publish_catalogue(run.settings, worker, catalogue)
+        box: dict[str, object] = {}
+        producer = threading.Thread(target=_publish, args=(run.settings, None, clicks, rate, box), daemon=True)
+        producer.start()
+        publish_seconds = len(clicks) / rate if rate else 0.0
+        for _ in range(kills):
+            time.sleep(rng.uniform(1.0, max(2.0, publish_seconds / (kills + 1))))
+            _kill_one_process(run, worker)
+        producer.join()
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        publisher = box["publisher"]
+        assert isinstance(publisher, RecordingPublisher)
+        run.caught_up = wait_for(lambda: _caught_up(run.settings, publisher), timeout_s=CATCH_UP_TIMEOUT_S,
+                                 progress=lambda: handled(worker), stall_s=STALL_S)
+        # Every process must also have learnt the others' lessons before the stores are read.
+        run.caught_up = run.caught_up and wait_for(worker.lessons_exchanged, timeout_s=120)
+        run.seconds = time.perf_counter() - started
+        run.redelivered_skipped += int(worker.metric(DUPLICATES_METRIC))
+        run.handled = [sum(_metric_sum(worker.process_metrics_text(i), name) for name in HANDLED_METRICS)
+                       for i in range(run.processes)]
+    finally:
+        worker.stop()
+    run.per_process = [read_store(Ownership(i, run.processes, run.settings.data_dir).settings_for(run.settings))
+                       for i in range(run.processes)]
+    users = {user: hit for part in run.per_process for user, hit in part.users.items()}
+    half = {kind: frozenset().union(*(part.half.get(kind, frozenset()) for part in run.per_process))
+            for kind in ("users", "items")}
+    first = run.per_process[0]
+    run.snapshot = StoreSnapshot(users=users, items=first.items, half=half, trending=first.trending,
+                                 covisit=first.covisit)
+
+
+def misplaced_users(run: Run, partitions: int) -> int:
+    """Users stored by a process other than their partition's owner (or by more than one)."""
+    wrong = 0
+    for index, part in enumerate(run.per_process):
+        ownership = Ownership(index, run.processes)
+        wrong += sum(1 for user in part.users if ownership.owner_of(user.encode(), partitions) != index)
+    return wrong
+
+
 def exactness(snapshot: StoreSnapshot, clicks: list[ClickEvent]) -> tuple[int, int]:
     """(lost, double_applied) from each user's applied count against the events sent."""
     expected = Counter(event.user_id for event in clicks)
@@ -187,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="worker processes of the crashed stack (a kill hits one; the reference runs one)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="clicks/s published during the kills (default: spread over ~25 s per kill)")
     args = parser.parse_args(argv)
@@ -207,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reference run: {len(clicks)} clicks of {args.users} users, no kills ...", flush=True)
             run_stack(reference, catalogue, clicks, kills=0, rate=None, rng=rng)
             crashed = Run(stack_settings(base, broker, folder / "crashed", "crashed",
-                                         partitions=args.partitions), folder / "logs" / "crashed-worker.log")
-            print(f"crash run: {args.kills} SIGKILLs while publishing at {rate:.0f} clicks/s ...", flush=True)
+                                         partitions=args.partitions), folder / "logs" / "crashed-worker.log",
+                          processes=args.processes)
+            print(f"crash run: {args.kills} SIGKILLs while publishing at {rate:.0f} clicks/s, "
+                  f"{args.processes} worker process(es) ...", flush=True)
             run_stack(crashed, catalogue, clicks, kills=args.kills, rate=rate, rng=rng)
         finally:
             broker.stop()
@@ -245,7 +348,29 @@ def main(argv: list[str] | None = None) -> int:
         "covisit_mismatched": len(covisit_differences(reference.snapshot.covisit, crashed.snapshot.covisit,
                                                       every_row=args.partitions == 1)),
     }
+    if crashed.processes > 1:
+        # Every process holds the whole catalogue and every click's signals: each is compared.
+        per_process = []
+        for index, part in enumerate(crashed.per_process):
+            assert part.trending is not None and part.covisit is not None
+            per_process.append({
+                "process": index,
+                "users": len(part.users),
+                "kills": crashed.killed.count(index),
+                "handled": int(crashed.handled[index]) if crashed.handled else None,
+                "catalogue_mismatched": len(mismatched(reference.snapshot.items, part.items,
+                                                       half=reference.snapshot.half.get("items", frozenset()))),
+                "trending_mismatched": len(trending_differences(reference.snapshot.trending, part.trending)),
+                "covisit_mismatched": len(covisit_differences(reference.snapshot.covisit, part.covisit,
+                                                              every_row=args.partitions == 1)),
+            })
+        for key in ("catalogue_mismatched", "trending_mismatched", "covisit_mismatched"):
+            result[key] = sum(int(part[key]) for part in per_process)  # type: ignore[call-overload]
+        result["processes"] = crashed.processes
+        result["misplaced_users"] = misplaced_users(crashed, args.partitions)
+        result["per_process"] = per_process
     report("crash exactness (SIGKILL during streaming vs an uninterrupted reference)", result)
     exact = result["mismatched_users"] == result["lost"] == result["double_applied"] == 0
+    exact = exact and result.get("misplaced_users", 0) == 0
     signals_exact = result["trending_mismatched"] == result["covisit_mismatched"] == 0
     return 0 if exact and signals_exact and result["catalogue_mismatched"] == 0 and result["caught_up"] else 1

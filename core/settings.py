@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = None
     hnsw_ef: int = Field(256, ge=8, le=4096)
     collection_prefix: str = ""
+    replica: int | None = Field(
+        None, ge=0, description="This worker's number among the workers of one app that share a Qdrant "
+        "server (docs/scaling.md): its trending/co-visit log is its own and its lessons are shared; unset "
+        "for a single worker.",
+    )
     item_cache_ttl_s: float = Field(
         30.0, gt=0, description="With a shared Qdrant server: how long cached item vectors are trusted."
     )

@@ -6,12 +6,14 @@ import logging
 
 import faust
 
+from core.errors import ConfigError
 from core.settings import Settings
 from stream import kafka, swap
-from stream.agents import catalog, clicks, images, recommend, searches
+from stream.agents import catalog, clicks, images, lessons, recommend, searches
 from stream.agents.base import DeadLetters
 from stream.http_api import HealthState, serve_http
 from stream.lag import LAG_TOPICS, measure_lag
+from stream.partitions import SINGLE, Ownership
 from stream.services import Services
 from stream.topics import Topics
 
@@ -79,26 +81,53 @@ def cap_fetch_wait(max_wait_ms: int) -> None:
     driver.AIOKafkaConsumerThread._create_worker_consumer = create_with_cap
 
 
-def create_app(settings: Settings, services: Services) -> faust.App:
+async def topic_partitions(settings: Settings) -> int:
+    """The partition count of the user-keyed topics, which must agree (they are co-partitioned)."""
+    keys = ("clicks", "searches", "requests")
+    consumer = kafka.consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        await consumer.topics()  # fetches the metadata of every topic
+        counts = {settings.topic(key): len(consumer.partitions_for_topic(settings.topic(key)) or ())
+                  for key in keys}
+    finally:
+        await consumer.stop()
+    missing = [topic for topic, count in counts.items() if not count]
+    if missing:
+        raise ConfigError(f"topic(s) {', '.join(missing)} do not exist: run `streamrec broker` or create them")
+    if len(set(counts.values())) != 1:
+        raise ConfigError(
+            "events.clicks, events.searches and rec.requests must have the same number of partitions "
+            f"(a user's events and requests meet in one process), but have {counts}: recreate them with "
+            "STREAMREC_PARTITIONS partitions each")
+    return next(iter(counts.values()))
+
+
+def create_app(settings: Settings, services: Services, ownership: Ownership = SINGLE,
+               *, partitions: int = 0) -> faust.App:
+    """The app of one worker process; ``partitions`` (of the user-keyed topics) is needed with N > 1."""
     cap_fetch_wait(settings.fetch_max_wait_ms)
-    app = faust.App(settings.app_id, **faust_options(settings))
+    # The catalogue and photos are read whole by every process: each under a group of its own.
+    app = faust.App(ownership.group(settings.app_id), **faust_options(settings))
     topics = Topics.declare(app, settings)
     dead_letters = DeadLetters.via_faust(services, topics)
-    for agent_module in (catalog, clicks, searches, images):
-        agent_module.attach(app, topics, services, dead_letters)
-    requests_ready = recommend.attach(app, topics, services, dead_letters)
+    for agent_module in (catalog, searches, images):
+        agent_module.attach(app, topics, services, dead_letters, ownership)
+    clicks.attach(app, topics, services, dead_letters, ownership, partitions)
+    requests_ready = recommend.attach(app, topics, services, dead_letters, ownership, partitions)
     swap.attach(app, services)
+    lessons_ready = lessons.attach(app, services, ownership)
     health = HealthState(services)
 
     @app.task
     async def start_http() -> None:
-        runner = await serve_http(services, health)
+        runner = await serve_http(services, health, ownership, partitions)
         log.info("HTTP on http://%s:%d", settings.http_host, settings.http_port)
         app.http_runner = runner  # type: ignore[attr-defined]
 
     @app.timer(HEALTH_INTERVAL_S)
     async def check_health() -> None:
-        ready = bool(app.consumer.assignment()) and requests_ready.is_set()
+        ready = bool(app.consumer.assignment()) and requests_ready.is_set() and lessons_ready.is_set()
         await _check_health(settings, services, health, ready=ready)
 
     @app.timer(DRIFT_INTERVAL_S)

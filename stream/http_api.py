@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -29,6 +30,7 @@ from stream.openapi import (
     UserView,
     openapi_document,
 )
+from stream.partitions import SINGLE, Ownership
 from stream.recommend import recommend
 from stream.services import Services
 
@@ -53,10 +55,81 @@ async def errors_as_bodies(request: web.Request, handler: Handler) -> web.Stream
         return _error(503, "store_unavailable", str(exc))
 
 
-def build_http_app(services: Services, health: "HealthState") -> web.Application:
+FORWARDED = "X-Streamrec-Forwarded"  # a request a peer process passed on: answered here, never passed on again
+FORWARD_TIMEOUT_S = 30.0
+PEER_HEALTH_TIMEOUT_S = 3.0
+
+
+class Peers:
+    """The other worker processes of this machine, each on its own unix socket.
+
+    A request for a user lands on whichever process the kernel hands the
+    connection to (all share the port); the process that owns the user's
+    partition holds the user's state, so the others pass the request to it.
+    """
+
+    def __init__(self, ownership: Ownership, partitions: int) -> None:
+        self.ownership = ownership
+        self.partitions = partitions
+        self._sessions: dict[int, aiohttp.ClientSession] = {}
+
+    def owner(self, user_id: str) -> int | None:
+        """The process that owns ``user_id`` if it is another one, else None."""
+        if self.ownership.single or not self.partitions:
+            return None
+        owner = self.ownership.owner_of(user_id.encode(), self.partitions)
+        return None if owner == self.ownership.index else owner
+
+    def session(self, index: int) -> aiohttp.ClientSession:
+        if index not in self._sessions:
+            connector = aiohttp.UnixConnector(path=self.ownership.socket_address(index))
+            self._sessions[index] = aiohttp.ClientSession(connector=connector)
+        return self._sessions[index]
+
+    async def forward(self, index: int, request: web.Request, body: bytes | None = None) -> web.Response:
+        """``request`` answered by process ``index``, as that process answered it."""
+        try:
+            async with self.session(index).request(
+                request.method, f"http://process-{index}{request.path_qs}", data=body,
+                headers={FORWARDED: str(self.ownership.index), "Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S),
+            ) as reply:
+                payload = await reply.read()
+                return web.Response(status=reply.status, body=payload,
+                                    content_type=reply.content_type or "application/json")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return _error(503, "owner_unavailable",
+                          f"worker process {index}, which holds this user, did not answer "
+                          f"({type(exc).__name__}: {exc}); try again")
+
+    async def health(self) -> dict[int, Health | None]:
+        async def one(index: int) -> Health | None:
+            try:
+                async with self.session(index).get(
+                    f"http://process-{index}/health", headers={FORWARDED: str(self.ownership.index)},
+                    timeout=aiohttp.ClientTimeout(total=PEER_HEALTH_TIMEOUT_S),
+                ) as reply:
+                    return Health.model_validate_json(await reply.read())
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return None
+
+        others = [i for i in range(self.ownership.count) if i != self.ownership.index]
+        return dict(zip(others, await asyncio.gather(*(one(i) for i in others))))
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+def build_http_app(services: Services, health: "HealthState", peers: Peers | None = None) -> web.Application:
     settings = services.settings
     app = web.Application(client_max_size=settings.http_max_body_bytes, middlewares=[errors_as_bodies])
     openapi = json.dumps(openapi_document(), indent=2).encode()
+    peers = peers or Peers(SINGLE, 0)
+
+    def owner(request: web.Request, user_id: str) -> int | None:
+        return None if FORWARDED in request.headers else peers.owner(user_id)
 
     async def post_recommend(request: web.Request) -> web.Response:
         try:
@@ -68,6 +141,9 @@ def build_http_app(services: Services, health: "HealthState") -> web.Application
         except DecodeError as exc:
             services.metrics.requests_failed.labels("http").inc()
             return _error(413 if exc.reason == "oversize" else 400, exc.reason, exc.detail)
+        holder = owner(request, rec_request.user_id)
+        if holder is not None:
+            return await peers.forward(holder, request, body)
         image_vector = None
         if rec_request.image is not None:
             from stream.catalog import embed_query_image
@@ -81,8 +157,10 @@ def build_http_app(services: Services, health: "HealthState") -> web.Application
         )
         return web.Response(body=response.to_bytes(), content_type="application/json")
 
-    async def get_health(_: web.Request) -> web.Response:
+    async def get_health(request: web.Request) -> web.Response:
         status = health.snapshot()
+        if not peers.ownership.single and FORWARDED not in request.headers:
+            status = _together(peers.ownership.index, status, await peers.health())
         return _json(status, 200 if status.healthy else 503)
 
     async def get_metrics(_: web.Request) -> web.Response:
@@ -93,6 +171,9 @@ def build_http_app(services: Services, health: "HealthState") -> web.Application
 
     async def get_user(request: web.Request) -> web.Response:
         user_id = request.match_info["user_id"]
+        holder = owner(request, user_id)
+        if holder is not None:
+            return await peers.forward(holder, request)
         serving = services.serving  # one version for the whole answer
         hits = await asyncio.to_thread(services.store.retrieve, serving.collections.users, [user_id], ["user"])
         if user_id not in hits:
@@ -167,9 +248,36 @@ class HealthState:
         )
 
 
-async def serve_http(services: Services, health: HealthState) -> web.AppRunner:
-    runner = web.AppRunner(build_http_app(services, health), access_log=None)
+def _together(index: int, own: Health, peers: dict[int, Health | None]) -> Health:
+    """One process's health with its peers': healthy and ready only when every process is."""
+    statuses = {index: own, **peers}
+    problems = [f"process {i}: unreachable" if s is None else f"process {i}: {s.detail}"
+                for i, s in sorted(statuses.items()) if s is None or not (s.healthy and s.ready)]
+    every = [s for s in statuses.values() if s is not None]
+    complete = len(every) == len(statuses)
+    return Health(
+        healthy=complete and all(s.healthy for s in every),
+        broker=complete and all(s.broker for s in every),
+        store=complete and all(s.store for s in every),
+        ready=complete and all(s.ready for s in every),
+        model_version=own.model_version,
+        checked_at=own.checked_at,
+        detail="; ".join(problems) or "ok",
+    )
+
+
+async def serve_http(services: Services, health: HealthState, ownership: Ownership = SINGLE,
+                     partitions: int = 0) -> web.AppRunner:
+    """Serve on the configured port; with N processes every one listens on it (SO_REUSEPORT) and
+    also on its own unix socket, where its peers pass on the requests of the users it owns."""
+    peers = Peers(ownership, partitions)
+    app = build_http_app(services, health, peers)
+    app.on_cleanup.append(lambda _: peers.close())
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, services.settings.http_host, services.settings.http_port)
+    settings = services.settings
+    site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=not ownership.single)
     await site.start()
+    if not ownership.single:
+        await web.UnixSite(runner, ownership.socket_address()).start()
     return runner

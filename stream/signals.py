@@ -70,11 +70,31 @@ with a complete log after it; a crash after the new marker leaves entries and
 parts it covers, skipped and deleted at the next start.
 
 One writer per collection: the embedded store opens in one process at a time.
-Several workers sharing one Qdrant server under one ``collection_prefix`` would
-write one log; that is not supported.
+Several workers sharing one Qdrant server under one ``collection_prefix`` each
+need a ``STREAMREC_REPLICA`` number of their own: the log is then
+``signals_r<replica>``, and they share lessons as below.
+
+**Several worker processes** (``streamrec worker --processes N``, or workers
+on several machines with ``STREAMREC_REPLICA`` set) each apply the clicks of
+the partitions they hold, yet trending and co-visits must learn from every
+click. Each process keeps its own log as above and shares its
+batches' lessons: once a batch is published in memory, its lesson (origin
+process, its seq in the origin's log, the wall time, the trending adds and the
+transitions) goes to the topic ``<topic_prefix>signals.lessons``, and every
+other process learns it (``learn_from_peers``) as one entry of its own log whose
+position is ``process/<origin>`` -> the origin's seq. A lesson at or below that
+position is a redelivery and is skipped, so each process learns each lesson
+once, across restarts, and the lesson consumer commits its offsets after the
+entries are written. Lessons not yet acknowledged by the broker stay pending
+(retried with the next batch and every second) and hold back the snapshot;
+after a restart every own lesson of the log's tail (since the snapshot) is sent
+again: what was sent before is skipped by the receivers' positions. Catalogue
+deletions and co-visit resets are not shared: every process applies the whole
+catalogue and every swap itself.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -104,11 +124,14 @@ PART_VALUES = 20_000
 READ_PAGE = 64  # log entries read per call at start-up (each up to a batch of clicks)
 
 Position = tuple[int, float]  # (offset, event time) of a source
+PEER_SOURCE = "process/"  # positions of lessons learnt from peer process i: "process/i" -> (its seq, its time)
 
 
 def signals_spec(settings: Settings) -> CollectionSpec:
+    """The log's collection: one per worker (``STREAMREC_REPLICA``) where several share a store."""
+    suffix = "" if settings.replica is None else f"_r{settings.replica}"
     # Points carry payload only; a collection needs one named vector, which none of them has.
-    return CollectionSpec(f"{settings.collection_prefix}signals", {"unused": 1})
+    return CollectionSpec(f"{settings.collection_prefix}signals{suffix}", {"unused": 1})
 
 
 def covered(position: Position | None, offset: int, event_time: float) -> bool:
@@ -148,6 +171,12 @@ class Learnt:
     @property
     def teaches(self) -> bool:
         return bool(self.trending)
+
+
+def _payload_of(learnt: Learnt) -> dict[str, Any]:
+    return {"at": learnt.at,
+            "trending": [[item_id, weight] for item_id, weight in learnt.trending],
+            "transitions": [[previous, item_id] for previous, item_id in learnt.transitions]}
 
 
 def _teach(trending: Trending, covisit: StreamTransitions, at: float,
@@ -226,6 +255,7 @@ class Restored:
     log: list[int]  # seqs of the entries after it, oldest first
     stale: list[str]  # ids an interrupted compaction left, to delete
     seconds: float
+    own: list[dict[str, Any]] = field(default_factory=list)  # this process's click lessons in the log, as shared
 
 
 def restore(store: VectorStore, collection: str, trending: Trending, covisit: StreamTransitions) -> Restored:
@@ -261,12 +291,22 @@ def restore(store: VectorStore, collection: str, trending: Trending, covisit: St
     live = [seq for seq in logged if seq > base]
     stale = [_log_id(seq) for seq in logged if seq <= base]
     stale += [point_id for point_id in ids if point_id.startswith(PART_PREFIX) and _seq_of(point_id) != base]
+    own: list[dict[str, Any]] = []
     for page in _pages(live, READ_PAGE):
         entries = store.retrieve(collection, [_log_id(seq) for seq in page])
         for seq in page:
-            _replay(entries[_log_id(seq)].payload, trending, covisit, positions)
+            entry = entries[_log_id(seq)].payload
+            _replay(entry, trending, covisit, positions)
+            if entry.get("kind") == "learn" and "origin" not in entry:
+                own.append(_shared(entry))
     seq = max([base, *logged, *(_seq_of(point_id) for point_id in ids if point_id.startswith(PART_PREFIX))])
-    return Restored(positions, seq, snapshot, live, stale, time.perf_counter() - started)
+    return Restored(positions, seq, snapshot, live, stale, time.perf_counter() - started, own)
+
+
+def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A click lesson of the log as peers learn it (its ``origin`` added when it is sent)."""
+    return {"seq": int(entry["seq"]), "at": entry["at"], "trending": entry["trending"],
+            "transitions": entry["transitions"]}
 
 
 def read_signals(store: VectorStore, settings: Settings) -> tuple[Trending, StreamTransitions, Restored]:
@@ -298,6 +338,11 @@ class SignalLog:
         self._log = list(restored.log)  # seqs of the entries since the snapshot
         self._stale = list(restored.stale)  # ids to delete with the next snapshot
         self._unretracted: str | None = None  # an entry taken back whose deletion the store refused
+        self._restored_own = list(restored.own)
+        self._origin: int | None = None  # this process's index once it shares its lessons
+        self._unsent: list[dict[str, Any]] = []  # lessons to send to the peers, oldest first
+        self._sent_seq = 0  # the seq of the newest own lesson the broker acknowledged
+        self._send: Callable[[list[bytes]], None] | None = None
         # Agents change signals under services.write_lock already; this keeps
         # the log's order and memory's the same for any other caller too.
         self._lock = threading.Lock()
@@ -340,9 +385,7 @@ class SignalLog:
         with self._lock:
             entry = self._append({
                 "kind": "learn",
-                "at": learnt.at,
-                "trending": [[item_id, weight] for item_id, weight in learnt.trending],
-                "transitions": [[previous, item_id] for previous, item_id in learnt.transitions],
+                **_payload_of(learnt),
                 "positions": {source: list(position) for source, position in learnt.positions.items()},
             })
             try:
@@ -355,7 +398,83 @@ class SignalLog:
             with self._visibility.writing():
                 _teach(self._trending, self._covisit, learnt.at, learnt.trending, learnt.transitions)
             self._positions.update(learnt.positions)
+            if self._origin is not None:
+                self._unsent.append(_shared({"seq": _seq_of(entry), **_payload_of(learnt)}))
+                self._send_unsent()
             self._compact_if_due()
+
+    # -- lessons shared between worker processes ----------------------------------------
+
+    def share(self, origin: int) -> None:
+        """From now on, this log's click lessons are for the peers too (as process ``origin``);
+        the lessons of the log's tail are sent again when ``send_with`` is given a sender."""
+        with self._lock:
+            self._origin = origin
+            self._unsent = self._restored_own + self._unsent
+            self._restored_own = []
+            if self._seq and (not self._unsent or self._unsent[-1]["seq"] < self._seq):
+                # An empty lesson at the log's seq: the peers' positions then say they have
+                # everything this process sent before, even what a snapshot compacted away.
+                self._unsent.append({"seq": self._seq, "at": time.time(), "trending": [], "transitions": []})
+
+    def send_with(self, send: Callable[[list[bytes]], None]) -> None:
+        """``send(values)`` returns once the broker has every value (raises otherwise)."""
+        with self._lock:
+            self._send = send
+            self._send_unsent()
+
+    def send_unsent(self) -> int:
+        """Try again to send what the broker has not acknowledged; returns how many are still unsent."""
+        with self._lock:
+            self._send_unsent()
+            return len(self._unsent)
+
+    def _send_unsent(self) -> None:
+        if not self._unsent or self._send is None:
+            return
+        values = [json.dumps({"origin": self._origin, **lesson}).encode() for lesson in self._unsent]
+        try:
+            self._send(values)
+        except Exception as error:  # kept, and sent with the next batch or by the retry timer
+            log.warning("%d signal lessons not shared with the other processes yet (%s)", len(values), error)
+            return
+        self._sent_seq = max(self._sent_seq, int(self._unsent[-1]["seq"]))
+        self._unsent = []
+
+    @property
+    def sent_seq(self) -> int:
+        """The seq of the newest own lesson the broker acknowledged (read without the lock: for gauges)."""
+        return self._sent_seq
+
+    @property
+    def unsent_count(self) -> int:
+        return len(self._unsent)
+
+    def peer_seq(self, origin: int) -> int:
+        """The seq of the newest lesson learnt from process ``origin`` (0: none)."""
+        position = self._positions.get(f"{PEER_SOURCE}{origin}")
+        return position[0] if position else 0
+
+    def learn_from_peers(self, lessons: Sequence[Mapping[str, Any]]) -> int:
+        """Learn other processes' lessons, each once; returns how many were new."""
+        learnt = 0
+        with self._lock:
+            for lesson in lessons:
+                origin, seq, at = int(lesson["origin"]), int(lesson["seq"]), float(lesson["at"])
+                if origin == self._origin:
+                    continue
+                source = f"{PEER_SOURCE}{origin}"
+                done = self._positions.get(source)
+                if done is not None and seq <= done[0]:
+                    continue  # learnt before: a lesson sent again after its origin restarted
+                self._append({"kind": "learn", "origin": origin, "at": at, "trending": lesson["trending"],
+                              "transitions": lesson["transitions"], "positions": {source: [seq, at]}})
+                with self._visibility.writing():
+                    _teach(self._trending, self._covisit, at, lesson["trending"], lesson["transitions"])
+                self._positions[source] = (seq, at)
+                learnt += 1
+                self._compact_if_due()
+        return learnt
 
     def forget(self, item_ids: Sequence[str]) -> None:
         """Items deleted from the catalogue leave trending."""
@@ -403,8 +522,8 @@ class SignalLog:
             self._unretracted = entry
 
     def _compact_if_due(self) -> None:
-        if len(self._log) < self._snapshot_every:
-            return
+        if len(self._log) < self._snapshot_every or self._unsent:
+            return  # unsent lessons are sent again from the log's tail after a restart: keep it
         try:
             self._write_snapshot()
         except StoreUnavailableError as error:

@@ -34,12 +34,15 @@ def _cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from model.export.prepare import prepare_models
-    from stream.worker import run_worker
+    from stream.worker import default_processes, run_worker
 
-    prepare_models(settings)  # exported once; a worker itself never loads torch
+    processes = args.processes if args.processes is not None else default_processes()
+    if args.process_index is None:  # a supervised process finds them exported by its supervisor
+        from model.export.prepare import prepare_models
+
+        prepare_models(settings)  # exported once; a worker itself never loads torch
     sys.argv = [sys.argv[0], "worker"]  # faust's Worker reads argv
-    run_worker(settings, loglevel=args.loglevel)
+    run_worker(settings, loglevel=args.loglevel, processes=processes, process_index=args.process_index)
     return 0
 
 
@@ -202,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("broker", help="run the embedded Kafka-protocol broker and create the topics")
     worker = sub.add_parser("worker", help="run a stream worker (agents + HTTP endpoint)")
     worker.add_argument("--loglevel", default="warning")
+    worker.add_argument("--processes", type=int, default=None,
+                        help="worker processes, each owning a share of the partitions (default: the CPU count)")
+    worker.add_argument("--process-index", type=int, default=None, help=argparse.SUPPRESS)
     sub.add_parser("setup", help="export the content towers to ONNX and prepare the serving model")
 
     rec = sub.add_parser("recommend", help="ask a running worker for a user's recommendations")

@@ -47,9 +47,20 @@ Publish = Callable[[bytes | None, bytes], Awaitable[Awaitable[object]]]
 class DeadLetters:
     """Publishes dead letters through whichever producer the caller uses."""
 
-    def __init__(self, services: Services, publish: Publish) -> None:
+    def __init__(self, services: Services, publish: Publish,
+                 keep: Callable[[int], bool] | None = None) -> None:
         self._services = services
         self._publish = publish
+        self._keep = keep
+
+    def of_partitions(self, keep: Callable[[int], bool]) -> "DeadLetters":
+        """These dead letters, published only for messages of the partitions ``keep`` accepts.
+
+        Topics every worker process reads whole (the catalogue, photos) would
+        otherwise dead-letter a bad message once per process: its partition's
+        owner does it alone.
+        """
+        return DeadLetters(self._services, self._publish, keep)
 
     @classmethod
     def via_faust(cls, services: Services, topics: Topics) -> "DeadLetters":
@@ -58,6 +69,8 @@ class DeadLetters:
     async def send(self, message: Any | None, raw: bytes | None, error: DecodeError,
                    *, topic: str, key: bytes | None = None) -> None:
         """``message`` is a faust Message or an aiokafka ConsumerRecord (same fields)."""
+        if self._keep is not None and message is not None and not self._keep(message.partition):
+            return
         letter = DeadLetter.of(
             raw,
             error,
@@ -179,16 +192,21 @@ async def run_consumer(
     name: str,
     ready: asyncio.Event | None = None,
     reread_unfinished: bool = False,
+    assign: Sequence[TopicPartition] | None = None,
 ) -> None:
     """Start ``consumer``, hand each batch to ``handle`` and commit it once handled, until ``stop``.
 
     A batch is at most the consumer's ``max_poll_records``. ``ready`` is set once
-    the consumer holds partitions. A ``KafkaError`` out of ``handle`` means a
+    the consumer holds partitions. With ``assign`` the consumer reads exactly
+    those partitions (no group membership, no rebalance; offsets are still
+    committed to and resumed from its group) instead of the topics it subscribed to. A ``KafkaError`` out of ``handle`` means a
     message it sent (a dead letter, say) was not acknowledged, so the batch must
     not be committed: with ``reread_unfinished`` the consumer seeks back and
     reads the batch again, otherwise the error ends the loop.
     """
     await consumer.start()
+    if assign is not None:
+        consumer.assign(list(assign))
     committer = Committer(consumer)
     try:
         while not stop.is_set():

@@ -16,6 +16,7 @@ from core.events import CatalogItem
 from stream.agents.base import DeadLetters, process_batch
 from stream.catalog import apply_catalog
 from stream.kafka import Delivery
+from stream.partitions import SINGLE, Ownership
 from stream.services import Services
 from stream.topics import Topics
 
@@ -50,8 +51,12 @@ def index_catalogue(services: Services, threshold: int = INDEX_AT_START_UNINDEXE
     return True
 
 
-def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> None:
+def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters,
+           ownership: Ownership = SINGLE) -> None:
+    """Every worker process applies the whole catalogue (each has a store of its own)."""
     settings = services.settings
+    if not ownership.single:
+        dead_letters = dead_letters.of_partitions(ownership.owns)
     index_catalogue(services)
 
     async def apply(received: list[Delivery[CatalogItem]]) -> list[tuple[int, DecodeError]]:

@@ -20,18 +20,23 @@ from __future__ import annotations
 import asyncio
 
 import faust
+from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from core.errors import DecodeError
 from core.events import ClickEvent
 from stream import kafka
 from stream.agents.base import DeadLetters, RecordEvent, process_batch, run_consumer
+from stream.partitions import SINGLE, Ownership
 from stream.services import Services
 from stream.topics import Topics
 from stream.users import apply_interactions
 
 
-async def consume_clicks(services: Services, dead_letters: DeadLetters, stop: asyncio.Event) -> None:
+async def consume_clicks(services: Services, dead_letters: DeadLetters, stop: asyncio.Event,
+                         ownership: Ownership = SINGLE, partitions: int = 0) -> None:
+    """With one process the consumer takes the partitions its group assigns; process i of N
+    reads exactly the partitions ``p mod N == i`` of ``partitions``."""
     settings = services.settings
 
     async def apply(deliveries: list[kafka.Delivery[ClickEvent]]) -> list[tuple[int, DecodeError]]:
@@ -44,17 +49,21 @@ async def consume_clicks(services: Services, dead_letters: DeadLetters, stop: as
                             topic_label="clicks")
 
     group = kafka.consumer_groups(settings)["clicks"]
-    consumer = kafka.consumer(settings, settings.topic("clicks"), group_id=group, max_records=settings.batch_size)
+    topic = settings.topic("clicks")
+    assign = None if ownership.single else [TopicPartition(topic, p) for p in ownership.owned(partitions)]
+    consumer = kafka.consumer(settings, *([topic] if assign is None else []), group_id=group,
+                              max_records=settings.batch_size)
     # A dead letter the broker did not acknowledge leaves the batch unfinished: read it again.
-    await run_consumer(consumer, handle, stop, name="click", reread_unfinished=True)
+    await run_consumer(consumer, handle, stop, name="click", reread_unfinished=True, assign=assign)
 
 
-def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> None:
+def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters,
+           ownership: Ownership = SINGLE, partitions: int = 0) -> None:
     stop = asyncio.Event()
 
     @app.task
     async def click_consumer() -> None:
-        await consume_clicks(services, dead_letters, stop)
+        await consume_clicks(services, dead_letters, stop, ownership, partitions)
 
     @app.on_before_shutdown.connect
     async def stop_click_consumer(app: faust.App, **_: object) -> None:

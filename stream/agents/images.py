@@ -10,13 +10,19 @@ from core.events import ImageEvent, RecRequest
 from stream.agents.base import DeadLetters, process_batch
 from stream.catalog import apply_catalog_photos, embed_query_image
 from stream.kafka import Delivery
+from stream.partitions import SINGLE, Ownership
 from stream.recommend import recommend
 from stream.services import Services
 from stream.topics import Topics
 
 
-def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> None:
+def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters,
+           ownership: Ownership = SINGLE) -> None:
+    """Every worker process applies every catalogue photo; a visual search is answered (and a
+    bad event dead-lettered) by the owner of its partition alone."""
     settings = services.settings
+    if not ownership.single:
+        dead_letters = dead_letters.of_partitions(ownership.owns)
 
     async def apply(received: list[Delivery[ImageEvent]]) -> list[tuple[int, DecodeError]]:
         photos = [i for i, r in enumerate(received) if r.event.purpose == "catalog_photo"]
@@ -29,7 +35,7 @@ def attach(app: faust.App, topics: Topics, services: Services, dead_letters: Dea
             failures += [(photos[r.index], r.error) for r in rejected]
         for i, r in enumerate(received):
             event = r.event
-            if event.purpose != "visual_search":
+            if event.purpose != "visual_search" or not ownership.owns(r.partition):
                 continue
             try:
                 vector = await asyncio.to_thread(embed_query_image, services, event.image)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 
 import faust
+from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from core.errors import DecodeError
 from core.events import RecRequest
 from stream import kafka
 from stream.agents.base import DeadLetters, RecordEvent, process_batch, run_consumer
+from stream.partitions import SINGLE, Ownership
 from stream.recommend import recommend
 from stream.services import Services
 from stream.topics import Topics
@@ -28,10 +30,14 @@ from stream.topics import Topics
 MAX_REQUESTS_PER_POLL = 64
 
 
-async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio.Event) -> None:
+async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio.Event,
+                         ownership: Ownership = SINGLE, partitions: int = 0) -> None:
+    """With N processes, process i answers the partitions ``p mod N == i`` of ``partitions``."""
     settings = services.settings
     group = kafka.consumer_groups(settings)["requests"]
-    consumer = kafka.consumer(settings, settings.topic("requests"), group_id=group,
+    topic = settings.topic("requests")
+    assign = None if ownership.single else [TopicPartition(topic, p) for p in ownership.owned(partitions)]
+    consumer = kafka.consumer(settings, *([topic] if assign is None else []), group_id=group,
                               max_records=MAX_REQUESTS_PER_POLL)
     # Answers go out at once rather than waiting to fill a batch.
     producer = kafka.producer(settings, linger_ms=0)
@@ -59,18 +65,19 @@ async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio
 
     await producer.start()
     try:
-        await run_consumer(consumer, handle, stop, name="request", ready=ready)
+        await run_consumer(consumer, handle, stop, name="request", ready=ready, assign=assign)
     finally:
         await producer.stop()
 
 
-def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters) -> asyncio.Event:
+def attach(app: faust.App, topics: Topics, services: Services, dead_letters: DeadLetters,
+           ownership: Ownership = SINGLE, partitions: int = 0) -> asyncio.Event:
     """Start the request server with the app; the returned event is set once it holds partitions."""
     stop, ready = asyncio.Event(), asyncio.Event()
 
     @app.task
     async def request_server() -> None:
-        await serve_requests(services, stop, ready)
+        await serve_requests(services, stop, ready, ownership, partitions)
 
     @app.on_before_shutdown.connect
     async def stop_request_server(app: faust.App, **_: object) -> None:

@@ -232,7 +232,9 @@ class Worker:
         return self.trending.entries(), self.covisit.entries(), self.signals.positions
 
     def ids(self) -> list[str]:
-        return sorted(self.store.scroll_ids(f"{self.settings.collection_prefix}signals"))
+        from stream.signals import signals_spec
+
+        return sorted(self.store.scroll_ids(signals_spec(self.settings).name))
 
 
 @pytest.fixture
@@ -340,3 +342,84 @@ def test_an_entry_whose_users_were_not_stored_is_taken_back(bare: Callable[..., 
     worker.store.close()
 
     assert Worker(bare()).state() == before
+
+
+# -- lessons shared between worker processes ------------------------------------------------
+
+
+def _mailbox(box: list[dict[str, Any]], *, refuse: list[bool] | None = None) -> Callable[[list[bytes]], None]:
+    import json
+
+    def send(values: list[bytes]) -> None:
+        if refuse and refuse[0]:
+            raise ConnectionError("broker away for this test")
+        box.extend(json.loads(value) for value in values)
+    return send
+
+
+def test_peers_learn_each_lesson_once_and_hold_what_one_worker_would(tmp_path: Path) -> None:
+    def settings(name: str, replica: int | None) -> Settings:
+        return load_settings(data_dir=tmp_path / name, trending_half_life_s=HALF_LIFE_S, replica=replica)
+
+    alone = Worker(settings("alone", None))
+    first, second = Worker(settings("first", 0)), Worker(settings("second", 1))
+    first.signals.share(0)
+    second.signals.share(1)
+    box: list[dict[str, Any]] = []
+    first.signals.send_with(_mailbox(box))
+    second.signals.send_with(_mailbox(box))
+    for worker in (alone, first):
+        walk(worker, "a", ["x", "y", "z"])
+    for worker in (alone, second):
+        walk(worker, "b", ["y", "x", "w"], at=T0 + 50)
+    assert [(lesson["origin"], lesson["seq"]) for lesson in box] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert first.signals.learn_from_peers(box) == 3  # its own lessons are skipped
+    assert second.signals.learn_from_peers(box) == 3
+    assert first.signals.learn_from_peers(box) == 0  # delivered again: nothing learnt twice
+    def trending(worker: Worker) -> dict[str, float]:  # decayed score now, and total
+        entries = worker.trending.entries()[1]
+        return {**{item: worker.trending.score(item, T0 + 100) for item, _, _ in entries},
+                **{f"total:{item}": total for item, _, total in entries}}
+
+    for worker in (first, second):
+        assert trending(worker) == pytest.approx(trending(alone))
+        # The same rows; a row's successors in the order they were first taught (learning orders differ).
+        assert {source: (learnt, dict(row)) for source, learnt, row in worker.covisit.entries()} == \
+            {source: (learnt, dict(row)) for source, learnt, row in alone.covisit.entries()}
+    # A restart restores the lessons learnt from the peer, and where it stands with it.
+    expected = second.state()
+    second.store.close()
+    restarted = Worker(settings("second", 1))
+    assert restarted.state() == expected
+    assert restarted.signals.peer_seq(0) == 3
+    from stream.signals import signals_spec
+
+    assert signals_spec(restarted.settings).name == "signals_r1"  # a log of its own in a shared store
+
+
+def test_lessons_the_broker_refused_are_sent_later_and_again_after_a_restart(bare: Callable[..., Settings]) -> None:
+    worker = Worker(bare(replica=0, signals_snapshot_every=2))
+    worker.signals.share(0)
+    box: list[dict[str, Any]] = []
+    refuse = [True]
+    worker.signals.send_with(_mailbox(box, refuse=refuse))
+    walk(worker, "a", ["x", "y", "z"])
+    assert box == [] and worker.signals.unsent_count == 3
+    assert any(point_id.startswith("log:") for point_id in worker.ids()), "no snapshot while lessons are unsent"
+    refuse[0] = False
+    assert worker.signals.send_unsent() == 0
+    assert [lesson["seq"] for lesson in box] == [1, 2, 3] and worker.signals.sent_seq == 3
+    worker.store.close()
+
+    # After a restart the log's own lessons go out again (peers skip what they had) and an
+    # empty lesson at the log's seq says where this worker stands.
+    restarted = Worker(bare(replica=0, signals_snapshot_every=2))
+    restarted.signals.share(0)
+    again: list[dict[str, Any]] = []
+    restarted.signals.send_with(_mailbox(again))
+    assert [lesson["seq"] for lesson in again] == [1, 2, 3]
+    peer = Worker(load_settings(data_dir=bare().data_dir.parent / "peer", trending_half_life_s=HALF_LIFE_S,
+                                replica=1))
+    peer.signals.share(1)
+    assert peer.signals.learn_from_peers(box + again) == 3
+    assert peer.trending.entries() == restarted.trending.entries()
