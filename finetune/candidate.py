@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from core.text import TRAINED_TEXT_FIELDS
+from core.text import CONTENT_TEXT_FIELDS
 from finetune.catalogue import attribute_names, text_vectors
 from model.export.fused import Networks, export_all
 from model.nets.towers import attribute_mixing
@@ -64,7 +64,7 @@ class Window:
 
     data: per-user sequences over ``item_ids`` (1-based; 0 = unknown), with times;
     actions: per user, the action code of every interaction, aligned with ``data.sequences``;
-    text / has_text: (N+1, T) / (N+1,) what the item tower trains on (the trained text fields);
+    text / has_text: (N+1, T) / (N+1,) what the item tower trains on: the text of ``fields``;
     new_items: domain ids the parent did not know.
     """
 
@@ -75,6 +75,7 @@ class Window:
     categories: list[str]
     new_items: list[str]
     new_attributes: list[str]
+    fields: tuple[str, ...]
 
     @property
     def split(self) -> LeaveOneOut:
@@ -89,7 +90,7 @@ class Window:
                 image_dim: int) -> ItemContent:
         """Items 1..N as a worker would hand them to a model reading ``fields`` (no photos)."""
         item_ids = self.data.item_ids
-        if tuple(fields) == tuple(TRAINED_TEXT_FIELDS):
+        if tuple(fields) == self.fields:
             text, has_text = self.text[1:], self.has_text[1:]
         else:
             text, has_text = text_vectors(encoder, tuple(fields), item_ids, catalogue)
@@ -100,7 +101,12 @@ class Window:
 
 def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]], parent: Any | None,
                  encoder: Any, name: str) -> Window:
-    """The window's interactions over the parent's vocabulary grown by the window's new items."""
+    """The window's interactions over the parent's vocabulary grown by the window's new items.
+
+    Item text is read from the fields the parent reads; a first model reads what the rule
+    model read (``CONTENT_TEXT_FIELDS``), so workers swapping to it keep their stored text vectors.
+    """
+    fields = tuple(parent.text_fields) if parent is not None else tuple(CONTENT_TEXT_FIELDS)
     ordered = sorted(rows, key=lambda row: float(row["t"]))
     known = list(parent.item_ids[1:]) if parent is not None else []
     item_ids = grow(known, (str(row["i"]) for row in ordered))
@@ -120,10 +126,10 @@ def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]
     attributes = np.zeros((len(item_ids) + 1, width), np.int64)
     for index, row in enumerate(per_item):
         attributes[index, : len(row)] = row
-    # The text the item tower trains on: what the parent trained with, else the catalogue's title.
+    # The text the item tower trains on: what the parent trained with, else the catalogue's.
     text = np.zeros((len(item_ids) + 1, encoder.dim), np.float32)
     has_text = np.zeros(len(item_ids) + 1, bool)
-    text[1:], has_text[1:] = text_vectors(encoder, TRAINED_TEXT_FIELDS, item_ids, catalogue)
+    text[1:], has_text[1:] = text_vectors(encoder, fields, item_ids, catalogue)
     if parent is not None and parent.stored_text is not None and parent.stored_has_text is not None:
         stored = np.flatnonzero(parent.stored_has_text.astype(bool))
         stored = stored[stored < len(item_ids) + 1]
@@ -140,7 +146,7 @@ def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]
     timestamps = [np.asarray([t for t, _, _ in by_user[u]], np.float64) for u in user_ids]
     data = InteractionData(name=name, user_ids=user_ids, sequences=sequences, item_ids=item_ids,
                            attributes=attributes, attribute_names=names, timestamps=timestamps)
-    return Window(data, actions, text, has_text, categories, new_items, names[len(known_names):])
+    return Window(data, actions, text, has_text, categories, new_items, names[len(known_names):], fields)
 
 
 def training_action(window: Window) -> int:
@@ -251,7 +257,8 @@ def train_first(window: Window, encoder_dim: int, tune: FineTuneSettings,
     networks = Networks(config, model.item_tower, model.user_tower, Networks.build(config).ranker)
     ranker, ranker_report, lists, inputs = fit_ranker(networks, window, train_action)
     networks.ranker = ranker
-    weight, covisit_report = covisit_choice(ranker, lists, inputs, data, split, RANKER)
+    # Chosen on every user's items[-2] step: the ranker's 10% alone are too few on a small window.
+    weight, covisit_report = covisit_choice(ranker, lists, inputs, data, split, replace(RANKER, holdout_share=1.0))
     loss = fine_tune_retrieval(model, settings, split.inputs("test"), catalogue, settings.fine_tune_epochs,
                                settings.learning_rate * settings.fine_tune_lr_share, progress=False)
     share_action_embedding(model, train_action)
@@ -280,6 +287,8 @@ def write_version(networks: Networks, window: Window, staging: Path, manifest: d
     torch.save(networks.state_dicts(), staging / "weights.pt")
     inputs = split.inputs("test")
     context = _context(window, inputs)
+    # An item the version has no id for (index 0) is one the window never saw: new, not 50 years old.
+    context.last_seen[0] = max((float(t.max()) for t in data.timestamps if len(t)), default=0.0)  # type: ignore[union-attr]
     # The ranker was fitted on the window's counts: it is served with them.
     np.savez_compressed(staging / "item_features.npz", attributes=data.attributes, popularity=context.popularity,
                         text=window.text, has_text=window.has_text, last_seen=context.last_seen)
@@ -301,14 +310,14 @@ def write_version(networks: Networks, window: Window, staging: Path, manifest: d
     return parity
 
 
-def first_config(towers_dir: Path) -> dict[str, Any]:
+def first_config(towers_dir: Path, fields: tuple[str, ...]) -> dict[str, Any]:
     """``config.json`` basics of a first model: what it reads as text, and its encoders' fingerprints
     (from the exported towers' sidecars, so workers serve it over those towers only)."""
     encoders = {}
     for kind in ("text", "image"):
         sidecar = json.loads((towers_dir / kind / f"{kind}_tower.json").read_text())
         encoders[kind] = {"encoder": sidecar.get("encoder"), "source_fingerprint": sidecar.get("source_fingerprint")}
-    return {"text_fields": list(TRAINED_TEXT_FIELDS), "encoders": encoders,
+    return {"text_fields": list(fields), "encoders": encoders,
             "covisit": {"window": WINDOW, "neighbours": NEIGHBOURS, "weight": 1.0}}
 
 

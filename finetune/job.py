@@ -247,9 +247,28 @@ def serving_model(settings: Settings, registry: Registry) -> tuple[Any, Any | No
 
 
 def ranker_choice(candidate: dict[str, float]) -> str:
-    """"kept" when the ranker's order beats retrieval alone on the held-out window, else "dropped"."""
-    ranked, alone = candidate[HELD_OUT_METRIC], candidate[f"retrieval_{HELD_OUT_METRIC}"]
+    """"kept" when the ranker's order beats retrieval alone on the held-out window, else "dropped"
+    (both before any co-visit fusion)."""
+    ranked, alone = candidate[f"ranked_{HELD_OUT_METRIC}"], candidate[f"retrieval_{HELD_OUT_METRIC}"]
     return "kept" if ranked > alone else "dropped"
+
+
+def heldout_tables(question: Any, data: InteractionData, parent: Any | None) -> dict[str, Any]:
+    """Co-visit tables for the held-out evaluation, none holding a held-out interaction.
+
+    ``stream``: the transitions of the window's inputs, what a worker learns from the
+    same clicks (all the rule model has); ``trained``: those on top of the parent's
+    table (what the parent and the candidate both bring), counting only inputs newer
+    than the parent's table."""
+    stream = build_table(question.histories, question.n_items)
+    if parent is None or parent.transitions is None:
+        return {"stream": stream, "trained": stream}
+    through = float(parent.config.get("covisit", {}).get("through", float("-inf")))
+    times = data.timestamps or []
+    users = leave_one_out(data).users.tolist()
+    fresh = [times[user][: len(history)] > through for user, history in zip(users, question.histories)]
+    return {"stream": stream,
+            "trained": build_table(question.histories, question.n_items, base=parent.transitions, fresh=fresh)}
 
 
 def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = True,
@@ -268,6 +287,7 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
     )
     from model.serving.content import TextEncoder
     from model.serving.trained import TrainedModel
+    from stream.covisit import fusion_weight
     from stream.services import exported_towers
 
     started = time.monotonic()
@@ -321,7 +341,7 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
         config = {key: value for key, value in parent.config.items() if key not in ("tower", "retrieval")}
     else:
         networks, training, covisit_weight = train_first(window, encoder.dim, tune, train_action)
-        config = first_config(towers_dir)
+        config = first_config(towers_dir, window.fields)
         config["covisit"]["weight"] = covisit_weight
     mark = lap("train", mark)
     version = new_version(f"{dataset}-ft")
@@ -352,10 +372,12 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
             networks, window, staging, manifest, config, parent, train_action)
         mark = lap("export", mark)
         candidate = TrainedModel(staging, threads=settings.onnx_threads)
-        candidate_metrics = heldout.evaluate(candidate, content(candidate), question)
+        tables = heldout_tables(question, window.data, parent)
+        candidate_metrics = heldout.evaluate(candidate, content(candidate), question, tables["trained"],
+                                             fusion_weight(settings.covisit_weight, candidate))
         blend = float(networks.ranker.blend)
         ranker = {"decision": ranker_choice(candidate_metrics), "fitted_blend": blend,
-                  f"heldout_{HELD_OUT_METRIC}_ranked": candidate_metrics[HELD_OUT_METRIC],
+                  f"heldout_{HELD_OUT_METRIC}_ranked": candidate_metrics[f"ranked_{HELD_OUT_METRIC}"],
                   f"heldout_{HELD_OUT_METRIC}_retrieval_alone": candidate_metrics[f"retrieval_{HELD_OUT_METRIC}"]}
         if ranker["decision"] == "dropped" and blend != 0.0:
             # Served in retrieval order: the correction is switched off in the exported ranker.
@@ -364,8 +386,11 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
             manifest["metrics"]["onnx_parity_max_abs_diff"] = write_version(
                 networks, window, staging, manifest, config, parent, train_action)
             candidate = TrainedModel(staging, threads=settings.onnx_threads)
-            candidate_metrics = heldout.evaluate(candidate, content(candidate), question)
-        serving_metrics = heldout.evaluate(serving, content(serving), question)
+            candidate_metrics = heldout.evaluate(candidate, content(candidate), question, tables["trained"],
+                                                 fusion_weight(settings.covisit_weight, candidate))
+        serving_metrics = heldout.evaluate(serving, content(serving), question,
+                                           tables["trained" if parent is not None else "stream"],
+                                           fusion_weight(settings.covisit_weight, serving))
         manifest["metrics"].update(heldout=candidate_metrics, parent_heldout=serving_metrics, ranker=ranker)
         mark = lap("evaluate", mark)
         write_manifest(staging, manifest)

@@ -104,7 +104,7 @@ def assert_ranker_decision_recorded(registry: Registry, decision) -> None:  # ty
     blend = float(Networks.load(registry.path(decision.candidate_version)).ranker.blend)
     if ranker["decision"] == "dropped":
         assert blend == 0.0
-        assert decision.candidate_metrics["ndcg@10"] == decision.candidate_metrics["retrieval_ndcg@10"]
+        assert decision.candidate_metrics["ranked_ndcg@10"] == decision.candidate_metrics["retrieval_ndcg@10"]
     else:
         assert blend == ranker["fitted_blend"] > 0.0
 
