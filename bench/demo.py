@@ -47,8 +47,8 @@ from stream.client import EventPublisher, ResponseListener, http_recommend
 BURST_GENRE = "Sci-Fi"
 SHOW_USERS = 3
 LATENCY_REQUESTS = 100
-NEXT_SCORED = 1000  # ratings replayed prequentially after the swap
-TRAIN_MINUTES = 0.8  # the fine-tuning cycle's training budget
+NEXT_SCORED = 800  # ratings replayed prequentially after the swap
+TRAIN_MINUTES = 0.7  # the fine-tuning cycle's training budget
 EVENT_SPACING_S = 0.01  # replayed events keep their order, re-stamped close to now
 DRIFT_GAUGES = ("streamrec_drift_score_psi", "streamrec_drift_embedding_shift", "streamrec_drift_ctr_ratio",
                 "streamrec_drift_popularity_gini")
