@@ -238,7 +238,7 @@ def run(args, folder: Path) -> dict[str, object]:  # type: ignore[no-untyped-def
     broker = start_broker(folder / "logs")
     try:
         settings = stack_settings(base, broker, folder / "data", "finetune", model_dir=folder / "models",
-                                  partitions=4, finetune_minutes=args.minutes,
+                                  partitions=4, finetune_minutes=args.minutes, finetune_margin=args.margin,
                                   drift_reference_size=args.drift_window, drift_window_size=args.drift_window)
         asyncio.run(ensure_topics(settings))
         registry = Registry(settings.models_path)
@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("finetune", __doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000, help="new clicks for the fine-tuning cycle")
     parser.add_argument("--minutes", type=float, default=0.33, help="training budget of the cycle")
+    parser.add_argument("--margin", type=float, default=0.02,
+                        help="STREAMREC_FINETUNE_MARGIN of the cycle: the bench measures the swap, so a candidate "
+                             "within this NDCG@10 of the serving model is promoted")
     parser.add_argument("--drift-window", type=int, default=3000, help="scores per drift window (10 per request)")
     args = parser.parse_args(argv)
     with work_dir(args.work_dir, "finetune") as folder:
