@@ -55,6 +55,7 @@ from model.training.vocab import grow, grow_networks
 FIRST_TOWER: dict[str, Any] = {"fused_dim": 64, "max_sequence": 20, "n_layers": 1, "n_heads": 2, "dropout": 0.2}
 FIRST_EPOCHS = 200  # the time budget ends training first on any real window
 FIRST_LEARNING_RATE_FACTOR = 3.0  # from scratch: finetune_learning_rate x this (3e-4 -> 1e-3)
+FIRST_FINAL_EPOCHS = 1  # passes over items[:-1] after early stopping (outside the time budget: keep it short)
 RANKER = RankerSettings(epochs=4)
 # The time budget's share kept for the ranker and the last pass over items[:-1].
 RESERVED_SHARE = 0.25
@@ -251,7 +252,8 @@ def train_first(window: Window, encoder_dim: int, tune: FineTuneSettings,
                          max_attributes=data.attributes.shape[1], text_dim=encoder_dim, **FIRST_TOWER)
     settings = RetrievalSettings(negatives=0, learning_rate=tune.learning_rate * FIRST_LEARNING_RATE_FACTOR,
                                  epochs=max(tune.epochs, FIRST_EPOCHS), minutes=tune.minutes * (1 - RESERVED_SHARE),
-                                 eval_every=2, patience=4, train_action=train_action, seed=tune.seed)
+                                 eval_every=2, patience=4, train_action=train_action, seed=tune.seed,
+                                 fine_tune_epochs=FIRST_FINAL_EPOCHS)
     catalogue = window.catalogue()
     model, report = train_retrieval(config, settings, split, catalogue, progress=False)
     share_action_embedding(model, train_action)
