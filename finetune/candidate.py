@@ -286,6 +286,17 @@ def train_warm(parent_dir: Path, window: Window, tune: FineTuneSettings,
     return networks, {"start": "parent", **training, "ranker": ranker_report}
 
 
+def retrieval_order(ranker: Any) -> None:
+    """Switch the ranker's learnt correction off, exactly: blend 0 and a zero output layer,
+    so its logit is ``score_weight * retrieval score + bias`` (+ the query prior on searches)."""
+    with torch.no_grad():
+        ranker.blend.fill_(0.0)
+        ranker.mlp[-1].weight.zero_()
+        ranker.mlp[-1].bias.zero_()
+        if float(ranker.score_weight) <= 0.0:
+            ranker.score_weight.fill_(1.0)
+
+
 def write_version(networks: Networks, window: Window, staging: Path, manifest: dict[str, Any],
                   config: dict[str, Any], parent: Any | None, train_action: int) -> dict[str, float]:
     """Every file of the candidate artefact in ``staging``; returns the ONNX parity."""

@@ -280,6 +280,7 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
         build_window,
         first_config,
         fresh_staging,
+        retrieval_order,
         train_first,
         train_warm,
         training_action,
@@ -379,9 +380,9 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
         ranker = {"decision": ranker_choice(candidate_metrics), "fitted_blend": blend,
                   f"heldout_{HELD_OUT_METRIC}_ranked": candidate_metrics[f"ranked_{HELD_OUT_METRIC}"],
                   f"heldout_{HELD_OUT_METRIC}_retrieval_alone": candidate_metrics[f"retrieval_{HELD_OUT_METRIC}"]}
-        if ranker["decision"] == "dropped" and blend != 0.0:
+        if ranker["decision"] == "dropped":
             # Served in retrieval order: the correction is switched off in the exported ranker.
-            networks.ranker.blend.fill_(0.0)
+            retrieval_order(networks.ranker)
             fresh_staging(staging)
             manifest["metrics"]["onnx_parity_max_abs_diff"] = write_version(
                 networks, window, staging, manifest, config, parent, train_action)
