@@ -1,9 +1,22 @@
-"""``streamrec demo``: MovieLens-100k through the embedded stack, end to end.
+"""``streamrec demo``: the learning loop on MovieLens-100k, through the embedded stack.
 
-Starts the embedded broker and a worker (with the in-process Qdrant engine),
-publishes the catalogue and the ratings as events in time order, then shows
-for a few users their recommendations before and after a burst of new clicks,
-the request latencies over Kafka and HTTP, and how to publish your own events.
+One embedded broker and two workers, each with its own topics and store:
+``rule`` serves the content rule model from start to end; ``loop`` starts on
+the same rule model, and its registry is where the fine-tuner promotes.
+
+1. the catalogue and the first part of the ratings (in time order, as clicks)
+   go to both workers;
+2. one fine-tuning cycle drains the ``loop`` stack's topics, trains a first
+   model from them (no weights exist anywhere), evaluates it against the rule
+   model on each user's newest interaction and promotes it if it is better;
+   the ``loop`` worker hot-swaps to it;
+3. the next ratings are replayed prequentially: before each one both workers
+   are asked for the user's top 10 (HTTP), then the click goes to both; the
+   hit rates at 10 are printed side by side, with a PNG of the cumulative
+   hit rate of both;
+4. the ``loop`` worker's drift gauges and ``streamrec status``; then, on it,
+   recommendations before and after a burst of clicks, request latencies over
+   Kafka and HTTP, a catalogue event with a photo.
 """
 from __future__ import annotations
 
@@ -11,48 +24,90 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import shutil
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-
-from tqdm import tqdm
+from pathlib import Path
 
 from bench import movielens
-from bench.stack import LocalStack
+from bench.common import stack_settings, start_broker
+from bench.prequential import plot_side_by_side, served_version, side_by_side
+from bench.prequential_eval import Interaction
+from bench.stack import WorkerProcess
 from core.errors import StreamrecError
 from core.events import CatalogItem, ClickEvent, ImageRef, RecRequest, RecResponse
 from core.settings import Settings
+from stream.broker import ensure_topics
 from stream.client import EventPublisher, ResponseListener, http_recommend
 
 BURST_GENRE = "Sci-Fi"
 SHOW_USERS = 3
-LATENCY_REQUESTS = 200
+LATENCY_REQUESTS = 50
+NEXT_SCORED = 600  # ratings replayed prequentially after the swap
+TRAIN_MINUTES = 1.2  # the fine-tuning cycle's training budget
+EVENT_SPACING_S = 0.01  # replayed events keep their order, re-stamped close to now
+DRIFT_GAUGES = ("streamrec_drift_score_psi", "streamrec_drift_embedding_shift", "streamrec_drift_ctr_ratio",
+                "streamrec_drift_popularity_gini")
+
+
+def demo_models(base: Settings, folder: Path) -> Path:
+    """A model folder with the exported towers and rule scorer and an empty registry."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in ("towers", "rule"):
+        source = (base.models_path / name).resolve()
+        if not source.is_dir():
+            raise StreamrecError(f"{source} is missing: run `streamrec setup` first")
+        (folder / name).symlink_to(source, target_is_directory=True)
+    return folder
 
 
 def run_demo(settings: Settings, *, users: int, events: int) -> int:
+    """``users``: the most active users replayed; ``events``: ratings in the first part."""
+    from model.export.prepare import prepare_models
+
     demo_dir = settings.data_dir / "demo"
-    shutil.rmtree(demo_dir / "store", ignore_errors=True)
-    # The demo keeps its store apart from a real deployment's, and shares the models.
-    settings = settings.model_copy(update={"data_dir": demo_dir, "model_dir": settings.models_path})
     started = time.perf_counter()
-    print(f"[1/6] starting the embedded broker and a worker (logs in {demo_dir / 'logs'}) ...", flush=True)
-    with LocalStack(settings, log_dir=demo_dir / "logs") as stack:
-        print(f"      ready in {time.perf_counter() - started:.1f}s "
-              f"(broker {settings.bootstrap_servers}, HTTP http://{settings.http_host}:{settings.http_port})")
-        asyncio.run(_replay_and_show(settings, stack, users=users, max_events=events))
+    prepare_models(settings)
+    for name in ("rule", "loop", "logs"):
+        shutil.rmtree(demo_dir / name, ignore_errors=True)
+    print(f"[1/7] starting the embedded broker and two workers (logs in {demo_dir / 'logs'}) ...", flush=True)
+    broker = start_broker(demo_dir / "logs")
+    workers: dict[str, WorkerProcess] = {}
+    try:
+        stacks = {
+            "rule": stack_settings(settings, broker, demo_dir / "rule", "demo-rule",
+                                   model_dir=demo_models(settings, demo_dir / "rule" / "models")),
+            "loop": stack_settings(settings, broker, demo_dir / "loop", "demo-loop",
+                                   model_dir=demo_models(settings, demo_dir / "loop" / "models"),
+                                   finetune_minutes=TRAIN_MINUTES),
+        }
+        for name, stack in stacks.items():
+            asyncio.run(ensure_topics(stack))
+            workers[name] = WorkerProcess(stack, log_path=demo_dir / "logs" / f"{name}-worker.log").start()
+        for worker in workers.values():
+            worker.wait_ready(300.0)
+        print(f"      ready in {time.perf_counter() - started:.1f}s (broker {broker.bootstrap}; "
+              + ", ".join(f"{name} worker http://{s.http_host}:{s.http_port}" for name, s in stacks.items()) + ")")
+        asyncio.run(_loop(stacks, workers, demo_dir, users=users, first_events=events))
+    finally:
+        for worker in workers.values():
+            worker.stop()
+        broker.stop()
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
     return 0
 
 
-async def _wait_processed(stack: LocalStack, topic: str, target: float, timeout_s: float = 600) -> float:
+async def _wait_processed(worker: WorkerProcess, topic: str, target: float, timeout_s: float = 600) -> float:
     deadline = time.monotonic() + timeout_s
     done = 0.0
     while time.monotonic() < deadline:
-        done = stack.worker.metric("streamrec_events_processed_total", {"topic": topic}) + \
-            stack.worker.metric("streamrec_deadletter_total")
+        done = worker.metric("streamrec_events_processed_total", {"topic": topic}) + \
+            worker.metric("streamrec_deadletter_total")
         if done >= target:
             return done
         await asyncio.sleep(0.2)
@@ -73,72 +128,153 @@ def _show(title: str, response: RecResponse, n: int = 5) -> None:
         print(f"      {rank}. {item.title or item.item_id:<45.45}  {item.score:.3f}  {item.reason}")
 
 
-async def _replay_and_show(settings: Settings, stack: LocalStack, *, users: int, max_events: int) -> None:
+async def _publish_all(stacks: dict[str, Settings], events: list) -> None:  # type: ignore[type-arg]
+    for stack in stacks.values():
+        async with EventPublisher(stack) as publisher:
+            for event in events:
+                await publisher.publish(event)
+            await publisher.flush()
+
+
+async def _loop(stacks: dict[str, Settings], workers: dict[str, WorkerProcess], demo_dir: Path, *,
+                users: int, first_events: int) -> None:
     catalogue = movielens.catalog_events()
     ratings = movielens.ratings()
     chosen = {u for u, _ in Counter(r.user_id for r in ratings).most_common(users)}
-    replay = [r for r in ratings if r.user_id in chosen][:max_events]
-    # The users shown are those with the most history in what was replayed.
-    active = [u for u, _ in Counter(r.user_id for r in replay).most_common()]
+    replay = [r for r in ratings if r.user_id in chosen]
+    first, following = replay[:first_events], replay[first_events : first_events + NEXT_SCORED]
+    if not following:
+        raise StreamrecError(f"--events {first_events} leaves no rating of these {users} users to replay after it")
+    clock = time.time() - (len(first) + len(following)) * EVENT_SPACING_S
+    loop_stack, loop_worker = stacks["loop"], workers["loop"]
+
+    print(f"[2/7] publishing the catalogue to both workers: {len(catalogue)} films (title, genres, year) ...",
+          flush=True)
+    t0 = time.perf_counter()
+    now = time.time()
+    await _publish_all(stacks, [item.model_copy(update={"event_time": now}) for item in catalogue])
+    for worker in workers.values():
+        await _wait_processed(worker, "catalog", len(catalogue))
+    print(f"      {len(catalogue)} items embedded and upserted by both in {time.perf_counter() - t0:.1f}s")
+
+    print(f"[3/7] the first part: {len(first)} ratings of {len(chosen)} users, in time order, as clicks, "
+          "under the rule model ...", flush=True)
+    t0 = time.perf_counter()
+    clicks = [movielens.click_event(r, n).model_copy(update={"event_time": clock + n * EVENT_SPACING_S})
+              for n, r in enumerate(first)]
+    await _publish_all(stacks, clicks)
+    for worker in workers.values():
+        await _wait_processed(worker, "clicks", len(clicks))
+    print(f"      applied by both in {time.perf_counter() - t0:.1f}s; serving: "
+          + ", ".join(f"{name} {served_version(w)}" for name, w in workers.items()))
+
+    print("[4/7] one fine-tuning cycle from the loop stack's topics (no trained weights exist yet) ...", flush=True)
+    decision = await asyncio.to_thread(_finetune, loop_stack)
+    if decision.decision == "promoted":
+        t0 = time.perf_counter()
+        while served_version(loop_worker) != decision.candidate_version:
+            if time.perf_counter() - t0 > 120:
+                raise StreamrecError(f"the loop worker did not swap to {decision.candidate_version} in 120 s")
+            await asyncio.sleep(0.2)
+        print(f"      hot swap: the loop worker serves {decision.candidate_version} "
+              f"{time.perf_counter() - t0:.1f}s after the promotion")
+    else:
+        print("      not promoted: the loop worker keeps serving the rule model (the next cycle, with more "
+              "clicks, tries again)")
+
+    print(f"[5/7] the next {len(following)} ratings, prequentially: both workers asked for the user's top 10 "
+          "(seen films excluded), then the click applied to both ...", flush=True)
+    seen: dict[str, set[str]] = {}
+    for rating in first:
+        seen.setdefault(rating.user_id, set()).add(rating.item_id)
+    offset = len(first)
+    events = {}
+    interactions = []
+    for n, rating in enumerate(following):
+        interaction = Interaction(rating.user_id, rating.item_id, clock + (offset + n) * EVENT_SPACING_S,
+                                  offset + n, scored=True)
+        events[interaction.position] = movielens.click_event(rating, offset + n).model_copy(
+            update={"event_time": interaction.time})
+        interactions.append(interaction)
+    result = await side_by_side(interactions, stacks, workers, seen, click=lambda i: events[i.position])
+    versions = {name: served_version(worker) for name, worker in workers.items()}
+    print(f"\n      {'':<34} {'rule worker':>14} {'loop worker':>14}")
+    print(f"      {'model':<34} {versions['rule']:>14.14} {versions['loop']:>14.14}  ({versions['loop']})")
+    print(f"      {'HR@10 on the same ' + str(result.scores['rule'].count) + ' requests':<34} "
+          f"{result.scores['rule'].hit_rate:>14.4f} {result.scores['loop'].hit_rate:>14.4f}")
+    print(f"      {'NDCG@10':<34} {result.scores['rule'].ndcg:>14.4f} {result.scores['loop'].ndcg:>14.4f}")
+    print(f"      {'failed requests':<34} {result.failed_requests:>29d}")
+    plot = demo_dir / "loop-hit-rate.png"
+    plot_side_by_side(result, {"rule": f"rule worker ({versions['rule']})", "loop": f"loop worker ({versions['loop']})"},
+                      plot, f"MovieLens-100k, next {len(following)} ratings of {len(chosen)} users, asked then applied")
+    print(f"      cumulative HR@10 of both: {plot}  ({result.seconds:.0f}s)")
+
+    print("\n[6/7] the loop worker's drift gauges (reference: the first scores after the swap) and `streamrec status`:")
+    for gauge in DRIFT_GAUGES:
+        print(f"      {gauge:<36} {loop_worker.metric(gauge):.4f}")
+    from exporter.status import main as status_main
+
+    status_main(["--url", f"http://{loop_stack.http_host}:{loop_stack.http_port}/metrics", "--interval", "1"])
+
+    print(f"\n[7/7] on the loop worker: recommendations before and after a burst of {BURST_GENRE} clicks:")
     titles = {item.item_id: item.title for item in catalogue}
-
-    async with EventPublisher(settings) as publisher:
-        print(f"[2/6] publishing the catalogue: {len(catalogue)} films (title, genres, year) ...", flush=True)
-        t0 = time.perf_counter()
-        now = time.time()
-        for item in catalogue:
-            await publisher.publish(item.model_copy(update={"event_time": now}))
-        await publisher.flush()
-        await _wait_processed(stack, "catalog", len(catalogue))
-        print(f"      {len(catalogue)} items embedded and upserted in {time.perf_counter() - t0:.1f}s")
-
-        print(f"[3/6] replaying {len(replay)} ratings of {len(chosen)} users in time order as clicks ...",
-              flush=True)
-        t0 = time.perf_counter()
-        # Event times are re-stamped to now so freshness metrics measure the
-        # pipeline, not the age of the 1998 data; the order is kept.
-        for index, rating in enumerate(tqdm(replay, unit="ev", mininterval=0.5)):
-            event = movielens.click_event(rating, index)
-            await publisher.publish(event.model_copy(update={"event_time": time.time()}))
-        await publisher.flush()
-        await _wait_processed(stack, "clicks", len(replay))
-        elapsed = time.perf_counter() - t0
-        print(f"      applied {len(replay)} clicks in {elapsed:.1f}s ({len(replay) / elapsed:.0f} events/s)")
-
-    async with ResponseListener(settings) as listener, EventPublisher(settings, linger_ms=0) as publisher:
-        print(f"[4/6] recommendations before and after a burst of {BURST_GENRE} clicks:")
+    active = [u for u, _ in Counter(r.user_id for r in first).most_common()]
+    async with ResponseListener(loop_stack) as listener, EventPublisher(loop_stack, linger_ms=0) as publisher:
         burst_items = [i.item_id for i in catalogue if BURST_GENRE in i.attributes.get("genres", "")]
         for user in active[:SHOW_USERS]:
             print(f"\n  user {user}:")
             before, _ = await _ask(listener, publisher, RecRequest(request_id=uuid.uuid4().hex, user_id=user, k=5))
             _show("before", before)
-            seen = {r.item_id for r in replay if r.user_id == user}
-            burst = [i for i in burst_items if i not in seen][:5]
+            burst = [i for i in burst_items if i not in seen.get(user, set())][:5]
             for item_id in burst:
                 await publisher.publish(ClickEvent(event_id=uuid.uuid4().hex, event_time=time.time(),
                                                    user_id=user, item_id=item_id, action="purchase"))
             await publisher.flush()
             print(f"    clicked: {', '.join(titles[i] for i in burst)}")
-            await _wait_until_stored(settings, user, burst)
+            await _wait_until_stored(loop_stack, user, burst)
             after, _ = await _ask(listener, publisher, RecRequest(request_id=uuid.uuid4().hex, user_id=user, k=5))
             if set(burst) & {i.item_id for i in after.items}:
                 raise StreamrecError(f"{user} was recommended a film just bought: {after.model_dump_json()}")
             _show("after", after)
 
-        print(f"\n[5/6] request latency over {LATENCY_REQUESTS} requests per path:")
+        print(f"\n  request latency over {LATENCY_REQUESTS} requests per path:")
         kafka_ms, http_ms = [], []
         for n in range(LATENCY_REQUESTS):
             request = RecRequest(request_id=uuid.uuid4().hex, user_id=active[n % len(active)], k=10)
             _, ms = await _ask(listener, publisher, request)
             kafka_ms.append(ms)
             t = time.perf_counter()
-            await http_recommend(settings, request.model_copy(update={"request_id": uuid.uuid4().hex}))
+            await http_recommend(loop_stack, request.model_copy(update={"request_id": uuid.uuid4().hex}))
             http_ms.append((time.perf_counter() - t) * 1000)
         for path, values in (("kafka (request -> response topic)", kafka_ms), ("http (POST /recommend)", http_ms)):
             print(f"    {path:<36} p50 {_pct(values, 50):6.1f} ms   p99 {_pct(values, 99):6.1f} ms")
 
-    await _show_image_event(settings, stack)
-    _print_howto(settings)
+    await _show_image_event(loop_stack, loop_worker)
+    _print_howto(loop_stack)
+
+
+def _finetune(settings: Settings):  # type: ignore[no-untyped-def]
+    """One cycle in this process (torch on both cores while the workers idle); prints what it decided."""
+    import torch
+
+    from finetune.job import run_cycle
+
+    torch.set_num_threads(2)
+    logging.getLogger("finetune").setLevel(logging.ERROR)  # the decision is printed below, in short
+    decision = run_cycle(settings)
+    timings = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in decision.timings.items())
+    print(f"      drained {decision.interactions} interactions of {decision.users} users; trained from "
+          f"{decision.start} ({decision.vocabulary.get('items')} items); {timings}")
+    candidate, serving = decision.candidate_metrics, decision.serving_metrics
+    print(f"      held out (each user's newest interaction): candidate HR@10 {candidate.get('hr@10', 0):.4f} "
+          f"NDCG@10 {candidate.get('ndcg@10', 0):.4f} vs serving {decision.serving_version} HR@10 "
+          f"{serving.get('hr@10', 0):.4f} NDCG@10 {serving.get('ndcg@10', 0):.4f}")
+    ranker = decision.ranker
+    if ranker:
+        print(f"      ranker {ranker['decision']} (held-out NDCG@10 {ranker['heldout_ndcg@10_ranked']:.4f} ranked, "
+              f"{ranker['heldout_ndcg@10_retrieval_alone']:.4f} retrieval alone)")
+    print(f"      decision: {decision.decision} {decision.candidate_version} ({decision.reason})", flush=True)
+    return decision
 
 
 async def _wait_until_stored(settings: Settings, user: str, items: list[str], timeout_s: float = 60) -> None:
@@ -162,8 +298,8 @@ def _get_json(url: str) -> dict:
         return json.loads(reply.read())
 
 
-async def _show_image_event(settings: Settings, stack: LocalStack) -> None:
-    print("\n[6/6] images: MovieLens films have no photos, so the items above carry none.")
+async def _show_image_event(settings: Settings, worker: WorkerProcess) -> None:
+    print("\n  images: MovieLens films have no photos, so the items above carry none.")
     photo = _demo_photo()
     event = CatalogItem(
         event_id=uuid.uuid4().hex, event_time=time.time(), item_id="demo-poster-1",
@@ -175,11 +311,11 @@ async def _show_image_event(settings: Settings, stack: LocalStack) -> None:
     print(f"    a catalogue event that carries a photo: {shown}")
     print("    (or by path: {\"image\": {\"image_uri\": \"file:///photos/1.jpg\"}} with "
           "STREAMREC_IMAGE_ROOT=/photos)")
-    before = stack.worker.metric("streamrec_events_processed_total", {"topic": "catalog"})
+    before = worker.metric("streamrec_events_processed_total", {"topic": "catalog"})
     async with EventPublisher(settings, linger_ms=0) as publisher:
         await publisher.publish(event)
         await publisher.flush()
-    await _wait_processed(stack, "catalog", before + 1, timeout_s=60)
+    await _wait_processed(worker, "catalog", before + 1, timeout_s=60)
     response = await http_recommend(settings, RecRequest(
         request_id=uuid.uuid4().hex, user_id="visual-searcher", k=3,
         image=ImageRef(image_b64=base64.b64encode(_demo_photo(shade=200)).decode()),

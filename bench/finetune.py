@@ -7,8 +7,10 @@ registry whose base version is trained here on synthetic data (1,000 items in
 1. ``--events`` new clicks (default 100k) of the same process are published and
    one fine-tuning cycle runs (drain, train, evaluate, promote): ``cycle_seconds``;
 2. a worker's services, serving the base version, hot-swap to the promoted one
-   while another thread sends requests back to back: every request during the
-   swap window is counted, and any exception or short answer is a failure;
+   while another thread sends requests back to back and a click agent keeps
+   applying batches of 20 clicks: every request during the swap window is
+   counted, any exception or short answer is a failure, and the longest time
+   without a click batch applied during the swap is ``swap_longest_click_gap_seconds``;
 3. drift on a stationary replay (the reference and current windows come from
    the same users) and on a shifted one (the users' clicks move to one
    category, so their vectors, scores and clicks change).
@@ -120,6 +122,50 @@ class RequestLoad:
         self._thread.join()
 
 
+async def swap_while_clicking(services, users: int, seed: int = 0,  # type: ignore[no-untyped-def]
+                              batch: int = 20) -> tuple[bool, list[float]]:
+    """``hot_swap`` while a click agent keeps applying batches of ``batch`` clicks, as the
+    worker's agent does (under ``services.write_lock``, the work on a thread); returns
+    whether it swapped and the monotonic time at which each batch was applied."""
+    from core.events import ClickEvent
+    from stream.kafka import Delivery
+    from stream.swap import hot_swap
+    from stream.users import apply_interactions
+
+    rng = np.random.default_rng(seed)
+    applied: list[float] = []
+    stop = asyncio.Event()
+
+    async def clicker() -> None:
+        offset = 0
+        while not stop.is_set():
+            deliveries = []
+            for _ in range(batch):
+                event = ClickEvent(event_id=f"swap-click-{offset}", event_time=time.time(),
+                                   user_id=f"u{int(rng.integers(users))}", item_id=f"i{int(rng.integers(1, N_ITEMS + 1))}",
+                                   action="click")
+                deliveries.append(Delivery(event, "swap-clicks", 0, offset))
+                offset += 1
+            async with services.write_lock:
+                await asyncio.to_thread(apply_interactions, services, deliveries)
+            applied.append(time.monotonic())
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(clicker())
+    try:
+        swapped = await hot_swap(services)
+    finally:
+        stop.set()
+        await task
+    return swapped, applied
+
+
+def longest_gap(applied: list[float], start: float, end: float) -> float:
+    """Longest time between two click batches applied in [start, end] (the window's ends count)."""
+    marks = [start] + [t for t in applied if start <= t <= end] + [end]
+    return max(b - a for a, b in zip(marks, marks[1:]))
+
+
 def drift_replay(services, walks: list[tuple[int, list[int]]], rng: np.random.Generator,  # type: ignore[no-untyped-def]
                  *, shifted: bool) -> dict[str, float | bool]:
     """Reference window, then (optionally) move every user to category 0, then the current window.
@@ -183,7 +229,6 @@ def run(args, folder: Path) -> dict[str, object]:  # type: ignore[no-untyped-def
     from stream.catalog import apply_catalog
     from stream.kafka import Delivery
     from stream.services import Services
-    from stream.swap import hot_swap
     from stream.users import apply_interactions
 
     torch.set_num_threads(1)
@@ -193,7 +238,7 @@ def run(args, folder: Path) -> dict[str, object]:  # type: ignore[no-untyped-def
     broker = start_broker(folder / "logs")
     try:
         settings = stack_settings(base, broker, folder / "data", "finetune", model_dir=folder / "models",
-                                  partitions=4, finetune_minutes=args.minutes,
+                                  partitions=4, finetune_minutes=args.minutes, finetune_margin=args.margin,
                                   drift_reference_size=args.drift_window, drift_window_size=args.drift_window)
         asyncio.run(ensure_topics(settings))
         registry = Registry(settings.models_path)
@@ -225,14 +270,16 @@ def run(args, folder: Path) -> dict[str, object]:  # type: ignore[no-untyped-def
         cycle_seconds = time.monotonic() - began
         promoted = decision.decision == "promoted"
 
-        print("hot swap under load ...", flush=True)
+        print("hot swap under load, clicks applied throughout ...", flush=True)
+        applied: list[float] = []
         with RequestLoad(services, users) as load:
             time.sleep(1.0)
             swap_started = time.monotonic()
-            swapped = asyncio.run(hot_swap(services)) if promoted else False
+            swapped, applied = asyncio.run(swap_while_clicking(services, users, args.seed)) if promoted else (False, [])
             swap_ended = time.monotonic()
             time.sleep(1.0)
         during = [a for a in load.answered if swap_started <= a[0] <= swap_ended]
+        gap = longest_gap(applied, swap_started, swap_ended)
 
         print("drift: stationary and shifted replays ...", flush=True)
         stationary = drift_replay(services, walks, rng, shifted=False)
@@ -252,6 +299,8 @@ def run(args, folder: Path) -> dict[str, object]:  # type: ignore[no-untyped-def
         "swapped": swapped,
         "swap_seconds": round(swap_ended - swap_started, 2),
         "swap_requests": len(during),
+        "swap_click_batches": len([t for t in applied if swap_started <= t <= swap_ended]),
+        "swap_longest_click_gap_seconds": round(gap, 3),
         "swap_failed_requests": len(load.failed),  # the whole load period, not only the swap window
         "requests_total": len(load.answered),
         "versions_served": sorted({version for _, version in load.answered}),
@@ -266,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("finetune", __doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000, help="new clicks for the fine-tuning cycle")
     parser.add_argument("--minutes", type=float, default=0.33, help="training budget of the cycle")
+    parser.add_argument("--margin", type=float, default=0.02,
+                        help="STREAMREC_FINETUNE_MARGIN of the cycle: the bench measures the swap, so a candidate "
+                             "within this NDCG@10 of the serving model is promoted")
     parser.add_argument("--drift-window", type=int, default=3000, help="scores per drift window (10 per request)")
     args = parser.parse_args(argv)
     with work_dir(args.work_dir, "finetune") as folder:

@@ -318,6 +318,94 @@ async def replay(interactions: Sequence[Interaction], stacks: dict[str, Settings
     return evaluation
 
 
+@dataclass
+class SideBySide:
+    """Several workers asked the same requests; every one receives every interaction."""
+
+    scores: dict[str, RankingScore]
+    failed_requests: int = 0
+    events: int = 0
+    seconds: float = 0.0
+
+
+async def side_by_side(interactions: Sequence[Interaction], stacks: dict[str, Settings],
+                       workers: dict[str, WorkerProcess], seen: dict[str, set[str]],
+                       click: Callable[[Interaction], ClickEvent] = click_of,
+                       progress_every: int = 500) -> SideBySide:
+    """Test, then learn, on each worker: before a scored interaction is published, every
+    worker is asked for the user's top ``K`` (what the user did so far excluded: ``seen``,
+    updated here); the interaction is then published to every worker, and applied by all of
+    them before that user is asked again (``waves``)."""
+    result = SideBySide({name: RankingScore(K) for name in stacks})
+    counters = Counters(published={name: 0 for name in stacks}, baseline={name: 0.0 for name in stacks})
+    for name, worker in workers.items():
+        counters.baseline[name] = await asyncio.to_thread(processed_clicks, worker)
+    started, next_report = time.monotonic(), progress_every
+    publishers = {name: RecordingPublisher(settings, linger_ms=0) for name, settings in stacks.items()}
+    for publisher in publishers.values():
+        await publisher.__aenter__()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for wave in waves(interactions):
+                scored = [i for i in wave if i.scored]
+                if scored:
+                    for publisher in publishers.values():
+                        await publisher.settle()
+                    await asyncio.to_thread(wait_applied, workers, counters)
+                    answers = await asyncio.gather(
+                        *(_ask(session, stacks[name], i.user_id, seen.get(i.user_id, set()))
+                          for i in scored for name in stacks),
+                        return_exceptions=True,
+                    )
+                    for n, interaction in enumerate(scored):
+                        for m, name in enumerate(stacks):
+                            answer = answers[n * len(stacks) + m]
+                            if isinstance(answer, BaseException):
+                                result.failed_requests += 1
+                                answer = []
+                            result.scores[name].update(answer, interaction.item_id)
+                for interaction in wave:
+                    event = click(interaction)
+                    for name, publisher in publishers.items():
+                        await publisher.publish(event)
+                        counters.published[name] += 1
+                    seen.setdefault(interaction.user_id, set()).add(interaction.item_id)
+                    result.events += 1
+                first = next(iter(result.scores.values()))
+                if first.count >= next_report:
+                    next_report += progress_every
+                    rates = "  ".join(f"{name} {score.hit_rate:.4f}" for name, score in result.scores.items())
+                    print(f"      {first.count} scored, {time.monotonic() - started:.0f}s: HR@10 {rates}", flush=True)
+        for publisher in publishers.values():
+            await publisher.settle()
+    finally:
+        for publisher in publishers.values():
+            await publisher.__aexit__(None, None, None)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def plot_side_by_side(result: SideBySide, labels: dict[str, str], path: Path, title: str) -> None:
+    """PNG of each worker's cumulative HR@10 over the scored interactions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, score in result.scores.items():
+        curve = score.cumulative_hr
+        axes.plot(range(1, len(curve) + 1), curve, label=f"{labels.get(name, name)} (HR@10 {score.hit_rate:.4f})")
+    axes.set_xlabel("scored interactions (asked, then applied)")
+    axes.set_ylabel("cumulative HR@10")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
 # -- the same requests, offline -------------------------------------------------------
 
 

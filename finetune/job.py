@@ -6,15 +6,21 @@ One cycle:
    consumer group ``<app_id>.finetune`` into an append-only interaction log
    under ``<data_dir>/finetune/`` (fsynced before the offsets are committed,
    bounded to ``finetune_max_interactions``, oldest dropped);
-2. warm-start the towers from the current version's ``weights.pt`` and train
-   them on every user's interactions except the newest;
-3. evaluate candidate and serving model, through their ONNX files, on the
-   newest interaction of every user (full ranking, NDCG@10);
-4. promote the candidate only if it is not worse than the serving model by more
-   than ``finetune_margin``; log the decision with both models' metrics;
-   publish ``ModelUpdate`` on ``model.updates`` so that workers hot-swap.
+   and the newest upsert of every catalogue item into ``catalogue.json``;
+2. build the candidate (``finetune.candidate``): warm-started from the current
+   version's ``weights.pt`` with its item vocabulary grown by the window's new
+   items, or, while only the rule model serves, trained from scratch on the
+   window's items; the ranker is refitted with the new towers;
+3. evaluate candidate and serving model (trained or rule) through the serving
+   contract on the newest interaction of every user (``finetune.heldout``);
+   the candidate's ranker is dropped (served in retrieval order) when it does
+   not beat retrieval alone there;
+4. promote the candidate only if it is not worse than a trained serving model
+   by more than ``finetune_margin`` (strictly better than the rule model);
+   log the decision with both models' metrics; publish ``ModelUpdate`` on
+   ``model.updates`` so that workers hot-swap.
 
-The ranker is carried over unchanged (see docs/finetuning.md).
+See docs/finetuning.md.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,8 @@ import torch
 
 from core.errors import ConfigError, DecodeError
 from core.settings import Settings
+from finetune.candidate import FineTuneSettings, finetune_towers  # noqa: F401 (this module's API)
+from finetune.catalogue import CatalogueLog
 from model.export.fused import Networks, export_all
 from model.nets.towers import attribute_mixing
 from model.serving.artefact import (
@@ -48,14 +56,7 @@ from model.serving.covisit import FILE_NAME as TRANSITIONS_FILE
 from model.serving.covisit import build_table
 from model.serving.registry import Registry
 from model.training.data import InteractionData, leave_one_out
-from model.training.retrieval import (
-    Catalogue,
-    RetrievalModel,
-    RetrievalSettings,
-    length_bucketed_batches,
-    next_item_loss,
-    training_pairs,
-)
+from model.training.retrieval import Catalogue
 
 log = logging.getLogger(__name__)
 HELD_OUT_METRIC = "ndcg@10"
@@ -131,12 +132,14 @@ def interaction_rows(raw_clicks: list[bytes], max_bytes: int) -> tuple[list[dict
     return rows, bad
 
 
-async def drain_topics(settings: Settings, interactions: InteractionLog, max_seconds: float = 300.0) -> dict[str, int]:
+async def drain_topics(settings: Settings, interactions: InteractionLog, max_seconds: float = 300.0,
+                       catalogue: CatalogueLog | None = None) -> dict[str, int]:
     """Read new clicks, searches and catalogue events until caught up; returns counts per topic.
 
-    Clicks become training interactions. Searches and catalogue events are read
-    (and their offsets committed) so the group stays current; training does not
-    use them yet.
+    Clicks become training interactions; catalogue events update ``catalogue``
+    (the text and categories of items a model has not learnt yet). Searches are
+    read (and their offsets committed) so the group stays current; training does
+    not use them yet.
     """
     from stream import kafka
 
@@ -157,6 +160,8 @@ async def drain_topics(settings: Settings, interactions: InteractionLog, max_sec
             clicks = [r.value for r in records if topics.get(r.topic) == "clicks"]
             rows, bad = interaction_rows(clicks, settings.max_event_bytes)
             interactions.append(rows)
+            if catalogue is not None:
+                catalogue.apply([r.value for r in records if topics.get(r.topic) == "catalog"], settings.max_event_bytes)
             await consumer.commit()
             counts["undecodable"] += bad
             for record in records:
@@ -166,81 +171,7 @@ async def drain_topics(settings: Settings, interactions: InteractionLog, max_sec
     return counts
 
 
-# --- training data -----------------------------------------------------------------
-def interaction_data(rows: list[dict[str, Any]], item_index: dict[str, int], item_ids: list[str],
-                     attributes: np.ndarray, attribute_names: list[str], name: str) -> InteractionData:
-    """Per-user sequences (oldest first) over the artefact's item vocabulary.
-
-    Items the artefact does not know are left out: the id embedding table has no
-    row for them (they are still served, through their content vectors).
-    """
-    by_user: dict[str, list[tuple[float, int]]] = {}
-    for row in rows:
-        index = item_index.get(str(row["i"]))
-        if index:
-            by_user.setdefault(str(row["u"]), []).append((float(row["t"]), index))
-    user_ids = sorted(by_user)
-    sequences, timestamps = [], []
-    for user in user_ids:
-        events = sorted(by_user[user])
-        sequences.append(np.asarray([i for _, i in events], dtype=np.int64))
-        timestamps.append(np.asarray([t for t, _ in events], dtype=np.float64))
-    return InteractionData(name=name, user_ids=user_ids, sequences=sequences, item_ids=item_ids,
-                           attributes=attributes, attribute_names=attribute_names, timestamps=timestamps)
-
-
-@dataclass(frozen=True)
-class FineTuneSettings:
-    epochs: int = 3
-    minutes: float = 0.5
-    learning_rate: float = 3e-4
-    batch_size: int = 256
-    seed: int = 42
-
-
-def finetune_towers(networks: Networks, catalogue: Catalogue, sequences: list[np.ndarray], train_action: int,
-                    settings: FineTuneSettings) -> dict[str, float]:
-    """Continue training both towers in place on ``sequences``; returns loss and steps."""
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
-    model = RetrievalModel(networks.config)
-    model.item_tower, model.user_tower = networks.item_tower, networks.user_tower
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.1,
-                                  betas=(0.9, 0.98))
-    inputs, targets = (torch.from_numpy(a) for a in training_pairs(sequences, networks.config.max_sequence))
-    lengths = (inputs > 0).sum(dim=1).numpy()
-    loss_settings = RetrievalSettings()
-    deadline = time.monotonic() + 60.0 * settings.minutes
-    steps, total_loss, total_rows, epoch = 0, 0.0, 0, 0
-    model.train()
-    for epoch in range(1, settings.epochs + 1):
-        for rows in length_bucketed_batches(lengths, settings.batch_size, rng):
-            index = torch.from_numpy(rows)
-            batch_inputs, batch_targets = inputs[index], targets[index]
-            used = int((batch_inputs > 0).any(dim=0).nonzero()[0]) if (batch_inputs > 0).any() else 0
-            batch_inputs, batch_targets = batch_inputs[:, used:], batch_targets[:, used:]  # drop all-padding columns
-            vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
-            actions = torch.where(batch_inputs > 0, train_action, 0)
-            hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
-            mask = batch_targets > 0
-            if not mask.any():
-                continue
-            loss = next_item_loss(hidden[mask], batch_targets[mask], vectors, loss_settings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            total_loss += float(loss.detach()) * int(mask.sum())
-            total_rows += int(mask.sum())
-            if time.monotonic() > deadline:
-                break
-        if time.monotonic() > deadline:
-            break
-    model.eval()
-    return {"steps": float(steps), "epochs": float(epoch), "train_loss": total_loss / max(total_rows, 1),
-            "train_rows": float(total_rows)}
-
-
+# --- training ----------------------------------------------------------------------
 def build_catalogue(parent: Any) -> Catalogue:
     """The item tower's training inputs from a loaded ``TrainedModel`` (its own stored features)."""
     attributes = torch.from_numpy(parent.stored_attributes)
@@ -287,11 +218,14 @@ class Decision:
     serving_version: str | None
     candidate_metrics: dict[str, float]
     serving_metrics: dict[str, float]
-    training: dict[str, float]
+    training: dict[str, Any]
     interactions: int
     users: int
     seconds: float
-    timings: dict[str, float]  # seconds per step: drain, train, export, evaluate
+    timings: dict[str, float]  # seconds per step: drain, prepare, train, export, evaluate
+    start: str = ""  # "parent" (warm start from the serving version's weights) or "scratch" (no weights)
+    vocabulary: dict[str, int] = field(default_factory=dict)  # items, new_items, attributes, new_attributes
+    ranker: dict[str, Any] = field(default_factory=dict)  # kept or dropped, and the held-out figures behind it
 
 
 def evaluate_on_newest(model: Any, data: InteractionData) -> dict[str, float]:
@@ -301,10 +235,61 @@ def evaluate_on_newest(model: Any, data: InteractionData) -> dict[str, float]:
     return {key: round(float(value), 6) for key, value in {**evaluation.metrics, **evaluation.extra}.items()}
 
 
+def serving_model(settings: Settings, registry: Registry) -> tuple[Any, Any | None]:
+    """(what serves, its trained artefact or None when the rule model serves)."""
+    from stream.services import load_serving_model
+
+    version = registry.current_version()
+    if version is None:
+        return load_serving_model(settings), None
+    model = registry.load(version, threads=settings.onnx_threads)
+    return model, model
+
+
+def ranker_choice(candidate: dict[str, float]) -> str:
+    """"kept" when the ranker's order beats retrieval alone on the held-out window, else "dropped"
+    (both before any co-visit fusion)."""
+    ranked, alone = candidate[f"ranked_{HELD_OUT_METRIC}"], candidate[f"retrieval_{HELD_OUT_METRIC}"]
+    return "kept" if ranked > alone else "dropped"
+
+
+def heldout_tables(question: Any, data: InteractionData, parent: Any | None) -> dict[str, Any]:
+    """Co-visit tables for the held-out evaluation, none holding a held-out interaction.
+
+    ``stream``: the transitions of the window's inputs, what a worker learns from the
+    same clicks (all the rule model has); ``trained``: those on top of the parent's
+    table (what the parent and the candidate both bring), counting only inputs newer
+    than the parent's table."""
+    stream = build_table(question.histories, question.n_items)
+    if parent is None or parent.transitions is None:
+        return {"stream": stream, "trained": stream}
+    through = float(parent.config.get("covisit", {}).get("through", float("-inf")))
+    times = data.timestamps or []
+    users = leave_one_out(data).users.tolist()
+    fresh = [times[user][: len(history)] > through for user, history in zip(users, question.histories)]
+    return {"stream": stream,
+            "trained": build_table(question.histories, question.n_items, base=parent.transitions, fresh=fresh)}
+
+
 def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = True,
               publish: bool = True) -> Decision:
-    """Drain, fine-tune, evaluate and maybe promote; every outcome is logged and returned."""
+    """Drain, train (from the serving version's weights, or from nothing while the rule model
+    serves), evaluate and maybe promote; every outcome is logged and returned."""
+    from finetune import heldout
+    from finetune.candidate import (
+        build_window,
+        first_config,
+        fresh_staging,
+        retrieval_order,
+        train_first,
+        train_warm,
+        training_action,
+        write_version,
+    )
+    from model.serving.content import TextEncoder
     from model.serving.trained import TrainedModel
+    from stream.covisit import fusion_weight
+    from stream.services import exported_towers
 
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -316,68 +301,112 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
 
     folder = settings.data_dir / "finetune"
     interactions = InteractionLog(folder, settings.finetune_max_interactions)
+    catalogue_log = CatalogueLog(folder)
     mark = started
     if drain:
-        counts = asyncio.run(drain_topics(settings, interactions))
+        counts = asyncio.run(drain_topics(settings, interactions, catalogue=catalogue_log))
         log.info("fine-tune: read %s", counts)
         mark = lap("drain", mark)
     rows = interactions.read()
+    catalogue = catalogue_log.read()
     registry = Registry(settings.models_path)
-    serving_version = registry.current_version()
-    if serving_version is None:
-        raise ConfigError(f"no trained model is promoted in {registry.root}: train one and "
-                          "`streamrec model promote DIR` it before fine-tuning")
-    parent_dir = registry.path(serving_version)
-    serving = registry.load(serving_version, threads=settings.onnx_threads)
-    attribute_names = [name for name, _ in sorted(serving.attribute_index.items(), key=lambda kv: kv[1])]
-    data = interaction_data(rows, serving.item_index, serving.item_ids[1:], serving.stored_attributes,
-                            attribute_names, name=str(serving.manifest.get("data", {}).get("dataset", "stream")))
-    split = leave_one_out(data)
+    serving, parent = serving_model(settings, registry)
+    serving_version = serving.version
+    towers_dir = exported_towers(settings)
+    encoder = TextEncoder.from_dir(towers_dir / "text", intra_op_threads=settings.onnx_threads)
+    dataset = str(parent.manifest.get("data", {}).get("dataset", "stream")) if parent is not None else "stream"
+    window = build_window(rows, catalogue, parent, encoder, dataset)
+    split = window.split
     users = len(split.users)
+    vocabulary = {"items": window.data.n_items, "new_items": len(window.new_items),
+                  "attributes": window.data.n_attributes, "new_attributes": len(window.new_attributes)}
+    start = "parent" if parent is not None else "scratch"
 
     def finish(decision: str, reason: str, candidate: str | None = None, candidate_metrics: dict | None = None,
-               serving_metrics: dict | None = None, training: dict | None = None) -> Decision:
+               serving_metrics: dict | None = None, training: dict | None = None,
+               ranker: dict | None = None) -> Decision:
         outcome = Decision(decision, reason, candidate, serving_version, candidate_metrics or {},
                            serving_metrics or {}, training or {}, len(rows), users,
-                           round(time.monotonic() - started, 2), timings)
+                           round(time.monotonic() - started, 2), timings, start, vocabulary, ranker or {})
         record_decision(folder, outcome, metrics)
         return outcome
 
     if users < settings.finetune_min_users:
-        return finish("skipped", f"{users} users with >= 3 known interactions; need {settings.finetune_min_users}")
+        return finish("skipped", f"{users} users with >= 3 interactions; need {settings.finetune_min_users}")
 
     mark = lap("prepare", mark)
-    networks = Networks.load(parent_dir)
-    train_sequences = split.inputs("test")  # everything but each user's newest interaction
     tune = FineTuneSettings(settings.finetune_epochs, settings.finetune_minutes, settings.finetune_learning_rate)
-    training = finetune_towers(networks, build_catalogue(serving), train_sequences, serving.train_action, tune)
+    train_action = parent.train_action if parent is not None else training_action(window)
+    if parent is not None:
+        networks, training = train_warm(parent.directory, window, tune, train_action)
+        config = {key: value for key, value in parent.config.items() if key not in ("tower", "retrieval")}
+    else:
+        networks, training, covisit_weight = train_first(window, encoder.dim, tune, train_action)
+        config = first_config(towers_dir, window.fields)
+        config["covisit"]["weight"] = covisit_weight
     mark = lap("train", mark)
-    dataset = str(serving.manifest.get("data", {}).get("dataset", "stream"))
     version = new_version(f"{dataset}-ft")
     while registry.path(version).exists():
         version = f"{version}-{os.getpid() % 1000}"
     times = [row["t"] for row in rows]
     manifest: dict[str, Any] = {
-        "version": version, "parent": serving_version, "created_at": utc_now(),
+        "version": version, "parent": parent.version if parent is not None else None,
+        "served_before": serving_version, "created_at": utc_now(),
         "data": {"dataset": dataset, "source": "stream", "interactions": len(rows), "users": users,
+                 "items": window.data.n_items, "new_items": len(window.new_items),
                  "window": {"first_event_time": min(times), "last_event_time": max(times)},
                  "held_out": "newest interaction of each user with >= 3"},
-        "finetune": asdict(tune), "metrics": {"training": training},
+        "finetune": {**asdict(tune), "start": start}, "metrics": {"training": training},
     }
     staging = staging_directory(settings.models_path / "staging" / version)
+    fields_seen: dict[tuple[str, ...], Any] = {}
+
+    def content(model: Any) -> dict[tuple[str, ...], Any]:
+        fields = tuple(model.text_fields)
+        if fields not in fields_seen:
+            fields_seen[fields] = window.content(encoder, fields, catalogue, model.image_dim)
+        return fields_seen
+
+    question = heldout.Window.newest(split, window.actions, window.data.timestamps or [], window.data.n_items)
     try:
-        manifest["metrics"]["onnx_parity_max_abs_diff"] = write_candidate(networks, serving, staging, manifest, data)
+        manifest["metrics"]["onnx_parity_max_abs_diff"] = write_version(
+            networks, window, staging, manifest, config, parent, train_action)
         mark = lap("export", mark)
-        candidate_metrics = evaluate_on_newest(TrainedModel(staging, threads=settings.onnx_threads), data)
-        serving_metrics = evaluate_on_newest(serving, data)
-        manifest["metrics"].update(heldout=candidate_metrics, parent_heldout=serving_metrics)
+        candidate = TrainedModel(staging, threads=settings.onnx_threads)
+        tables = heldout_tables(question, window.data, parent)
+        candidate_metrics = heldout.evaluate(candidate, content(candidate), question, tables["trained"],
+                                             fusion_weight(settings.covisit_weight, candidate))
+        blend = float(networks.ranker.blend)
+        ranker = {"decision": ranker_choice(candidate_metrics), "fitted_blend": blend,
+                  f"heldout_{HELD_OUT_METRIC}_ranked": candidate_metrics[f"ranked_{HELD_OUT_METRIC}"],
+                  f"heldout_{HELD_OUT_METRIC}_retrieval_alone": candidate_metrics[f"retrieval_{HELD_OUT_METRIC}"]}
+        if ranker["decision"] == "dropped":
+            # Served in retrieval order: the correction is switched off in the exported ranker.
+            retrieval_order(networks.ranker)
+            fresh_staging(staging)
+            manifest["metrics"]["onnx_parity_max_abs_diff"] = write_version(
+                networks, window, staging, manifest, config, parent, train_action)
+            candidate = TrainedModel(staging, threads=settings.onnx_threads)
+            candidate_metrics = heldout.evaluate(candidate, content(candidate), question, tables["trained"],
+                                                 fusion_weight(settings.covisit_weight, candidate))
+        serving_metrics = heldout.evaluate(serving, content(serving), question,
+                                           tables["trained" if parent is not None else "stream"],
+                                           fusion_weight(settings.covisit_weight, serving))
+        manifest["metrics"].update(heldout=candidate_metrics, parent_heldout=serving_metrics, ranker=ranker)
         mark = lap("evaluate", mark)
         write_manifest(staging, manifest)
+        log.warning("fine-tune: ranker %s (held-out %s %.4f ranked, %.4f retrieval alone)", ranker["decision"],
+                    HELD_OUT_METRIC, ranker[f"heldout_{HELD_OUT_METRIC}_ranked"],
+                    ranker[f"heldout_{HELD_OUT_METRIC}_retrieval_alone"])
         better = candidate_metrics[HELD_OUT_METRIC] >= serving_metrics[HELD_OUT_METRIC] - settings.finetune_margin
+        if parent is None:
+            # A first model replaces the rule model only when strictly better.
+            better = candidate_metrics[HELD_OUT_METRIC] > serving_metrics[HELD_OUT_METRIC]
         if not better:
             return finish("rejected", f"{HELD_OUT_METRIC} {candidate_metrics[HELD_OUT_METRIC]:.4f} < serving "
-                          f"{serving_metrics[HELD_OUT_METRIC]:.4f} - margin {settings.finetune_margin}",
-                          version, candidate_metrics, serving_metrics, training)
+                          f"{serving_version} {serving_metrics[HELD_OUT_METRIC]:.4f}"
+                          + (f" - margin {settings.finetune_margin}" if parent is not None else ""),
+                          version, candidate_metrics, serving_metrics, training, ranker)
         registry.add(staging, move=True)
         registry.promote(version, details={"heldout": candidate_metrics, "parent_heldout": serving_metrics})
     finally:
@@ -389,8 +418,9 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
             log.warning("promoted %s but could not publish on model.updates: %s", version, error)
     interactions.compact()
     return finish("promoted", f"{HELD_OUT_METRIC} {candidate_metrics[HELD_OUT_METRIC]:.4f} >= serving "
-                  f"{serving_metrics[HELD_OUT_METRIC]:.4f} - margin {settings.finetune_margin}",
-                  version, candidate_metrics, serving_metrics, training)
+                  f"{serving_version} {serving_metrics[HELD_OUT_METRIC]:.4f}"
+                  + (f" - margin {settings.finetune_margin}" if parent is not None else " (first model: strictly)"),
+                  version, candidate_metrics, serving_metrics, training, ranker)
 
 
 def record_decision(folder: Path, decision: Decision, metrics: Any | None) -> None:
@@ -410,7 +440,8 @@ def record_decision(folder: Path, decision: Decision, metrics: Any | None) -> No
             metrics.finetune_heldout_metric.labels(model, name).set(value)
     if decision.decision == "promoted":
         for name, value in {**decision.training, **decision.candidate_metrics}.items():
-            metrics.training_metric.labels(name).set(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):  # not the nested reports
+                metrics.training_metric.labels(name).set(value)
 
 
 async def publish_update(settings: Settings, version: str, path: Path) -> None:

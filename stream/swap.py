@@ -5,11 +5,14 @@ registry's ``current`` version with the one it serves and, if they differ,
 
 1. loads the new version with every file's sha256 verified (a corrupt or
    incomplete artefact is refused and the worker keeps serving its model);
-2. under the write lock (ingest pauses, requests do not) rebuilds item, user
-   and query vectors for the new version into new collections
-   ``items_<version>``, ``users_<version>``, ``queries_<version>``;
-3. replaces ``services.serving`` (model + collections + item cache) with one
-   assignment. ``recommend`` reads that reference once per request, so a
+2. rebuilds item, user and query vectors for the new version into new
+   collections ``items_<version>``, ``users_<version>``, ``queries_<version>``
+   while the agents keep applying events to the serving ones: a ``Journal``
+   in front of the store notes every point written to those meanwhile, and
+   the noted points are rebuilt again (catch-up) until few are left;
+3. under the write lock (ingestion waits only for this last, small
+   catch-up) rebuilds the last noted points and replaces ``services.serving``
+   (model + collections + item cache) with one assignment. ``recommend`` reads that reference once per request, so a
    request in flight finishes on the old version and the next starts on the
    new one: no request mixes versions, none is dropped.
 
@@ -24,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import SimpleNamespace
 
 import numpy as np
@@ -56,6 +60,8 @@ from stream.versions import (
 
 log = logging.getLogger(__name__)
 CHUNK = 1024
+CATCH_UP_ROUNDS = 5  # rebuilds of what changed during the previous one, before the write lock
+CATCH_UP_UNDER_LOCK = 256  # points few enough to rebuild while ingestion waits
 
 
 def retire(services: Services, replaced: Collections, serving: Collections) -> Collections | None:
@@ -86,7 +92,7 @@ def _chunks(ids: Iterator[str]) -> Iterator[list[str]]:
 
 
 def _rebuild_items(services: Services, model: ServingModel, old: Collections, new: ServingState,
-                   stored_fields: tuple[str, ...]) -> int:
+                   stored_fields: tuple[str, ...], only: set[str] | None = None) -> int:
     """The new version's item vectors, from each item's stored text and photo vectors.
 
     ``stored_fields``: what the stored text vectors were embedded from. A
@@ -96,9 +102,13 @@ def _rebuild_items(services: Services, model: ServingModel, old: Collections, ne
     """
     store, count = services.store, 0
     reembed = tuple(model.text_fields) != tuple(stored_fields)
-    for ids in _chunks(store.scroll_ids(old.items)):
+    for ids in _chunks(store.scroll_ids(old.items) if only is None else iter(sorted(only))):
         hits = store.retrieve(old.items, ids, with_vectors=["text", "image"])
         found = [hits[i] for i in ids if i in hits]
+        gone = [i for i in ids if i not in hits]
+        if only is not None and gone:  # deleted from the serving items since the build read them
+            store.delete(new.collections.items, gone)
+            new.item_cache.drop(gone)
         if not found:
             continue
         image, has_image = stored_vectors(found, "image", model.image_dim)
@@ -120,9 +130,10 @@ def _rebuild_items(services: Services, model: ServingModel, old: Collections, ne
     return count
 
 
-def _rebuild_queries(services: Services, model: ServingModel, old: Collections, new: Collections) -> int:
+def _rebuild_queries(services: Services, model: ServingModel, old: Collections, new: Collections,
+                     only: set[str] | None = None) -> int:
     store, count = services.store, 0
-    for ids in _chunks(store.scroll_ids(old.queries)):
+    for ids in _chunks(store.scroll_ids(old.queries) if only is None else iter(sorted(only))):
         hits = [h for h in store.retrieve(old.queries, ids).values() if h.payload.get("query")]
         if not hits:
             continue
@@ -136,12 +147,12 @@ def _rebuild_queries(services: Services, model: ServingModel, old: Collections, 
     return count
 
 
-def _rebuild_users(services: Services, old: Collections, new: ServingState) -> int:
+def _rebuild_users(services: Services, old: Collections, new: ServingState, only: set[str] | None = None) -> int:
     store, count = services.store, 0
     # A view of the services that already serves the new state, so user_vectors
     # reads the new item and query vectors and calls the new user tower.
     view = dataclasses.replace(services, serving=new)
-    for ids in _chunks(store.scroll_ids(old.users)):
+    for ids in _chunks(store.scroll_ids(old.users) if only is None else iter(sorted(only))):
         hits = store.retrieve(old.users, ids)
         states = [UserState.from_payload(uid, hits[uid].payload) for uid in ids if uid in hits]
         if not states:
@@ -210,8 +221,72 @@ def install(services: Services, state: ServingState, replaced: Collections | Non
     write_pointer(services.settings, state.model, state.collections, retired)
 
 
+class Journal:
+    """The store, noting the ids of every point written to ``watched`` collections.
+
+    Put in front of ``services.store`` while a new version is built, so the
+    points the agents change meanwhile can be rebuilt before the switch.
+    """
+
+    def __init__(self, store: object, watched: Collections) -> None:
+        self.store = store
+        self.watched = watched
+        self._lock = threading.Lock()
+        self._noted: dict[str, set[str]] = {name: set() for name in dataclasses.astuple(watched)}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    def _note(self, collection: str, ids: Iterable[str]) -> None:
+        if collection in self._noted:
+            with self._lock:
+                self._noted[collection].update(str(i) for i in ids)
+
+    def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        self._note(collection, (point.id for point in points))
+        self.store.upsert(collection, points)  # type: ignore[attr-defined]
+
+    def update_payload(self, collection: str, point_id: str, payload: dict) -> None:  # type: ignore[type-arg]
+        self._note(collection, [point_id])
+        self.store.update_payload(collection, point_id, payload)  # type: ignore[attr-defined]
+
+    def update_vectors(self, collection: str, *args: object, **kwargs: object) -> None:
+        ids = args[0] if args else kwargs.get("points", kwargs.get("ids", []))
+        self._note(collection, [getattr(item, "id", item) for item in ids])  # type: ignore[union-attr]
+        self.store.update_vectors(collection, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def delete(self, collection: str, ids: Sequence[str]) -> None:
+        self._note(collection, ids)
+        self.store.delete(collection, ids)  # type: ignore[attr-defined]
+
+    def take(self) -> Collections:
+        """The ids noted since the last ``take`` (as ``Collections`` of sets), and forget them."""
+        with self._lock:
+            noted = self._noted
+            self._noted = {name: set() for name in dataclasses.astuple(self.watched)}
+        return Collections(*(noted[name] for name in dataclasses.astuple(self.watched)))  # type: ignore[arg-type]
+
+
+def catch_up(services: Services, model: ServingModel, old: Collections, state: ServingState,
+             changed: Collections, stored_fields: tuple[str, ...]) -> int:
+    """Rebuild into ``state`` the points of ``old`` noted in ``changed``; returns how many."""
+    items, queries, users = changed.items, changed.queries, changed.users  # sets of ids
+    count = 0
+    if items:
+        count += _rebuild_items(services, model, old, state, stored_fields, only=items)  # type: ignore[arg-type]
+    if queries:
+        count += _rebuild_queries(services, model, old, state.collections, only=queries)  # type: ignore[arg-type]
+    if users:
+        count += _rebuild_users(services, old, state, only=users)  # type: ignore[arg-type]
+    return count
+
+
 async def hot_swap(services: Services, version: str | None = None) -> bool:
-    """Serve ``version`` (default: the registry's current one); False when refused or unchanged."""
+    """Serve ``version`` (default: the registry's current one); False when refused or unchanged.
+
+    Events keep being applied while the new version's vectors are built; the write
+    lock is held only for the last catch-up and the switch.
+    """
     settings = services.settings
     registry = Registry(settings.models_path)
     target = version or registry.current_version()
@@ -225,11 +300,34 @@ async def hot_swap(services: Services, version: str | None = None) -> bool:
         log.error("model %s refused, still serving %s: %s", target, services.model.version, error)
         services.metrics.model_swaps.labels("refused").inc()
         return False
-    async with services.write_lock:
+    old = services.serving.collections
+    stored_fields = tuple(services.serving.model.text_fields)
+    journal = Journal(services.store, old)
+    async with services.write_lock:  # between two batches: none holds the plain store from now on
+        services.store = journal  # type: ignore[assignment]
+    try:
         state = await asyncio.to_thread(build_state, services, model)
-        install(services, state)
-    log.warning("now serving model %s (%s)", state.model.version, state.collections.items)
+        for _ in range(CATCH_UP_ROUNDS):
+            changed = journal.take()
+            if sum(len(ids) for ids in dataclasses.astuple(changed)) <= CATCH_UP_UNDER_LOCK:
+                _merge(journal, changed)
+                break
+            await asyncio.to_thread(catch_up, services, model, old, state, changed, stored_fields)
+        async with services.write_lock:
+            # No agent writes now: what is noted is all that is left.
+            last = catch_up(services, model, old, state, journal.take(), stored_fields)
+            install(services, state)
+    finally:
+        services.store = journal.store  # type: ignore[assignment]
+    log.warning("now serving model %s (%s); %d points caught up under the write lock",
+                state.model.version, state.collections.items, last)
     return True
+
+
+def _merge(journal: Journal, changed: Collections) -> None:
+    """Put ids taken from ``journal`` back (they are rebuilt by the next ``take``)."""
+    for name, ids in zip(dataclasses.astuple(journal.watched), dataclasses.astuple(changed)):
+        journal._note(name, ids)  # noqa: SLF001 - the journal's own bookkeeping
 
 
 def reconcile(services: Services) -> None:

@@ -217,9 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--http", action="store_true", help="use the HTTP endpoint instead of Kafka")
     rec.add_argument("--timeout", type=float, default=10.0)
 
-    demo = sub.add_parser("demo", help="replay MovieLens-100k through the embedded stack")
-    demo.add_argument("--users", type=int, default=300, help="users to replay")
-    demo.add_argument("--events", type=int, default=20000, help="click events to replay at most")
+    demo = sub.add_parser("demo", help="the learning loop on MovieLens-100k, through the embedded stack")
+    demo.add_argument("--users", type=int, default=943, help="the most active users to replay")
+    demo.add_argument("--events", type=int, default=30000, help="ratings replayed before the fine-tuning cycle")
 
     # Their own parsers take the options (parse_known_args below passes them through).
     sub.add_parser("status", help="one-screen summary of a running worker (see streamrec status -h)",
