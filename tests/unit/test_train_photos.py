@@ -2,66 +2,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from model.export.fused import Networks
 from model.serving.contract import ItemContent
 from model.serving.trained import TrainedModel
-from model.training.data import load_table
-from model.training.ranker import RankerSettings
-from model.training.train import FORMAT_RETRIEVAL, train_artefact
-
-N_ITEMS, N_USERS = 30, 60
-COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220)]
-
-
-def make_data(root: Path) -> tuple[Path, Path]:
-    """Three groups of ten items; each user walks inside one group; photos coloured by group.
-
-    Items 28-30 have no photo and item 27 no title: the missing modalities.
-    """
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    records = []
-    for item in range(1, N_ITEMS + 1):
-        group = (item - 1) // 10
-        record: dict[str, object] = {"item_id": f"i{item:02d}", "title": f"thing {item}", "category": f"g{group}"}
-        if item == 27:
-            record["title"] = ""
-        if item <= 27:
-            noise = rng.integers(0, 40, size=(40, 40, 3))
-            pixels = np.clip(np.asarray(COLOURS[group]) + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(images / f"{item}.jpg")
-            record["image"] = f"{item}.jpg"
-        records.append(record)
-    (root / "catalogue.json").write_text(json.dumps(records))
-    lines = ["user_id,item_id,timestamp"]
-    for user in range(N_USERS):
-        group = user % 3
-        for step in range(12):
-            lines.append(f"u{user},i{group * 10 + (user + step) % 10 + 1:02d},{1000 * user + step}")
-    (root / "interactions.csv").write_text("\n".join(lines) + "\n")
-    return root / "interactions.csv", root / "catalogue.json"
+from tests.integration.synthetic import PHOTO_ITEMS as N_ITEMS
+from tests.integration.synthetic import train_photo_model
 
 
 @pytest.fixture(scope="module")
 def artefact(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("photos")
-    interactions, catalogue = make_data(root)
-    data = load_table(interactions, catalogue, root / "images")
-    torch.set_num_threads(1)
-    train_artefact(data, "table", interactions, root / "artefact",
-                   tower_overrides={"fused_dim": 16, "max_sequence": 12, "n_layers": 1},
-                   retrieval=replace(FORMAT_RETRIEVAL["table"], epochs=3, minutes=0.3, eval_every=1),
-                   ranker=RankerSettings(epochs=1), progress=False,
-                   towers_dir=models_dir / "towers", cache_dir=root / "cache")
+    train_photo_model(root, models_dir / "towers")
     return root / "artefact", root
 
 
