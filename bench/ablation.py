@@ -102,6 +102,7 @@ def main_ablation(data: InteractionData, args: argparse.Namespace) -> int:
     data_format = args.data_format if args.data_format in FORMAT_TOWER else "table"
     settings = FORMAT_RETRIEVAL["table"]
     settings = replace(settings, minutes=args.minutes if args.minutes is not None else settings.minutes,
+                       epochs=args.epochs if args.epochs is not None else settings.epochs,
                        train_action=ACTION_CODE[data.action or FORMAT_ACTION[data_format]], seed=args.seed + 42)
     config = TowerConfig(n_items=data.n_items, n_attributes=data.n_attributes,
                          max_attributes=data.attributes.shape[1], text_dim=content.text.shape[1],

@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cold-share", type=float, default=0.1,
                         help="--ablation: share of items (newest by first interaction) held out of training")
     parser.add_argument("--minutes", type=float, default=None, help="--ablation: wall-clock budget per variant")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="--ablation: epochs per variant (the same for all: a fair comparison on a busy machine)")
     parser.add_argument("--threads", type=int, default=2, help="--ablation: torch CPU threads")
     return parser
 
