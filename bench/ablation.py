@@ -58,7 +58,9 @@ def format_ablation(result: dict[str, Any]) -> str:
             f"{search['poster']['same_item_in_top10']:.4f}, centre crop ({search['crop_share']:.0%}) "
             f"{search['crop']['same_item_in_top10']:.4f}; share of the other 10 that share a category — "
             f"poster {search['poster']['same_category_share_of_top10']:.4f}, crop "
-            f"{search['crop']['same_category_share_of_top10']:.4f}, random {search['random_same_category_share']:.4f}"
+            f"{search['crop']['same_category_share_of_top10']:.4f}, random {search['random_same_category_share']:.4f}; "
+            f"at least one — poster {search['poster']['any_same_category_in_top10']:.4f}, crop "
+            f"{search['crop']['any_same_category_in_top10']:.4f}, random {search['random_any_same_category']:.4f}"
         )
     return "\n".join(lines)
 

@@ -245,6 +245,16 @@ def run_ablation(data: InteractionData, content: ContentVectors, config: TowerCo
     }
 
 
+def share_a_category(attributes: np.ndarray, n_attributes: int) -> np.ndarray:
+    """(P, A) attribute indices (0 = empty slot) -> (P, P) bool: two different items share one."""
+    multi_hot = np.zeros((len(attributes), n_attributes + 1), dtype=np.float32)
+    np.put_along_axis(multi_hot, attributes, 1.0, axis=1)
+    multi_hot[:, 0] = 0.0  # slot padding
+    shared = (multi_hot @ multi_hot.T) > 0
+    np.fill_diagonal(shared, False)
+    return shared
+
+
 def visual_search(data: InteractionData, content: ContentVectors, towers_dir: Path, cache_dir: Path | None,
                   crop: float = 0.6, progress: bool = True) -> dict[str, Any]:
     """Query the photo index with each item's photo, and with a centre crop of it.
@@ -260,11 +270,7 @@ def visual_search(data: InteractionData, content: ContentVectors, towers_dir: Pa
     images = data.images or [None] * (data.n_items + 1)
     cropped, has_crop = encode_images([images[i] for i in with_photo], towers_dir, cache_dir, progress, crop)
     categories = data.attributes[with_photo]  # (P, A)
-    shared = np.zeros((len(with_photo), len(with_photo)), dtype=bool)
-    for slot in range(categories.shape[1]):
-        values = categories[:, slot]
-        shared |= (values[:, None] == categories[None, :, :]).any(axis=2) & (values[:, None] > 0)
-    np.fill_diagonal(shared, False)
+    shared = share_a_category(categories, data.n_attributes)
     result: dict[str, Any] = {"photos": len(with_photo), "crop_share": crop}
     for name, queries in (("poster", index), ("crop", cropped[has_crop])):
         rows = np.arange(len(with_photo))[has_crop] if name == "crop" else np.arange(len(with_photo))
@@ -279,7 +285,14 @@ def visual_search(data: InteractionData, content: ContentVectors, towers_dir: Pa
             "same_category_share_of_top10": float(genre_hits.mean()),
             "any_same_category_in_top10": float(genre_hits.any(axis=1).mean()),
         }
-    result["random_same_category_share"] = float(shared.sum(axis=1).mean() / max(len(with_photo) - 1, 1))
+    others_count = max(len(with_photo) - 1, 1)
+    sharing = shared.sum(axis=1)  # (P,) other items sharing a category with each
+    result["random_same_category_share"] = float(sharing.mean() / others_count)
+    # P(at least one of 10 random other items shares a category) = 1 - C(n - s, 10) / C(n, 10)
+    none = np.ones(len(with_photo))
+    for j in range(K):
+        none *= np.clip((others_count - sharing - j) / (others_count - j), 0.0, 1.0)
+    result["random_any_same_category"] = float((1.0 - none).mean())
     return result
 
 

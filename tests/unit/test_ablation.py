@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.training.ablation import cold_items, cold_split, random_metrics, rank_metrics
+from model.training.ablation import cold_items, cold_split, random_metrics, rank_metrics, share_a_category
 from model.training.data import InteractionData
 
 
@@ -46,3 +46,10 @@ def test_random_metrics_count_the_candidates_outside_the_history() -> None:
     result = random_metrics([np.arange(1, 11)], candidates)
     assert result["hr@10"] == pytest.approx(10 / 20)
     assert result["ndcg@10"] == pytest.approx(sum(1 / np.log2(r + 2) for r in range(10)) / 20)
+
+
+def test_items_share_a_category_only_through_a_real_one() -> None:
+    attributes = np.array([[1, 2], [2, 0], [3, 0], [0, 0]])
+    shared = share_a_category(attributes, 3)
+    assert shared.tolist() == [[False, True, False, False], [True, False, False, False],
+                               [False, False, False, False], [False, False, False, False]]
