@@ -4,7 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.training.ablation import cold_items, cold_split, random_metrics, rank_metrics, share_a_category
+from model.training.ablation import (
+    cold_items,
+    cold_split,
+    random_metrics,
+    rank_metrics,
+    share_a_category,
+)
 from model.training.data import InteractionData
 
 
