@@ -33,7 +33,7 @@ import torch
 
 from core.text import CONTENT_TEXT_FIELDS, compose_text
 from model.nets.towers import TowerConfig, attribute_mixing
-from model.serving.contract import ACTION_CODE, ItemContent
+from model.serving.contract import ItemContent
 from model.training.content_vectors import ContentVectors, encode_texts
 from model.training.data import InteractionData, LeaveOneOut, leave_one_out, left_pad
 from model.training.metrics import exclude_history, ranking_metrics, target_ranks
@@ -294,7 +294,3 @@ def visual_search(data: InteractionData, content: ContentVectors, towers_dir: Pa
         none *= np.clip((others_count - sharing - j) / (others_count - j), 0.0, 1.0)
     result["random_any_same_category"] = float((1.0 - none).mean())
     return result
-
-
-def default_action() -> int:
-    return ACTION_CODE["view"]
