@@ -3,6 +3,9 @@
     streamrec bench quality --data FILE [--format s3rec|ml100k] [--protocol full|sampled]
                             [--model pop|pop-all|trained] [--artefact DIR]
                             [--diversity-sweep] [--plot PATH]
+    streamrec bench quality --interactions FILE --catalogue FILE --image-root DIR
+                            [--catalogue-fields category=genres,image=poster] ...
+    streamrec bench quality --interactions ... --ablation [--minutes M] [--cold-share 0.1] [--plot PATH]
 
 Prints a table, then as its last line one JSON object with the metrics.
 ``pop-all`` counts popularity over every interaction, test items included: it
@@ -24,9 +27,10 @@ from core.errors import ConfigError, StreamrecError
 from model.training.data import (
     FORMATS,
     InteractionData,
+    add_table_arguments,
     item_counts,
     leave_one_out,
-    load_interactions,
+    read_data,
 )
 from model.training.evaluate import (
     MODELS,
@@ -188,7 +192,7 @@ def run(
         "protocol": protocol,
         "model": model_name + ("-int8" if int8 and model_name == "trained" else ""),
         **{column: round(evaluation.metrics[column], 5) for column in METRIC_COLUMNS},
-        "n_users": int(len(split.test)),
+        "n_users": len(split.test),
         "train_seconds": round(train_seconds, 3),
         **{key: round(value, 5) for key, value in diversity(evaluation, space, data.n_items).items()},
         **{key: round(value, 5) for key, value in evaluation.extra.items()},
@@ -210,13 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart beside the published rows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
     parser.add_argument("--int8", action="store_true", help="serve the artefact's int8 copies (model.export.fused --int8)")
+    add_table_arguments(parser)
+    parser.add_argument("--ablation", action="store_true",
+                        help="train behaviour / +text / +image / all three and compare them (bench.ablation)")
+    parser.add_argument("--cold-share", type=float, default=0.1,
+                        help="--ablation: share of items (newest by first interaction) held out of training")
+    parser.add_argument("--minutes", type=float, default=None, help="--ablation: wall-clock budget per variant")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="--ablation: epochs per variant (the same for all: a fair comparison on a busy machine)")
+    parser.add_argument("--threads", type=int, default=2, help="--ablation: torch CPU threads")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        data = load_interactions(args.data_format, args.data)
+        data, args.data_format, args.data = read_data(args)
+        if args.ablation:
+            from bench.ablation import main_ablation
+
+            return main_ablation(data, args)
         result, sweep_rows = run(
             data, args.protocol, args.model_name, args.artefact, args.diversity_sweep, args.seed, args.int8
         )

@@ -18,9 +18,13 @@ from model.serving.networks import TowerConfig
 class ItemTower(nn.Module):
     """Fuses id, attributes, text and image into one d-dim item vector.
 
-    The parts are summed, so an item missing a modality simply lacks that term,
-    and an unknown item (index 0) is described by its content alone.
+    The parts are summed. An item missing a modality gets that modality's
+    learned "missing" vector instead of its projection (zero until training
+    sees items without it), so a film without a poster is not placed as if its
+    poster were blank; an unknown item (index 0) is described by its content.
     """
+
+    MISSING = ("missing_text", "missing_image")
 
     def __init__(self, config: TowerConfig) -> None:
         super().__init__()
@@ -36,6 +40,31 @@ class ItemTower(nn.Module):
         for projection in (self.text_projection, self.image_projection):
             nn.init.normal_(projection.weight, std=0.02)
             nn.init.zeros_(projection.bias)
+        self.missing_text = nn.Parameter(torch.zeros(d))
+        self.missing_image = nn.Parameter(torch.zeros(d))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Weights saved before the "missing" vectors existed behaved as if they were zero.
+        for name in self.MISSING:
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def content_vectors(
+        self, text: torch.Tensor | None, has_text: torch.Tensor | None,
+        image: torch.Tensor | None, has_image: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Text and image terms: (N, T), (N,), (N, I), (N,) -> (N, d); None = nobody has it."""
+        parts = []
+        for projection, missing, values, present in (
+            (self.text_projection, self.missing_text, text, has_text),
+            (self.image_projection, self.missing_image, image, has_image),
+        ):
+            if values is None or present is None:
+                parts.append(missing.unsqueeze(0))
+                continue
+            flag = present.unsqueeze(-1)
+            parts.append(projection(values) * flag + missing * (1.0 - flag))
+        return parts[0] + parts[1]
 
     def attribute_vectors(self, attributes: torch.Tensor) -> torch.Tensor:
         """Mean attribute embedding: (N, A) int64, 0 = empty slot -> (N, d)."""
@@ -54,26 +83,28 @@ class ItemTower(nn.Module):
     ) -> torch.Tensor:
         """(N,) int64, (N, A) int64, (N, T), (N, I), (N,) float, (N,) float -> (N, d)."""
         vectors = self.item_embedding(item_index) + self.attribute_vectors(attributes)
-        vectors = vectors + self.text_projection(text) * has_text.unsqueeze(-1)
-        return vectors + self.image_projection(image) * has_image.unsqueeze(-1)
+        return vectors + self.content_vectors(text, has_text, image, has_image)
 
     def catalogue_vectors(
         self,
         attribute_mixing: torch.Tensor,
         text: torch.Tensor | None = None,
         has_text: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+        id_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Vectors of every known item (index 0..n_items), for training.
 
         attribute_mixing: sparse (N+1, n_attributes+1), row i = mean weights of
-        item i's attributes (see ``attribute_mixing``). Same maths as
-        ``forward`` for items without images (training data has none); the
-        sparse product and skipping the all-zero image matmul keep steps cheap.
+        item i's attributes (see ``attribute_mixing``). id_rows (N+1,) int64:
+        the id embedding row each item reads (default its own; 0 makes it an
+        unknown item, known by content). Same maths as ``forward``; the sparse
+        product keeps steps cheap.
         """
-        vectors = self.item_embedding.weight + torch.sparse.mm(attribute_mixing, self.attribute_embedding.weight)
-        if text is not None and has_text is not None:
-            vectors = vectors + self.text_projection(text) * has_text.unsqueeze(-1)
-        return vectors
+        ids = self.item_embedding.weight if id_rows is None else self.item_embedding(id_rows)
+        vectors = ids + torch.sparse.mm(attribute_mixing, self.attribute_embedding.weight)
+        return vectors + self.content_vectors(text, has_text, image, has_image)
 
 
 def attribute_mixing(attributes: torch.Tensor, n_attributes: int) -> torch.Tensor:

@@ -84,6 +84,8 @@ class TrainedModel:
         except (OSError, ValueError, KeyError) as error:
             raise ModelLoadError(f"cannot read artefact {self.directory}: {error}") from error
         self.item_part_dim = self._parts.hidden if self._parts is not None else 0
+        self.stored_image: np.ndarray | None = stored.get("image")  # (N+1, I): models trained with photos
+        self.stored_has_image: np.ndarray | None = stored.get("has_image")
         suffix = ".int8.onnx" if int8 else ".onnx"
         self._sessions = {}
         self.served_files: dict[str, Path] = {}  # network -> the ONNX file its session runs
@@ -128,13 +130,21 @@ class TrainedModel:
             fill = ~has_text & (indices > 0) & self.stored_has_text[indices].astype(bool)
             text[fill] = self.stored_text[indices[fill]]
             has_text |= fill
+        image = np.asarray(content.image, dtype=np.float32).reshape(count, self.image_dim)
+        has_image = np.asarray(content.has_image, dtype=bool).reshape(count)
+        if self.stored_image is not None and self.stored_has_image is not None:
+            # Likewise the photo: a request without one does not erase the trained item's.
+            fill = ~has_image & (indices > 0) & self.stored_has_image[indices].astype(bool)
+            image, has_image = image.copy(), has_image.copy()
+            image[fill] = self.stored_image[indices[fill]]
+            has_image |= fill
         feeds = {
             "item_index": indices,
             "attributes": self._attribute_rows(indices, list(content.categories)),
             "text": text,
-            "image": np.asarray(content.image, dtype=np.float32).reshape(count, self.image_dim),
+            "image": image,
             "has_text": has_text.astype(np.float32),
-            "has_image": np.asarray(content.has_image, dtype=np.float32).reshape(count),
+            "has_image": has_image.astype(np.float32),
         }
         return self._sessions["item_tower"].run(None, feeds)[0]
 
@@ -154,19 +164,24 @@ class TrainedModel:
         return self.item_vectors(content)
 
     def catalogue_content(self, indices: np.ndarray) -> ItemContent:
-        """What the artefact knows about its own items (no images), for rebuilding vectors."""
+        """What the artefact knows about its own items (photos only if it was trained with them)."""
         count = len(indices)
         if self.stored_text is not None and self.stored_has_text is not None:
             text = self.stored_text[indices].astype(np.float32)
             has_text = self.stored_has_text[indices].astype(bool)
         else:
             text, has_text = np.zeros((count, self.text_dim), np.float32), np.zeros(count, bool)
+        if self.stored_image is not None and self.stored_has_image is not None:
+            image = self.stored_image[indices].astype(np.float32)
+            has_image = self.stored_has_image[indices].astype(bool)
+        else:
+            image, has_image = np.zeros((count, self.image_dim), np.float32), np.zeros(count, bool)
         return ItemContent(
             item_ids=[self.item_ids[i] for i in indices.tolist()],
             text=text,
-            image=np.zeros((count, self.image_dim), np.float32),
+            image=image,
             has_text=has_text,
-            has_image=np.zeros(count, bool),
+            has_image=has_image,
             categories=[""] * count,
         )
 

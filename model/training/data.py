@@ -8,6 +8,9 @@ Two formats are read:
 - ``ml100k``: the MovieLens-100k atomic files shipped in the ``recbole`` wheel
   (``ml-100k.inter`` and ``ml-100k.item``); genres become attributes and
   titles are kept for the text tower.
+- ``table``: the general format of ``model.training.table_format``, an
+  interaction table (TSV/CSV/JSONL) plus a catalogue (JSON/JSONL) with titles,
+  descriptions, categories and photos.
 
 Item indices are 1-based in the order of the domain ids (numeric order when
 every id is an integer), index 0 is reserved for "unknown / padding". Ties in
@@ -16,6 +19,7 @@ protocol does.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ import numpy as np
 
 from core.errors import ConfigError
 
-FORMATS: tuple[str, ...] = ("s3rec", "ml100k")
+FORMATS: tuple[str, ...] = ("s3rec", "ml100k", "table")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class InteractionData:
     attribute_names:  domain name of attribute index a at position a - 1
     titles:           one title per item index (index 0 is ""), or None
     timestamps:       per user, the event times (seconds) aligned with sequences, or None
+    descriptions:     one description per item index ("" when absent), or None
+    images:           one local photo path per item index (None when absent), or None
+    action:           the interaction kind the towers learn from (None: the format's default)
     """
 
     name: str
@@ -48,6 +55,9 @@ class InteractionData:
     attribute_names: list[str]
     titles: list[str] | None = None
     timestamps: list[np.ndarray] | None = None
+    descriptions: list[str] | None = None
+    images: list[Path | None] | None = None
+    action: str | None = None
 
     @property
     def n_items(self) -> int:
@@ -232,6 +242,59 @@ def load_ml100k(folder: Path | None = None) -> InteractionData:
     )
 
 
+def load_table(interactions: Path, catalogue: Path | None = None, image_root: Path | None = None,
+               field_map: dict[str, str] | None = None) -> InteractionData:
+    """The general format: every interaction row, plus what the catalogue says about each item.
+
+    Items are those of the interactions and of the catalogue (an item listed
+    but never interacted with still gets an index: it can be served). Each
+    user's interactions are ordered by time, file order breaking ties.
+    """
+    from collections import Counter
+
+    from model.training.table_format import read_catalogue, read_interactions
+
+    rows = read_interactions(interactions)
+    if not rows:
+        raise ConfigError(f"{interactions}: no interactions")
+    records = read_catalogue(catalogue, image_root, field_map) if catalogue is not None else []
+    item_ids = _sorted_ids({row.item_id for row in rows} | {record.item_id for record in records})
+    index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
+    by_user: dict[str, list[tuple[float, int, int]]] = {}
+    for row in rows:
+        by_user.setdefault(row.user_id, []).append((row.time, row.line, index[row.item_id]))
+    user_ids = _sorted_ids(set(by_user))
+    sequences, timestamps = [], []
+    for user in user_ids:
+        events = sorted(by_user[user])
+        sequences.append(np.asarray([item for _, _, item in events], dtype=np.int64))
+        timestamps.append(np.asarray([t for t, _, _ in events], dtype=np.float64))
+
+    names = _sorted_ids({name for record in records for name in record.categories})
+    attribute_index = {name: i + 1 for i, name in enumerate(names)}
+    per_item: list[list[int]] = [[] for _ in range(len(item_ids) + 1)]
+    titles, descriptions = [""] * (len(item_ids) + 1), [""] * (len(item_ids) + 1)
+    images: list[Path | None] = [None] * (len(item_ids) + 1)
+    for record in records:
+        i = index[record.item_id]
+        per_item[i] = [attribute_index[name] for name in record.categories]
+        titles[i], descriptions[i], images[i] = record.title, record.description, record.image
+    actions = Counter(row.action for row in rows if row.action is not None)
+    return InteractionData(
+        name=interactions.stem if catalogue is None else catalogue.parent.name or interactions.stem,
+        user_ids=user_ids,
+        sequences=sequences,
+        item_ids=item_ids,
+        attributes=_attribute_matrix(per_item),
+        attribute_names=names,
+        titles=titles if any(titles) else None,
+        timestamps=timestamps,
+        descriptions=descriptions if any(descriptions) else None,
+        images=images if any(path is not None for path in images) else None,
+        action=actions.most_common(1)[0][0] if actions else None,
+    )
+
+
 def load_interactions(data_format: str, path: Path | None) -> InteractionData:
     if data_format == "s3rec":
         if path is None:
@@ -239,7 +302,39 @@ def load_interactions(data_format: str, path: Path | None) -> InteractionData:
         return load_s3rec(path)
     if data_format == "ml100k":
         return load_ml100k(path)
+    if data_format == "table":
+        if path is None:
+            raise ConfigError("--interactions is required for the table format")
+        return load_table(path)
     raise ConfigError(f"unknown data format {data_format!r}; expected one of {FORMATS}")
+
+
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    """The general input format's options (shared with ``streamrec bench quality``)."""
+    parser.add_argument("--interactions", type=Path,
+                        help="interaction table (.tsv/.csv with a header, or .jsonl): user_id, item_id, timestamp, "
+                             "optional action; implies --format table")
+    parser.add_argument("--catalogue", type=Path, help="catalogue (.json list or .jsonl): item_id, title, "
+                        "description, category, attributes, image")
+    parser.add_argument("--image-root", type=Path, help="catalogue image paths are read only under this folder")
+    parser.add_argument("--catalogue-fields", default=None,
+                        help="rename catalogue fields, e.g. category=genres,image=poster")
+    parser.add_argument("--towers", type=Path, default=None,
+                        help="exported text and image towers (default <models>/towers, from `streamrec setup`)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".streamrec/cache/content"),
+                        help="where text and image vectors are cached by content hash")
+
+
+def read_data(args: argparse.Namespace) -> tuple[InteractionData, str, Path | None]:
+    """The data named by the arguments: the table format when --interactions is given."""
+    from model.training.table_format import parse_field_map
+
+    if args.interactions is None:
+        if args.catalogue is not None:
+            raise ConfigError("--catalogue needs --interactions")
+        return load_interactions(args.data_format, args.data), args.data_format, args.data
+    data = load_table(args.interactions, args.catalogue, args.image_root, parse_field_map(args.catalogue_fields))
+    return data, "table", args.interactions
 
 
 def item_counts(sequences: list[np.ndarray], n_items: int) -> np.ndarray:

@@ -136,7 +136,8 @@ def evaluate_trained(
     times = request_times(data, split, split_name)
     item_context = ItemContext(model.popularity, model.last_seen)
     vectors = model.catalogue_vectors()  # (N+1, d)
-    text = model.catalogue_content(np.arange(model.n_items + 1)).text
+    stored = model.catalogue_content(np.arange(model.n_items + 1))
+    text, image = stored.text, stored.image  # what a worker holds for each item (zero rows: none)
     sampled = _sampled_candidates(data, split, split_name, seed) if protocol == "sampled" else None
 
     retrieval_ranks, final_ranks, tops, relevance = [], [], [], []
@@ -166,7 +167,7 @@ def evaluate_trained(
             np.zeros((b * width, model.text_dim), np.float32),
             vectors[pool.reshape(-1)],
             text[pool.reshape(-1)],
-            np.zeros((b * width, model.image_dim), np.float32),
+            image[pool.reshape(-1)],
             context.reshape(b * width, -1),
         ).reshape(b, width)
         probabilities = np.where(removed, -1.0, probabilities)

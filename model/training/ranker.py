@@ -97,11 +97,13 @@ def retrieve(
 
 @dataclass(frozen=True)
 class RankerInputs:
-    """Static per-item inputs of the ranker: vectors (N+1, d), text (N+1, T) or None."""
+    """Static per-item inputs of the ranker: vectors (N+1, d), text (N+1, T) or None,
+    image (N+1, I) or None (zero rows for items without a photo, as a worker passes them)."""
 
     vectors: np.ndarray
     text: np.ndarray | None
     config: TowerConfig
+    image: np.ndarray | None = None
 
     def batch(
         self, users: np.ndarray, items: np.ndarray, context: np.ndarray
@@ -117,7 +119,8 @@ class RankerInputs:
             torch.from_numpy(users),
             torch.from_numpy(self.vectors[items]),
             torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32)),
-            torch.zeros(rows, self.config.image_dim),
+            (torch.from_numpy(np.ascontiguousarray(self.image[items], dtype=np.float32))
+             if self.image is not None else torch.zeros(rows, self.config.image_dim)),
             torch.zeros(rows, self.config.text_dim),
             torch.from_numpy(context),
         )

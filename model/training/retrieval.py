@@ -46,6 +46,12 @@ class RetrievalSettings:
     # After early stopping: continue on items[:-1] (the newest step), lr = share x learning_rate.
     fine_tune_epochs: int = 3
     fine_tune_lr_share: float = 1.0 / 3.0
+    # Per step, the share of items read as unknown (id row 0): content must place them alone,
+    # as it must for an item listed after training.
+    id_dropout: float = 0.0
+    # Per step, the share of items whose text (and, independently, photo) is hidden:
+    # the "missing" vectors learn from more than the few items that really lack one.
+    modality_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,13 +60,20 @@ class Catalogue:
 
     attributes: (N+1, A) int64; attribute_mixing: its sparse mean matrix
     (``towers.attribute_mixing``); text: (N+1, T) float32 or None;
-    has_text: (N+1,) float32 or None
+    has_text: (N+1,) float32 or None; image: (N+1, I) float32 or None;
+    has_image: (N+1,) float32 or None; id_rows: (N+1,) int64 id row of each
+    item (0 = known by content only) or None for its own; listed: (N+1,) bool,
+    the items that may be ranked (False: held out of this catalogue) or None.
     """
 
     attributes: torch.Tensor
     attribute_mixing: torch.Tensor
     text: torch.Tensor | None = None
     has_text: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    has_image: torch.Tensor | None = None
+    id_rows: torch.Tensor | None = None
+    listed: torch.Tensor | None = None
 
 
 class RetrievalModel(nn.Module):
@@ -69,9 +82,21 @@ class RetrievalModel(nn.Module):
         self.item_tower = ItemTower(config)
         self.user_tower = UserTower(config)
 
-    def catalogue_vectors(self, catalogue: Catalogue) -> torch.Tensor:
-        """(N+1, d) vectors of every known item."""
-        return self.item_tower.catalogue_vectors(catalogue.attribute_mixing, catalogue.text, catalogue.has_text)
+    def catalogue_vectors(self, catalogue: Catalogue, settings: RetrievalSettings | None = None) -> torch.Tensor:
+        """(N+1, d) vectors of every known item; with ``settings`` (training), its dropouts applied."""
+        id_rows, has_text, has_image = catalogue.id_rows, catalogue.has_text, catalogue.has_image
+        if settings is not None and self.training:
+            rows = len(catalogue.attributes)
+            if settings.id_dropout > 0:
+                own = id_rows if id_rows is not None else torch.arange(rows)
+                id_rows = torch.where(torch.rand(rows) < settings.id_dropout, 0, own)
+            if settings.modality_dropout > 0:
+                if has_text is not None:
+                    has_text = has_text * (torch.rand(rows) >= settings.modality_dropout)
+                if has_image is not None:
+                    has_image = has_image * (torch.rand(rows) >= settings.modality_dropout)
+        return self.item_tower.catalogue_vectors(
+            catalogue.attribute_mixing, catalogue.text, has_text, catalogue.image, has_image, id_rows)
 
 
 @dataclass
@@ -141,14 +166,18 @@ def next_item_loss(
     vectors: torch.Tensor,
     settings: RetrievalSettings,
     sampler: NegativeSampler | None = None,
+    unlisted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the next item: hidden (M, d), targets (M,) in 1..N, vectors (N+1, d).
 
-    Full softmax over all N items without a sampler; otherwise over the target
+    Full softmax over all N items without a sampler (``unlisted`` (N,) bool:
+    items held out of the catalogue, never a class); otherwise over the target
     plus the sampler's shared negatives (draws equal to the target are masked).
     """
     if sampler is None:
         logits = hidden @ vectors[1:].T  # (M, N)
+        if unlisted is not None:
+            logits = logits.masked_fill(unlisted, -1e9)
         return nn.functional.cross_entropy(logits, targets - 1, label_smoothing=settings.label_smoothing)
     negatives = sampler.sample()  # (K,)
     positive = (hidden * vectors[targets]).sum(dim=-1, keepdim=True)  # (M, 1)
@@ -192,6 +221,7 @@ def full_ranking_metrics(
     model.eval()
     vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
     ranks = []
+    unlisted = None if catalogue.listed is None else ~catalogue.listed.numpy()
     for start in range(0, len(inputs), chunk):
         histories = inputs[start : start + chunk]
         items = torch.from_numpy(left_pad(histories, max_len))
@@ -199,6 +229,8 @@ def full_ranking_metrics(
         users = model.user_tower(vectors[items], actions)  # (b, d)
         scores = (users @ vectors.T).numpy()  # (b, N+1)
         exclude_history(scores, histories)
+        if unlisted is not None:
+            scores[:, unlisted] = -np.inf
         ranks.append(target_ranks(scores, targets[start : start + chunk]))
     return ranking_metrics(np.concatenate(ranks))
 
@@ -220,16 +252,17 @@ def _train_epoch(
     lengths = (inputs > 0).sum(dim=1).numpy()
     batches = length_bucketed_batches(lengths, settings.batch_size, rng)
     total_loss, total_rows = 0.0, 0
+    unlisted = None if catalogue.listed is None else ~catalogue.listed[1:]
     for step, rows in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * schedule(epoch - 1 + step / len(batches))
         index = torch.from_numpy(rows)
         batch_inputs, batch_targets = _trim_padding(inputs[index], targets[index])
-        vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
+        vectors = model.catalogue_vectors(catalogue, settings)  # (N+1, d)
         actions = torch.where(batch_inputs > 0, settings.train_action, 0)
         hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
         mask = batch_targets > 0
-        loss = next_item_loss(hidden[mask], batch_targets[mask], vectors, settings, sampler)
+        loss = next_item_loss(hidden[mask], batch_targets[mask], vectors, settings, sampler, unlisted)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -2,6 +2,13 @@
 
     streamrec train --data FILE --format s3rec|ml100k --out DIR
                     [--epochs N] [--minutes M] [--threads T]
+    streamrec train --interactions FILE [--catalogue FILE --image-root DIR
+                    --catalogue-fields category=genres,image=poster] --out DIR
+
+The second form reads the general input format (``model.training.table_format``):
+titles, descriptions and photos of the catalogue are embedded once with the
+exported ONNX towers (``--towers``, default ``<models>/towers``) and cached by
+content hash in ``--cache-dir``; the item tower learns from all of them.
 
 Steps: leave-one-out split; retrieval towers on items[:-2] with a cosine
 learning-rate schedule and early stopping on the validation item; ranker on
@@ -48,9 +55,10 @@ from model.training.data import (
     FORMATS,
     InteractionData,
     LeaveOneOut,
+    add_table_arguments,
     item_counts,
     leave_one_out,
-    load_interactions,
+    read_data,
 )
 from model.training.ranker import (
     RankerInputs,
@@ -70,7 +78,7 @@ from model.training.retrieval import (
 )
 
 # What one interaction of each source format means to the action vocabulary.
-FORMAT_ACTION = {"s3rec": "purchase", "ml100k": "view"}
+FORMAT_ACTION = {"s3rec": "purchase", "ml100k": "view", "table": "view"}
 # Share of the time budget kept for the ranker and the fine-tuning epochs.
 RESERVED_SHARE = 0.2
 # Defaults per source format. The Amazon ones were tuned on Toys_and_Games
@@ -80,10 +88,15 @@ RESERVED_SHARE = 0.2
 FORMAT_TOWER: dict[str, dict[str, Any]] = {
     "s3rec": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.5},
     "ml100k": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.2},
+    "table": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.2},
 }
 FORMAT_RETRIEVAL: dict[str, RetrievalSettings] = {
     "s3rec": RetrievalSettings(negatives=2048, negative_power=0.75, learning_rate=3e-3, epochs=30),
     "ml100k": RetrievalSettings(negatives=0, learning_rate=1e-3, epochs=100, eval_every=5),
+    # Catalogues with content: half the items read as unknown each step, so that text and
+    # photo learn to place an item the model has never seen (tuned on movielens-posters).
+    "table": RetrievalSettings(negatives=0, learning_rate=3e-3, epochs=15, eval_every=3, minutes=7.0,
+                               id_dropout=0.5, modality_dropout=0.1),
 }
 DEFAULT_RETRIEVAL = FORMAT_RETRIEVAL["s3rec"]
 
@@ -140,22 +153,23 @@ def _training_times(data: InteractionData, split: LeaveOneOut, offset: int) -> n
     return np.asarray([data.timestamps[u][-offset] for u in split.users], dtype=np.float64)
 
 
-def silence_untrained_modalities(model: RetrievalModel, *, trained_text: bool) -> None:
-    """Zero the projections of modalities the training data did not have.
+def silence_untrained_modalities(model: RetrievalModel, *, trained_text: bool, trained_image: bool = False) -> None:
+    """Make the projections of modalities the training data did not have a constant.
 
-    The interaction files carry no photos (and ML-100k's titles may be absent),
-    so those projections never learned anything: left at their random start
-    they would add noise to every served item that has a photo or a title.
-    Zeroed, such an item is placed by what the model did learn; a later
-    fine-tuning cycle that sees the modality trains the projection from zero.
+    Without photos (or titles) in the data those projections never learned
+    anything: left at their random start they would add noise to every served
+    item that has a photo or a title. Each becomes the modality's learned
+    "missing" vector whatever the input, so such an item is placed exactly as in
+    training; a later fine-tuning cycle that sees the modality trains it on.
     """
-    projections = [model.item_tower.image_projection]
+    tower = model.item_tower
+    silenced = [] if trained_image else [(tower.image_projection, tower.missing_image)]
     if not trained_text:
-        projections.append(model.item_tower.text_projection)
+        silenced.append((tower.text_projection, tower.missing_text))
     with torch.no_grad():
-        for projection in projections:
+        for projection, missing in silenced:
             projection.weight.zero_()
-            projection.bias.zero_()
+            projection.bias.copy_(missing)
 
 
 def share_action_embedding(model: RetrievalModel, trained_code: int) -> None:
@@ -171,11 +185,14 @@ def share_action_embedding(model: RetrievalModel, trained_code: int) -> None:
 
 
 def _item_features(
-    data: InteractionData, split: LeaveOneOut, text: np.ndarray | None, has_text: np.ndarray | None
+    data: InteractionData, split: LeaveOneOut, text: np.ndarray | None, has_text: np.ndarray | None,
+    image: np.ndarray | None = None, has_image: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     features = {"attributes": data.attributes, "popularity": item_counts(split.train, data.n_items)}
     if text is not None and has_text is not None:
         features.update(text=text, has_text=has_text)
+    if image is not None and has_image is not None:
+        features.update(image=image, has_image=has_image)
     last_seen = item_last_seen(data, split)
     if last_seen is not None:
         features["last_seen"] = last_seen
@@ -225,13 +242,17 @@ def train_artefact(
     progress: bool = True,
     text_encoder_path: Path | None = None,
     image_weights_path: Path | None = None,
+    towers_dir: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train, export and publish one artefact at ``out``; returns its manifest.
 
     ``text_encoder_path`` / ``image_weights_path``: the content encoders (default
     all-MiniLM-L6-v2 and the packaged EfficientNet-Lite0 weights); their
     identities are recorded so that workers serve the model only over towers
-    exported from the same encoders.
+    exported from the same encoders. Data with descriptions or photos (the
+    table format) is embedded with the exported towers in ``towers_dir``
+    (default ``<models>/towers``), cached in ``cache_dir``.
     """
     from model.serving.trained import TrainedModel
     from model.training.evaluate import evaluate_trained
@@ -241,14 +262,32 @@ def train_artefact(
     from model.export.towers import encoder_identities
 
     encoders = encoder_identities(text_encoder_path, image_weights_path)
-    text, has_text = (embed_titles(data.titles, encoder_path=text_encoder_path) if data.titles is not None
-                      else (None, None))
+    text_fields: tuple[str, ...] = TRAINED_TEXT_FIELDS
+    image = has_image = None
+    if data.images is not None or data.descriptions is not None:
+        from model.training.content_vectors import (
+            check_towers,
+            content_vectors,
+            default_towers_dir,
+        )
+
+        towers_dir = towers_dir or default_towers_dir()
+        check_towers(towers_dir, encoders)
+        content = content_vectors(data, towers_dir, cache_dir, progress)
+        text, has_text, text_fields = content.text, content.has_text, content.text_fields
+        if content.has_image.any():
+            image, has_image = content.image, content.has_image
+    else:
+        text, has_text = (embed_titles(data.titles, encoder_path=text_encoder_path) if data.titles is not None
+                          else (None, None))
     attributes = torch.from_numpy(data.attributes)
     catalogue = Catalogue(
         attributes=attributes,
         attribute_mixing=attribute_mixing(attributes, data.n_attributes),
         text=None if text is None else torch.from_numpy(text),
         has_text=None if has_text is None else torch.from_numpy(has_text.astype(np.float32)),
+        image=None if image is None else torch.from_numpy(image),
+        has_image=None if has_image is None else torch.from_numpy(has_image.astype(np.float32)),
     )
     config = TowerConfig(
         n_items=data.n_items,
@@ -258,11 +297,11 @@ def train_artefact(
         **{**FORMAT_TOWER[data_format], **(tower_overrides or {})},
     )
     retrieval = retrieval if retrieval is not None else FORMAT_RETRIEVAL[data_format]
-    train_action = ACTION_CODE[FORMAT_ACTION[data_format]]
+    train_action = ACTION_CODE[data.action or FORMAT_ACTION[data_format]]
     retrieval = replace(retrieval, train_action=train_action, minutes=retrieval.minutes * (1 - RESERVED_SHARE))
     model, report = train_retrieval(config, retrieval, split, catalogue, progress=progress)
     share_action_embedding(model, train_action)
-    silence_untrained_modalities(model, trained_text=text is not None)
+    silence_untrained_modalities(model, trained_text=text is not None, trained_image=image is not None)
 
     item_context = ItemContext(item_counts(split.train, data.n_items), item_last_seen(data, split))
     valid_times = _training_times(data, split, offset=3)
@@ -270,8 +309,11 @@ def train_artefact(
                      train_action, ranker.candidates)
     with torch.no_grad():
         vectors = model.catalogue_vectors(catalogue).numpy()
-    inputs = RankerInputs(vectors=vectors, text=text, config=config)
+    inputs = RankerInputs(vectors=vectors, text=text, config=config, image=image)
     fitted_ranker, ranker_report = train_ranker(config, ranker, lists, inputs, progress)
+    if image is None:
+        with torch.no_grad():  # it only ever saw zeros: photos must not move its scores
+            fitted_ranker.image_projection.weight.zero_()
     covisit_weight, covisit_report = covisit_choice(fitted_ranker, lists, inputs, data, split, ranker)
     if retrieval.fine_tune_epochs > 0:
         # The validation step has done its job (epoch choice, ranker fit); the
@@ -295,7 +337,7 @@ def train_artefact(
         "ranker": asdict(ranker),
         "train_action": train_action,
         "actions": list(ACTIONS),
-        "text_fields": list(TRAINED_TEXT_FIELDS),  # what serving must embed as an item's text
+        "text_fields": list(text_fields),  # what serving must embed as an item's text
         "covisit": {"window": WINDOW, "neighbours": NEIGHBOURS, "weight": covisit_weight,
                     **table_through(data)},
         "encoders": encoders,
@@ -304,7 +346,8 @@ def train_artefact(
         "items": data.item_index(),
         "attributes": {name: i + 1 for i, name in enumerate(data.attribute_names)},
     }))
-    np.savez_compressed(staging / "item_features.npz", **_item_features(data, split, text, has_text))
+    np.savez_compressed(staging / "item_features.npz",
+                        **_item_features(data, split, text, has_text, image, has_image))
     # Transitions of every training sequence, whole: the newest step and the users too short
     # for the split hold the most recent ones. The test metrics below rank with the networks
     # alone, so the table may hold items[-1]. Workers add the stream's transitions.
@@ -319,6 +362,8 @@ def train_artefact(
             "path": None if data_path is None else str(data_path),
             "users": len(data.sequences),
             "items": data.n_items,
+            "items_with_text": int(has_text.sum()) if has_text is not None else 0,
+            "items_with_image": int(has_image.sum()) if has_image is not None else 0,
             "interactions": int(sum(len(s) for s in data.sequences)),
             "window": (
                 "leave-one-out per user: towers trained on items[:-2] with early stopping on items[-2], "
@@ -352,9 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="interaction file (optional for ml100k: the recbole copy)")
     parser.add_argument("--format", choices=FORMATS, default="s3rec", dest="data_format")
+    add_table_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="artefact directory to create or replace")
     parser.add_argument("--epochs", type=int, help="retrieval epochs (the learning-rate schedule spans them)")
-    parser.add_argument("--minutes", type=float, default=DEFAULT_RETRIEVAL.minutes, help="wall-clock budget")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock budget (default per format: 25 for s3rec/ml100k, 7 for table)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=DEFAULT_RETRIEVAL.seed)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -371,17 +418,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     try:
-        data = load_interactions(args.data_format, args.data)
+        data, args.data_format, args.data = read_data(args)
         defaults = FORMAT_RETRIEVAL[args.data_format]
         retrieval = replace(
             defaults,
             epochs=args.epochs if args.epochs is not None else defaults.epochs,
-            minutes=args.minutes,
+            minutes=args.minutes if args.minutes is not None else defaults.minutes,
             seed=args.seed,
         )
         manifest = train_artefact(data, args.data_format, args.data, args.out, retrieval=retrieval,
                                   progress=not args.quiet, text_encoder_path=args.text_encoder,
-                                  image_weights_path=args.image_weights)
+                                  image_weights_path=args.image_weights, towers_dir=args.towers,
+                                  cache_dir=args.cache_dir)
     except StreamrecError as error:
         print(f"streamrec train: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,61 @@
+"""The modality ablation's split and metrics (pure logic, tiny data)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.training.ablation import (
+    cold_items,
+    cold_split,
+    random_metrics,
+    rank_metrics,
+    share_a_category,
+)
+from model.training.data import InteractionData
+
+
+def tiny() -> InteractionData:
+    """Items 1-4 first seen at times 1-4 (item 4 newest, item 3 next); three users."""
+    sequences = [np.array([1, 2, 4, 3]), np.array([2, 1, 3]), np.array([1, 2])]
+    timestamps = [np.array([1.0, 2.0, 4.0, 5.0]), np.array([2.5, 3.0, 3.5]), np.array([6.0, 7.0])]
+    return InteractionData("tiny", ["a", "b", "c"], sequences, ["1", "2", "3", "4"],
+                           np.zeros((5, 1), np.int64), [], timestamps=timestamps)
+
+
+def test_the_newest_items_by_first_interaction_are_held_out() -> None:
+    data = tiny()
+    assert np.flatnonzero(cold_items(data, 0.25)).tolist() == [4]
+    assert np.flatnonzero(cold_items(data, 0.5)).tolist() == [3, 4]
+    split = cold_split(data, 0.5)
+    # Training never sees items 3 and 4; each user's first cold interaction is a test case.
+    assert [s.tolist() for s in split.warm.sequences] == [[1, 2], [2, 1], [1, 2]]
+    assert [h.tolist() for h in split.histories] == [[1, 2], [2, 1]]
+    assert split.targets.tolist() == [4, 3] and split.times.tolist() == [4.0, 3.5]
+    # At time 3.5 item 4 (first seen at 4.0) is not listed yet.
+    listed = split.listed(np.array([False, True, True, True, True]))
+    assert listed.tolist() == [[False, True, True, True, True], [False, True, True, True, False]]
+
+
+def test_rank_metrics_exclude_history_and_unlisted_items() -> None:
+    items = np.eye(5, dtype=np.float32)
+    users = np.array([[0, 5, 4, 3, 2]], dtype=np.float32)  # prefers 1 > 2 > 3 > 4
+    history = [np.array([1])]
+    every = np.array([False, True, True, True, True])
+    assert rank_metrics(users, items, history, np.array([3]), every)["ndcg@10"] == pytest.approx(1 / np.log2(3))
+    only_3_4 = np.array([False, False, False, True, True])
+    assert rank_metrics(users, items, history, np.array([3]), only_3_4)["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_random_metrics_count_the_candidates_outside_the_history() -> None:
+    candidates = np.zeros(31, dtype=bool)
+    candidates[1:] = True  # 30 items, 10 of them in the history: 20 left
+    result = random_metrics([np.arange(1, 11)], candidates)
+    assert result["hr@10"] == pytest.approx(10 / 20)
+    assert result["ndcg@10"] == pytest.approx(sum(1 / np.log2(r + 2) for r in range(10)) / 20)
+
+
+def test_items_share_a_category_only_through_a_real_one() -> None:
+    attributes = np.array([[1, 2], [2, 0], [3, 0], [0, 0]])
+    shared = share_a_category(attributes, 3)
+    assert shared.tolist() == [[False, True, False, False], [True, False, False, False],
+                               [False, False, False, False], [False, False, False, False]]
