@@ -106,7 +106,7 @@ def assert_ranker_decision_recorded(registry: Registry, decision) -> None:  # ty
     if ranker["decision"] == "dropped":
         # The correction is off: the logit is w * retrieval score + b, so the order is retrieval's
         # (up to the last bit of the exported sigmoid, where close scores may swap).
-        assert blend == 0.0 and not served_ranker.mlp[-1].weight.any() and float(served_ranker.score_weight) > 0
+        assert blend == 0.0 and not served_ranker.mlp[-1].weight.any() and float(served_ranker.score_weight.detach()) > 0
         assert decision.candidate_metrics["ranked_ndcg@10"] == pytest.approx(
             decision.candidate_metrics["retrieval_ndcg@10"], abs=0.02)
     else:
