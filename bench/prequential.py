@@ -387,16 +387,22 @@ async def side_by_side(interactions: Sequence[Interaction], stacks: dict[str, Se
 
 def plot_side_by_side(result: SideBySide, labels: dict[str, str], path: Path, title: str) -> None:
     """PNG of each worker's cumulative HR@10 over the scored interactions."""
+    plot_cumulative({f"{labels.get(name, name)} (HR@10 {score.hit_rate:.4f})": score.cumulative_hr
+                     for name, score in result.scores.items()},
+                    path, title, xlabel="scored interactions (asked, then applied)")
+
+
+def plot_cumulative(curves: dict[str, Sequence[float]], path: Path, title: str, *, xlabel: str) -> None:
+    """One PNG of cumulative HR@10 curves, keyed by their legend labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for name, score in result.scores.items():
-        curve = score.cumulative_hr
-        axes.plot(range(1, len(curve) + 1), curve, label=f"{labels.get(name, name)} (HR@10 {score.hit_rate:.4f})")
-    axes.set_xlabel("scored interactions (asked, then applied)")
+    for label, curve in curves.items():
+        axes.plot(range(1, len(curve) + 1), curve, label=label)
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("cumulative HR@10")
     axes.set_title(title)
     axes.grid(alpha=0.3)
@@ -565,23 +571,8 @@ def wait_catalogue(workers: dict[str, WorkerProcess], count: int) -> None:
 
 
 def plot_curves(evaluation: Evaluation, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for method in METHODS:
-        curve = evaluation.scores[method].cumulative_hr
-        axes.plot(range(1, len(curve) + 1), curve, label=f"{method} ({evaluation.scores[method].hit_rate:.4f})")
-    axes.set_xlabel("scored interactions")
-    axes.set_ylabel("cumulative HR@10")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    plot_cumulative({f"{method} ({evaluation.scores[method].hit_rate:.4f})": evaluation.scores[method].cumulative_hr
+                     for method in METHODS}, path, title, xlabel="scored interactions")
 
 
 # -- entry point ----------------------------------------------------------------------
