@@ -269,25 +269,10 @@ class RemoteStore(VectorStore):
         exact: bool = False,
         with_payload: bool = True,
     ) -> list[Hit]:
-        spec = self._spec(collection)
-        query = check_vector(spec, vector_name, vector)
-        check_limit(limit)
-        vectors = wanted_vectors(spec, with_vectors)
-        query_filter = _qdrant_filter(flt)
-        response = self._call(
-            f"search {collection!r}",
-            lambda: self._client.query_points(
-                collection,
-                query=query,
-                using=vector_name,
-                limit=limit,
-                query_filter=query_filter,
-                with_payload=True if with_payload else [ID_KEY],
-                with_vectors=vectors,
-                search_params=self._search_params(exact),
-            ),
-        )
-        return [to_hit(p.payload, p.score, named_vectors(p.vector)) for p in response.points]
+        vectors = wanted_vectors(self._spec(collection), with_vectors)
+        points = self._query(collection, vector_name, vector, limit, flt, exact,
+                             with_payload=True if with_payload else [ID_KEY], with_vectors=vectors)
+        return [to_hit(p.payload, p.score, named_vectors(p.vector)) for p in points]
 
     def search_points(
         self,
@@ -298,8 +283,15 @@ class RemoteStore(VectorStore):
         flt: SearchFilter | None = None,
         exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        spec = self._spec(collection)
-        query = check_vector(spec, vector_name, vector)
+        hits = self._query(collection, vector_name, vector, limit, flt, exact, with_payload=False, with_vectors=False)
+        ids = np.fromiter((p.id for p in hits), np.int64, len(hits))
+        scores = np.fromiter((p.score for p in hits), np.float32, len(hits))
+        return ids, scores
+
+    def _query(self, collection: str, vector_name: str, vector: np.ndarray, limit: int,
+               flt: SearchFilter | None, exact: bool, *, with_payload: Any, with_vectors: Any) -> list[Any]:
+        """One nearest-neighbour query; its scored points as the client returns them."""
+        query = check_vector(self._spec(collection), vector_name, vector)
         check_limit(limit)
         query_filter = _qdrant_filter(flt)
         response = self._call(
@@ -310,15 +302,12 @@ class RemoteStore(VectorStore):
                 using=vector_name,
                 limit=limit,
                 query_filter=query_filter,
-                with_payload=False,
-                with_vectors=False,
+                with_payload=with_payload,
+                with_vectors=with_vectors,
                 search_params=self._search_params(exact),
             ),
         )
-        hits = response.points
-        ids = np.fromiter((p.id for p in hits), np.int64, len(hits))
-        scores = np.fromiter((p.score for p in hits), np.float32, len(hits))
-        return ids, scores
+        return list(response.points)
 
     def search_batch(
         self,
