@@ -19,9 +19,10 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import movielens
+from bench import movielens, wrk
 from bench.common import (
     bench_parser,
+    process_cpu_seconds,
     report,
     stack_settings,
     start_broker,
@@ -114,6 +115,15 @@ def measure(base: Settings, broker: object, folder: Path, processes: int, args: 
                                       requests=args.requests, seed=args.seed + 1))  # type: ignore[attr-defined]
         request_seconds = time.perf_counter() - started
         answered = [after - b for after, b in zip(per_process(LATENCY, {"path": "http"}), before)]
+        pids = worker.pids()
+        cpu_before = {index: process_cpu_seconds(pid) for index, pid in pids.items()}
+        wrk_started = time.perf_counter()
+        by_wrk = _wrk(settings, users, args)
+        if by_wrk:
+            # How busy each process was under wrk: a process at ~1.0 is bound by its own interpreter.
+            elapsed = time.perf_counter() - wrk_started
+            by_wrk["wrk_cpu_share_per_process"] = [
+                round((process_cpu_seconds(pid) - cpu_before[index]) / elapsed, 2) for index, pid in sorted(pids.items())]
     return {
         "processes": processes,
         "clicks_per_s": round(len(clicks) / click_seconds, 1),
@@ -122,7 +132,19 @@ def measure(base: Settings, broker: object, folder: Path, processes: int, args: 
         "http_p99_ms": round(1000 * _percentile(latencies, 0.99), 2),
         "clicks_per_process": [int(c) for c in clicks_per_process],
         "requests_answered_per_process": [int(a) for a in answered],
+        **by_wrk,
     }
+
+
+def _wrk(settings: Settings, users: list[str], args: object) -> dict[str, object]:
+    """The same HTTP load from wrk (a C client that leaves the CPU to the workers); {} when skipped."""
+    seconds = args.wrk_seconds  # type: ignore[attr-defined]
+    if not seconds or not wrk.available():
+        return {}
+    figures = wrk.wrk_recommend(f"http://{settings.http_host}:{settings.http_port}", users,
+                                connections=args.clients, seconds=seconds, seed=args.seed)  # type: ignore[attr-defined]
+    return {"wrk_requests_per_s": round(figures["requests_per_s"], 1), "wrk_p50_ms": round(figures["p50_ms"], 2),
+            "wrk_p99_ms": round(figures["p99_ms"], 2), "wrk_errors": int(figures["errors"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clicks", type=int, default=20_000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--wrk-seconds", type=float, default=20.0,
+                        help="then load HTTP with wrk for this long (0: skip; skipped when wrk is not installed)")
     args = parser.parse_args(argv)
+    if args.wrk_seconds and not wrk.available():
+        print("wrk is not installed (apt-get install wrk): no wrk figures", flush=True)
     base = load_settings()
     with work_dir(args.work_dir, "processes") as folder:
         broker = start_broker(folder / "logs")
@@ -150,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         "clicks_per_s_1": one["clicks_per_s"],
         f"clicks_per_s_{args.processes}": many["clicks_per_s"],
         "clicks_ratio": round(float(many["clicks_per_s"]) / float(one["clicks_per_s"]), 2),  # type: ignore[arg-type]
+        **({"wrk_requests_ratio": round(float(many["wrk_requests_per_s"]) / float(one["wrk_requests_per_s"]), 2)}  # type: ignore[arg-type]
+           if "wrk_requests_per_s" in one and "wrk_requests_per_s" in many else {}),
         "runs": runs,
         "clients": args.clients,
         "requests": args.requests,

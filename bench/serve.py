@@ -38,6 +38,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from bench import wrk
 from bench.common import (
     bench_parser,
     percentiles,
@@ -53,8 +54,15 @@ from bench.ingest import (
     seed_catalogue,
     served_fused_dim,
 )
+from bench.stack import WorkerProcess
 from core.events import RecRequest
 from core.settings import Settings
+from exporter.status import (
+    bucket_delta,
+    bucket_quantile,
+    histogram_buckets,
+    parse_metrics,
+)
 from stream.client import EventPublisher, ResponseListener, http_recommend
 
 SEED_SOURCE = "bench.seed"  # the pseudo-topic seeded users' applied offsets are recorded under
@@ -262,6 +270,49 @@ async def kafka_load(settings: Settings, user_ids: list[str], *, clients: int, r
         return await closed_loop(ask, user_ids, clients=clients, requests=requests, seed=seed)
 
 
+class WorkerWindow:
+    """The worker's histograms over a ``with`` block: quantiles of what it observed in between."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+
+    def __enter__(self) -> "WorkerWindow":
+        self.first = parse_metrics(self.worker.metrics_text(), time.time())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.second = parse_metrics(self.worker.metrics_text(), time.time())
+
+    def quantile_ms(self, name: str, quantile: float, **match: str) -> float | None:
+        buckets = bucket_delta(histogram_buckets(self.second, name, **match),
+                               histogram_buckets(self.first, name, **match))
+        value = bucket_quantile(quantile, buckets)
+        return None if value is None else round(value * 1000, 2)
+
+
+def wrk_phase(settings: Settings, worker: WorkerProcess, user_ids: list[str],
+              args: argparse.Namespace) -> dict[str, object]:
+    """``wrk_*`` figures: the HTTP load again from a C client (none when skipped)."""
+    if not args.wrk_seconds:
+        return {}
+    if not wrk.available():
+        print("  wrk is not installed (apt-get install wrk): no wrk figures", flush=True)
+        return {}
+    print(f"HTTP load from wrk ({args.wrk_seconds:.0f} s) ...", flush=True)
+    with WorkerWindow(worker) as window:
+        figures = wrk.wrk_recommend(f"http://{settings.http_host}:{settings.http_port}", user_ids,
+                                    connections=args.clients, seconds=args.wrk_seconds, seed=args.seed)
+    return {
+        "wrk_p50_ms": round(figures["p50_ms"], 3),
+        "wrk_p99_ms": round(figures["p99_ms"], 3),
+        "wrk_p999_ms": round(figures["p999_ms"], 3),
+        "wrk_requests_per_s": round(figures["requests_per_s"], 1),
+        "wrk_errors": int(figures["errors"]),
+        "wrk_server_p99_ms": window.quantile_ms("streamrec_request_latency_seconds", 0.99, path="http"),
+        "wrk_loop_lag_p99_ms": window.quantile_ms("streamrec_event_loop_lag_seconds", 0.99),
+    }
+
+
 def latency_summary(prefix: str, seconds: list[float]) -> dict[str, float]:
     shown = percentiles([1e3 * s for s in seconds], QUANTILES)
     return {f"{prefix}_{key.replace('.', '')}_ms": round(value, 3) for key, value in shown.items()}
@@ -367,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the load, serve N requests in this process and print their profile")
+    parser.add_argument("--wrk-seconds", type=float, default=20.0,
+                        help="also load HTTP with wrk (a C load generator) for this long; 0: skip "
+                             "(skipped with a note when wrk is not installed)")
     parser.add_argument("--sizing", action="store_true",
                         help="measure recall and search cost for several candidate counts (hnsw_ef = count)")
     args = parser.parse_args(argv)
@@ -397,11 +451,14 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         asyncio.run(http_load(settings, user_ids, clients=args.clients, requests=len(user_ids), seed=args.seed + 1))
         print("HTTP load ...", flush=True)
         server_ms: list[float] = []
-        http = asyncio.run(http_load(settings, user_ids, clients=args.clients, requests=args.requests,
-                                     seed=args.seed, server_ms=server_ms))
+        with WorkerWindow(worker) as http_window:
+            http = asyncio.run(http_load(settings, user_ids, clients=args.clients, requests=args.requests,
+                                         seed=args.seed, server_ms=server_ms))
         print("Kafka load ...", flush=True)
-        kafka = asyncio.run(kafka_load(settings, user_ids, clients=args.clients, requests=args.requests,
-                                       seed=args.seed))
+        with WorkerWindow(worker) as kafka_window:
+            kafka = asyncio.run(kafka_load(settings, user_ids, clients=args.clients, requests=args.requests,
+                                           seed=args.seed))
+        by_wrk = wrk_phase(settings, worker, user_ids, args)
         served = worker.metric("streamrec_request_latency_seconds_count")
     finally:
         worker.stop()
@@ -416,6 +473,9 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         "kafka_p999_ms": kafka_summary["kafka_p999_ms"],
         "http_server_p50_ms": round(percentiles(server_ms, (50,))["p50"], 3),
         "http_server_p99_ms": round(percentiles(server_ms, (99,))["p99"], 3),
+        "http_loop_lag_p99_ms": http_window.quantile_ms("streamrec_event_loop_lag_seconds", 0.99),
+        "kafka_loop_lag_p99_ms": kafka_window.quantile_ms("streamrec_event_loop_lag_seconds", 0.99),
+        **by_wrk,
         "recall_at_100": round(recall["recall"], 4),
         "ann_search_p50_ms": round(recall["ann_p50_ms"], 3),
         "ann_search_p99_ms": round(recall["ann_p99_ms"], 3),

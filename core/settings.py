@@ -58,8 +58,18 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     rebalance_timeout_s: float = Field(10.0, gt=0)
 
+    # The embedded broker answers a fetch when its wait runs out, not when data
+    # arrives, so these waits are latency, and every idle fetch costs CPU in the
+    # worker and the broker (docs/performance.md, fetch waits). Apache Kafka
+    # answers as soon as data arrives: there, raise both to a few hundred ms.
     fetch_max_wait_ms: int = Field(
-        5, ge=1, le=10_000, description="Longest wait of a consumer fetch with no data."
+        5, ge=1, le=10_000,
+        description="Longest wait of a fetch with no data on rec.requests (request latency).",
+    )
+    ingest_fetch_max_wait_ms: int = Field(
+        20, ge=1, le=10_000,
+        description="Longest wait of a fetch with no data on the event topics (clicks, searches, "
+                    "catalogue, photos): adds up to this much to freshness.",
     )
 
     app_id: str = Field("streamrec", min_length=1, description="Consumer group / app id.")
@@ -122,6 +132,17 @@ class Settings(BaseSettings):
     )
     metrics_port: int = Field(
         9108, ge=0, le=65535, description="/metrics of jobs without the HTTP endpoint (fine-tuner)."
+    )
+    serving_threads: int = Field(
+        0, ge=0, le=64,
+        description="Threads of a worker process that answer recommendation requests; 0: on the event loop "
+                    "itself. A request holds the GIL for most of its time (the engine's search does), so "
+                    "threads add hand-offs and contention, not speed (docs/performance.md, serving threads).",
+    )
+    loop_stall_dump_ms: int = Field(
+        0, ge=0, le=600_000,
+        description="When the worker's event loop is held this long, write every thread's stack to stderr "
+                    "(what held it; 0: off). streamrec_event_loop_lag_seconds is measured either way.",
     )
     candidates: int = Field(
         200, ge=1, le=10_000,

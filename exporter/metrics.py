@@ -117,6 +117,11 @@ class Metrics:
             "streamrec_model_swaps_total", "Hot swaps of the serving model, by outcome (ok, refused).",
             ["outcome"], registry=registry,
         )
+        self.event_loop_lag = Histogram(
+            "streamrec_event_loop_lag_seconds",
+            "How late the worker's event loop woke from a short sleep: time it was held by other work.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
         self.requests_failed = Counter(
             "streamrec_requests_failed_total",
             "Recommendation requests answered with an error, by path.",

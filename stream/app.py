@@ -13,6 +13,7 @@ from stream.agents import catalog, clicks, images, lessons, recommend, searches
 from stream.agents.base import DeadLetters
 from stream.http_api import HealthState, serve_http
 from stream.lag import LAG_TOPICS, measure_lag
+from stream.loop_watch import watch_loop
 from stream.partitions import SINGLE, Ownership
 from stream.services import Services
 from stream.topics import Topics
@@ -106,7 +107,7 @@ async def topic_partitions(settings: Settings) -> int:
 def create_app(settings: Settings, services: Services, ownership: Ownership = SINGLE,
                *, partitions: int = 0) -> faust.App:
     """The app of one worker process; ``partitions`` (of the user-keyed topics) is needed with N > 1."""
-    cap_fetch_wait(settings.fetch_max_wait_ms)
+    cap_fetch_wait(settings.ingest_fetch_max_wait_ms)
     # The catalogue and photos are read whole by every process: each under a group of its own.
     app = faust.App(ownership.group(settings.app_id), **faust_options(settings))
     topics = Topics.declare(app, settings)
@@ -124,6 +125,16 @@ def create_app(settings: Settings, services: Services, ownership: Ownership = SI
         runner = await serve_http(services, health, ownership, partitions)
         log.info("HTTP on http://%s:%d", settings.http_host, settings.http_port)
         app.http_runner = runner  # type: ignore[attr-defined]
+
+    loop_watch_stop = asyncio.Event()
+
+    @app.task
+    async def loop_lag() -> None:
+        await watch_loop(services.metrics, loop_watch_stop, dump_after_ms=settings.loop_stall_dump_ms)
+
+    @app.on_before_shutdown.connect
+    async def stop_loop_lag(app: faust.App, **_: object) -> None:
+        loop_watch_stop.set()
 
     @app.timer(HEALTH_INTERVAL_S)
     async def check_health() -> None:

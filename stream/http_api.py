@@ -149,12 +149,11 @@ def build_http_app(services: Services, health: "HealthState", peers: Peers | Non
             from stream.catalog import embed_query_image
 
             try:
+                # The image tower releases the GIL and takes tens of ms: off the event loop.
                 image_vector = await asyncio.to_thread(embed_query_image, services, rec_request.image)
             except DecodeError as exc:
                 return _error(400, exc.reason, exc.detail)
-        response = await asyncio.to_thread(
-            recommend, services, rec_request, path="http", image_vector=image_vector
-        )
+        response = await services.answer(recommend, services, rec_request, path="http", image_vector=image_vector)
         return web.Response(body=response.to_bytes(), content_type="application/json")
 
     async def get_health(request: web.Request) -> web.Response:

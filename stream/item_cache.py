@@ -110,6 +110,13 @@ class ItemCache:
         capacity = max(1, min(capacity, max_items))
         columns = dict(dims) | ({derived.name: derived.dim} if derived is not None else {})
         self._rows: dict[int, int] = {}  # point id -> row
+        self._row_pid = np.full(capacity, -1, np.int64)  # row -> point id, -1: free
+        # A sorted copy of ``_rows`` for looking up a request's candidates in
+        # one ``searchsorted``; items put since it was built are found in the
+        # dict, and rows dropped or reused since are caught by ``_row_pid``.
+        self._index_keys = np.zeros(0, np.int64)
+        self._index_rows = np.zeros(0, np.int64)
+        self._inserted = 0  # items put since the sorted copy was built
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         self._columns = {name: _Column(dim, capacity) for name, dim in columns.items()}
         self._slots = {name: np.full(capacity, -1, np.int64) for name in columns}  # row -> slot, -1: absent
@@ -133,6 +140,9 @@ class ItemCache:
             grown = np.zeros(new, np.float64)
             grown[:old] = getattr(self, attribute)
             setattr(self, attribute, grown)
+        row_pid = np.full(new, -1, np.int64)
+        row_pid[:old] = self._row_pid
+        self._row_pid = row_pid
         self._payloads.extend([None] * (new - old))
         self._ids.extend([None] * (new - old))
         self._free.extend(range(new - 1, old - 1, -1))
@@ -168,7 +178,9 @@ class ItemCache:
                 self._grow()
             row = self._free.pop()
             self._rows[pid] = row
+            self._row_pid[row] = pid
             self._ids[row] = item_id
+            self._inserted += 1
         for name, column in self._columns.items():
             vector = vectors.get(name)
             slot = int(self._slots[name][row])
@@ -194,6 +206,7 @@ class ItemCache:
             if row is not None:
                 self._payloads[row] = None
                 self._ids[row] = None
+                self._row_pid[row] = -1
                 for name, column in self._columns.items():
                     slot = int(self._slots[name][row])
                     if slot >= 0:
@@ -225,17 +238,15 @@ class ItemCache:
         ``fetch`` loads missing or stale ones from the store by point id.
         """
         now = time.monotonic()
-        wanted: list[int] = np.asarray(point_ids, np.int64).tolist()
+        wanted = np.asarray(point_ids, np.int64)
         with self._lock:
-            missing, cached = [], []
-            for pid in wanted:
-                row = self._rows.get(pid)
-                if row is None or now - self._stamp[row] >= self.ttl_s:
-                    missing.append(pid)
-                else:
-                    cached.append(row)
+            rows = self._lookup(wanted)
+            cached = rows >= 0
+            if self.ttl_s != float("inf"):
+                cached[cached] = now - self._stamp[rows[cached]] < self.ttl_s
+            missing = wanted[~cached].tolist()
             # Marked before any fetched row is put: an eviction then spares this request's rows.
-            self._used[cached] = now
+            self._used[rows[cached]] = now
         fetched = fetch(missing) if missing else {}
         derived = {pid: self._with_derived(hit.vectors) for pid, hit in fetched.items()}
         with self._lock:
@@ -243,19 +254,46 @@ class ItemCache:
                 row = self._rows.get(pid)
                 if row is None or self._stamp[row] < now:  # not rewritten (e.g. by the catalogue) meanwhile
                     self._put(pid, hit.id, derived[pid], hit.payload)
-            return self._rows_of(wanted, list(self._columns) if names is None else names)
+            if missing:
+                rows = self._lookup(wanted)
+            return self._rows_of(wanted, rows, list(self._columns) if names is None else names)
 
-    def _rows_of(self, wanted: list[int], names: Sequence[str]) -> Gathered:
-        rows_by_id = self._rows
-        found = [pid for pid in wanted if pid in rows_by_id]
-        rows = np.fromiter((rows_by_id[pid] for pid in found), np.int64, len(found))
+    def _lookup(self, wanted: np.ndarray) -> np.ndarray:
+        """The row of each point id, -1 where not cached."""
+        if self._inserted >= max(256, len(self._rows) // 16):
+            self._index_keys = np.fromiter(self._rows.keys(), np.int64, len(self._rows))
+            order = np.argsort(self._index_keys)
+            self._index_keys = self._index_keys[order]
+            self._index_rows = np.fromiter(self._rows.values(), np.int64, len(self._rows))[order]
+            self._inserted = 0
+        rows = np.full(len(wanted), -1, np.int64)
+        keys = self._index_keys
+        if len(keys):
+            at = np.searchsorted(keys, wanted).clip(max=len(keys) - 1)
+            hit = keys[at] == wanted
+            rows[hit] = self._index_rows[at[hit]]
+            # Dropped or given to another item since the sorted copy was built.
+            rows[(rows >= 0) & (self._row_pid[rows.clip(min=0)] != wanted)] = -1
+        unsure = np.flatnonzero(rows < 0)
+        if len(unsure):
+            get = self._rows.get
+            for n, pid in zip(unsure.tolist(), wanted[unsure].tolist()):
+                row = get(pid)
+                if row is not None:
+                    rows[n] = row
+        return rows
+
+    def _rows_of(self, wanted: np.ndarray, rows: np.ndarray, names: Sequence[str]) -> Gathered:
+        found = rows >= 0
+        rows = rows[found]
         slots = {name: self._slots[name][rows] for name in self._columns}
+        listed = rows.tolist()
         return Gathered(
-            item_ids=[self._ids[r] for r in rows.tolist()],  # type: ignore[misc]
+            item_ids=[self._ids[r] for r in listed],  # type: ignore[misc]
             vectors={name: self._matrix(name, slots[name]) for name in names},
             present={name: slots[name] >= 0 for name in self.dims},
-            payloads=[self._payloads[r] for r in rows.tolist()],  # type: ignore[misc]
-            point_ids=np.asarray(found, np.int64),
+            payloads=[self._payloads[r] for r in listed],  # type: ignore[misc]
+            point_ids=wanted[found],
         )
 
     def _matrix(self, name: str, slots: np.ndarray) -> np.ndarray:

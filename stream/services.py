@@ -6,11 +6,15 @@ it passed in, so there is no state in module globals.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -34,6 +38,8 @@ from stream.versions import (
 )
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass
@@ -55,6 +61,15 @@ class Services:
     # Requests read user state, trending and co-visits under its read side; a
     # click batch publishes its trending and co-visits under its write side.
     visibility: ReadWriteLock = field(default_factory=ReadWriteLock)
+    # Where requests are answered (``serving_threads``; None: on the event loop).
+    serving_pool: ThreadPoolExecutor | None = None
+
+    async def answer(self, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a request's work on the serving threads, or on the event loop with ``serving_threads`` 0."""
+        if self.serving_pool is None:
+            return work(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.serving_pool, functools.partial(work, *args, **kwargs))
 
     @property
     def model(self) -> ServingModel:
@@ -113,9 +128,13 @@ class Services:
             signals=SignalLog.open(store, settings, trending, covisit, visibility),
             drift=drift_monitor(settings),
             visibility=visibility,
+            serving_pool=ThreadPoolExecutor(settings.serving_threads, thread_name_prefix="serving")
+            if settings.serving_threads else None,
         )
 
     def close(self) -> None:
+        if self.serving_pool is not None:
+            self.serving_pool.shutdown(wait=True)
         self.store.flush()
         self.store.close()
 

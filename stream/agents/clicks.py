@@ -52,7 +52,7 @@ async def consume_clicks(services: Services, dead_letters: DeadLetters, stop: as
     topic = settings.topic("clicks")
     assign = None if ownership.single else [TopicPartition(topic, p) for p in ownership.owned(partitions)]
     consumer = kafka.consumer(settings, *([topic] if assign is None else []), group_id=group,
-                              max_records=settings.batch_size)
+                              max_records=settings.batch_size, fetch_max_wait_ms=settings.ingest_fetch_max_wait_ms)
     # A dead letter the broker did not acknowledge leaves the batch unfinished: read it again.
     await run_consumer(consumer, handle, stop, name="click", reread_unfinished=True, assign=assign)
 

@@ -46,7 +46,7 @@ def attach(app: faust.App, topics: Topics, services: Services, dead_letters: Dea
                 request_id=event.event_id, user_id=event.user_id or "", k=min(event.k or settings.default_k, settings.max_k),
                 event_time=event.event_time,
             )
-            response = await asyncio.to_thread(recommend, services, request, path="kafka", image_vector=vector)
+            response = await services.answer(recommend, services, request, path="kafka", image_vector=vector)
             await topics.responses.send(key=request.user_id.encode(), value=response.to_bytes())
         return failures
 

@@ -51,7 +51,7 @@ async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio
 
     async def apply(received: list[kafka.Delivery[RecRequest]]) -> list[tuple[int, DecodeError]]:
         requests = [r.event for r in received]
-        answers = await asyncio.to_thread(answer_all, requests)
+        answers = await services.answer(answer_all, requests)
         sent = [
             await producer.send(responses_topic, payload, key=request.user_id.encode())
             for request, payload in zip(requests, answers)

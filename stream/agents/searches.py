@@ -32,7 +32,7 @@ def attach(app: faust.App, topics: Topics, services: Services, dead_letters: Dea
                 request_id=r.event.event_id, user_id=r.event.user_id,
                 k=min(r.event.k, settings.max_k), query=r.event.query, event_time=r.event.event_time,
             )
-            response = await asyncio.to_thread(recommend, services, request, path="kafka")
+            response = await services.answer(recommend, services, request, path="kafka")
             await topics.responses.send(key=r.event.user_id.encode(), value=response.to_bytes())
         return []
 
