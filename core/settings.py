@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         description="Longest wait of a fetch with no data on rec.requests (request latency).",
     )
     ingest_fetch_max_wait_ms: int = Field(
-        20, ge=1, le=10_000,
+        10, ge=1, le=10_000,
         description="Longest wait of a fetch with no data on the event topics (clicks, searches, "
                     "catalogue, photos): adds up to this much to freshness.",
     )
