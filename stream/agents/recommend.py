@@ -46,16 +46,18 @@ async def serve_requests(services: Services, stop: asyncio.Event, ready: asyncio
         services, lambda key, value: producer.send(settings.topic("deadletter"), value, key=key)
     )
 
-    def answer_all(requests: list[RecRequest]) -> list[bytes]:
-        return [recommend(services, r, path="kafka").to_bytes() for r in requests]
+    def answer(request: RecRequest) -> bytes:
+        return recommend(services, request, path="kafka").to_bytes()
 
     async def apply(received: list[kafka.Delivery[RecRequest]]) -> list[tuple[int, DecodeError]]:
-        requests = [r.event for r in received]
-        answers = await services.answer(answer_all, requests)
-        sent = [
-            await producer.send(responses_topic, payload, key=request.user_id.encode())
-            for request, payload in zip(requests, answers)
-        ]
+        # One at a time, each sent as soon as it is ready: the first answer of a
+        # batch does not wait for the last, and HTTP requests (answered on the
+        # same event loop) get their turn between two of these.
+        sent = []
+        for delivery in received:
+            payload = await services.answer(answer, delivery.event)
+            sent.append(await producer.send(responses_topic, payload, key=delivery.event.user_id.encode()))
+            await asyncio.sleep(0)
         await asyncio.gather(*sent)
         return []
 
