@@ -5,7 +5,17 @@
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from exporter.drift import DriftResults
 
@@ -15,6 +25,9 @@ LATENCY_BUCKETS = (
     0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
 )
 FRESHNESS_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+PROCESS_LABEL = "worker_process"  # which process of a ``streamrec worker --processes N`` a series is from
 
 
 class Metrics:
@@ -134,3 +147,30 @@ class Metrics:
         self.drift_embedding_shift.set(results.embedding_shift)
         self.drift_ctr_ratio.set(results.ctr_ratio)
         self.drift_popularity_gini.set(results.popularity_gini)
+
+
+class _Families:
+    """Parsed metric families, in the form ``generate_latest`` collects from."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: dict[int, str]) -> bytes:
+    """One Prometheus text exposition of several processes' own, each series labelled
+    ``worker_process`` with its process's index (a family's help and type once)."""
+    merged: dict[str, Metric] = {}
+    for index, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text):
+            target = merged.get(family.name)
+            if target is None:
+                target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            target.samples.extend(
+                Sample(sample.name, {**sample.labels, PROCESS_LABEL: str(index)}, sample.value,
+                       sample.timestamp, sample.exemplar)
+                for sample in family.samples
+            )
+    return generate_latest(_Families(list(merged.values())))  # type: ignore[arg-type]

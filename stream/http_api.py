@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -22,6 +23,7 @@ from pydantic import BaseModel
 
 from core.errors import DecodeError, StoreUnavailableError
 from core.events import RecRequest, decode
+from exporter.metrics import merge_expositions
 from stream.openapi import (
     ErrorBody,
     Health,
@@ -35,6 +37,7 @@ from stream.recommend import recommend
 from stream.services import Services
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -103,14 +106,31 @@ class Peers:
                           f"({type(exc).__name__}: {exc}); try again")
 
     async def health(self) -> dict[int, Health | None]:
-        async def one(index: int) -> Health | None:
+        """Each other process's own health (None where it did not answer)."""
+        async def read(reply: aiohttp.ClientResponse) -> Health:
+            return Health.model_validate_json(await reply.read())
+
+        return await self._ask_each("/health", read)
+
+    async def metrics(self) -> dict[int, str | None]:
+        """Each other process's own metrics text (None where it did not answer: being restarted)."""
+        async def read(reply: aiohttp.ClientResponse) -> str:
+            if reply.status != 200:
+                raise ValueError(f"/metrics answered {reply.status}")
+            return (await reply.read()).decode()
+
+        return await self._ask_each("/metrics", read)
+
+    async def _ask_each(self, path: str, read: Callable[[aiohttp.ClientResponse], Awaitable[T]]) -> dict[int, T | None]:
+        async def one(index: int) -> T | None:
             try:
                 async with self.session(index).get(
-                    f"http://process-{index}/health", headers={FORWARDED: str(self.ownership.index)},
+                    f"http://process-{index}{path}", headers={FORWARDED: str(self.ownership.index)},
                     timeout=aiohttp.ClientTimeout(total=PEER_HEALTH_TIMEOUT_S),
                 ) as reply:
-                    return Health.model_validate_json(await reply.read())
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                    return await read(reply)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.warning("worker process %d did not answer %s: %s", index, path, exc)
                 return None
 
         others = [i for i in range(self.ownership.count) if i != self.ownership.index]
@@ -162,11 +182,14 @@ def build_http_app(services: Services, health: "HealthState", peers: Peers | Non
             status = _together(peers.ownership.index, status, await peers.health())
         return _json(status, 200 if status.healthy else 503)
 
-    async def get_metrics(_: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(services.metrics.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
+    async def get_metrics(request: web.Request) -> web.Response:
+        own = generate_latest(services.metrics.registry)
+        if not peers.ownership.single and FORWARDED not in request.headers:
+            # On the shared port: every process's series, so that one scrape target
+            # sees the whole worker whichever process takes the connection.
+            texts = {index: text for index, text in (await peers.metrics()).items() if text is not None}
+            own = merge_expositions({peers.ownership.index: own.decode(), **texts})
+        return web.Response(body=own, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def get_user(request: web.Request) -> web.Response:
         user_id = request.match_info["user_id"]

@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import movielens
 from bench.common import read_store
 from bench.stack import LocalStack, WorkerProcess, free_port, process_request
 from core.events import ClickEvent, RecRequest, RecResponse
 from core.settings import Settings
+from exporter.metrics import PROCESS_LABEL
 from stream.broker import ensure_topics
 from stream.partitions import Ownership
 from tests.integration.helpers import ask_http, publish, user_state, wait_until
@@ -134,6 +137,14 @@ def test_each_process_owns_its_partitions_and_answers_for_every_user(four: Setti
             assert user_state(four, user)["items"] == sequences[user]
         health = worker.health()
         assert health is not None and health["healthy"] and health["ready"]
+        # One scrape of the shared port holds every process's series, whichever process takes it.
+        for _ in range(4):
+            with urllib.request.urlopen(f"http://{four.http_host}:{four.http_port}/metrics", timeout=15) as reply:
+                scraped = {(s.labels.get(PROCESS_LABEL), s.value)
+                           for family in text_string_to_metric_families(reply.read().decode())
+                           for s in family.samples
+                           if s.name == "streamrec_events_processed_total" and s.labels.get("topic") == "clicks"}
+            assert scraped == {("0", expected[0]), ("1", expected[1])}
 
 
 def test_two_processes_recommend_as_one_does(four: Settings, tmp_path: Path) -> None:
