@@ -100,10 +100,11 @@ def measure(base: Settings, broker: object, folder: Path, processes: int, args: 
             raise RuntimeError("the catalogue was not applied; see the worker log")
         clicks = _clicks(item_ids, users=args.users, count=args.clicks, seed=args.seed)  # type: ignore[attr-defined]
         started = time.perf_counter()
-        asyncio.run(_publish(settings, list(clicks)))
-        if not wait_for(lambda: sum(per_process(PROCESSED, {"topic": "clicks"})) >= len(clicks), timeout_s=900,
-                        interval_s=0.05):
-            raise RuntimeError("the clicks were not applied; see the worker log")
+        with CpuShares(worker.pids(), broker.pid) as click_cpu:  # type: ignore[attr-defined]
+            asyncio.run(_publish(settings, list(clicks)))
+            if not wait_for(lambda: sum(per_process(PROCESSED, {"topic": "clicks"})) >= len(clicks), timeout_s=900,
+                            interval_s=0.05):
+                raise RuntimeError("the clicks were not applied; see the worker log")
         click_seconds = time.perf_counter() - started
         clicks_per_process = per_process(PROCESSED, {"topic": "clicks"})
         users = sorted({click.user_id for click in clicks})
@@ -115,15 +116,11 @@ def measure(base: Settings, broker: object, folder: Path, processes: int, args: 
                                       requests=args.requests, seed=args.seed + 1))  # type: ignore[attr-defined]
         request_seconds = time.perf_counter() - started
         answered = [after - b for after, b in zip(per_process(LATENCY, {"path": "http"}), before)]
-        pids = worker.pids()
-        cpu_before = {index: process_cpu_seconds(pid) for index, pid in pids.items()}
-        wrk_started = time.perf_counter()
-        by_wrk = _wrk(settings, users, args)
+        with CpuShares(worker.pids(), broker.pid) as wrk_cpu:  # type: ignore[attr-defined]
+            by_wrk = _wrk(settings, users, args)
         if by_wrk:
-            # How busy each process was under wrk: a process at ~1.0 is bound by its own interpreter.
-            elapsed = time.perf_counter() - wrk_started
-            by_wrk["wrk_cpu_share_per_process"] = [
-                round((process_cpu_seconds(pid) - cpu_before[index]) / elapsed, 2) for index, pid in sorted(pids.items())]
+            by_wrk["wrk_cpu_share_per_process"] = wrk_cpu.processes
+            by_wrk["wrk_cpu_share_broker"] = wrk_cpu.broker
     return {
         "processes": processes,
         "clicks_per_s": round(len(clicks) / click_seconds, 1),
@@ -131,9 +128,36 @@ def measure(base: Settings, broker: object, folder: Path, processes: int, args: 
         "http_p50_ms": round(1000 * _percentile(latencies, 0.5), 2),
         "http_p99_ms": round(1000 * _percentile(latencies, 0.99), 2),
         "clicks_per_process": [int(c) for c in clicks_per_process],
+        "clicks_cpu_share_per_process": click_cpu.processes,
+        "clicks_cpu_share_broker": click_cpu.broker,
         "requests_answered_per_process": [int(a) for a in answered],
         **by_wrk,
     }
+
+
+class CpuShares:
+    """CPU time of the worker processes and the broker over a ``with`` block, as shares of one core:
+    a process near 1.0 is bound by its own interpreter; all of them near the core count, by the machine."""
+
+    def __init__(self, pids: dict[int, int], broker_pid: int | None) -> None:
+        self.pids, self.broker_pid = dict(sorted(pids.items())), broker_pid
+        self.processes: list[float] = []
+        self.broker: float | None = None
+
+    def _times(self) -> tuple[list[float], float | None]:
+        broker = process_cpu_seconds(self.broker_pid) if self.broker_pid else None
+        return [process_cpu_seconds(pid) for pid in self.pids.values()], broker
+
+    def __enter__(self) -> "CpuShares":
+        self._started, self._before = time.perf_counter(), self._times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        after, broker = self._times()
+        self.processes = [round((a - b) / elapsed, 2) for a, b in zip(after, self._before[0])]
+        if broker is not None and self._before[1] is not None:
+            self.broker = round((broker - self._before[1]) / elapsed, 2)
 
 
 def _wrk(settings: Settings, users: list[str], args: object) -> dict[str, object]:
