@@ -57,18 +57,28 @@ class Probes:
     polls: list[int] = field(default_factory=list)  # requests each probe needed
     timed_out: int = 0
     server_errors: list[str] = field(default_factory=list)  # polls the worker failed (counted, then retried)
+    # For each timed-out probe: its item and the reasons of the last answer it got.
+    timeouts_seen: list[str] = field(default_factory=list)
 
     def merge(self, other: "Probes") -> None:
         self.latencies_ms += other.latencies_ms
         self.polls += other.polls
         self.timed_out += other.timed_out
+        self.timeouts_seen += other.timeouts_seen
         self.server_errors += other.server_errors
 
 
 def reflects(response: object, title: str) -> bool:
-    """Whether any recommendation is explained by the probe's click."""
-    cited = f"because you viewed '{title}'"
-    return any(item.reason == cited for item in response.items)  # type: ignore[attr-defined]
+    """Whether any recommendation is explained by the probe's click.
+
+    Either reason that names an item reads it from the user's stored history:
+    "because you viewed" for a candidate the user's vector found, "often chosen
+    after" for one the co-visits put first. Once the background clicks have
+    taught co-visits for the clicked item, a whole answer may carry the second
+    only (counting the first alone left such probes waiting until they timed out).
+    """
+    cited = {f"because you viewed '{title}'", f"often chosen after '{title}'"}
+    return any(item.reason in cited for item in response.items)  # type: ignore[attr-defined]
 
 
 async def background_clicks(publisher: EventPublisher, *, rate: float, users: int, items: int,
@@ -107,7 +117,7 @@ async def run_probes(settings: Settings, *, probes: int, items: int, background_
                                    item_id=item_id(item), action="click")
                 started = time.perf_counter()
                 await probe_publisher.publish(click)
-                polls, asked = 0, started
+                polls, asked, response = 0, started, None
                 while time.perf_counter() - started < PROBE_TIMEOUT_S:
                     if polls:
                         await asyncio.sleep(max(0.0, asked + poll_interval_s - time.perf_counter()))
@@ -125,6 +135,8 @@ async def run_probes(settings: Settings, *, probes: int, items: int, background_
                         break
                 else:
                     result.timed_out += 1
+                    reasons = [item.reason for item in response.items] if response is not None else []
+                    result.timeouts_seen.append(f"{title}: {reasons}")
         finally:
             stop.set()
             sent = await background
@@ -180,6 +192,7 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         "p90_ms": round(shown["p90"], 2),
         "max_ms": round(max(probes.latencies_ms, default=float("nan")), 2),
         "timed_out": probes.timed_out,
+        "timed_out_last_answers": probes.timeouts_seen[:5],
         "server_errors": len(probes.server_errors),
         "mean_polls": round(sum(probes.polls) / max(1, len(probes.polls)), 2),
         "background_clicks_per_s": round(background_sent / seconds, 1),

@@ -36,3 +36,17 @@ def test_a_skipped_reference_is_null_not_nan() -> None:
     args = argparse.Namespace(events=1000, users=10, items=10, partitions=4)
     result = summary(args, [only_worker], items=10, batch_size=500, publish_per_s=1.0)
     assert result["ratio_to_ceiling"] is None and result["ceiling_events_per_s"] is None
+
+
+def test_a_probe_is_answered_by_either_reason_that_names_its_clicked_item() -> None:
+    from bench.freshness import reflects
+    from core.events import RecommendedItem, RecResponse
+
+    def answer(*reasons: str) -> RecResponse:
+        return RecResponse(request_id="r", user_id="u", model_version="v", served_at=0.0, latency_ms=1.0,
+                           items=[RecommendedItem(item_id=f"i{n}", score=1.0, reason=reason, title="")
+                                  for n, reason in enumerate(reasons)])
+
+    assert reflects(answer("trending now", "often chosen after 'synthetic item 7'"), "synthetic item 7")
+    assert reflects(answer("because you viewed 'synthetic item 7'"), "synthetic item 7")
+    assert not reflects(answer("trending now", "because you viewed 'synthetic item 70'"), "synthetic item 7")
