@@ -18,8 +18,9 @@ the same rule model, and its registry is where the fine-tuner promotes.
    recommendations before and after a burst of clicks, request latencies over
    Kafka and HTTP, a catalogue event with a photo and a visual search.
 
-With ``--posters DIR`` (``bench.posters``) the films carry their real plots
-and posters: the workers embed the posters as the items' photos, and the
+With ``--posters DIR`` (``bench.posters``) the films replayed carry their real
+plots and posters: the workers embed the posters as the items' photos, the
+fine-tuning cycle trains on their vectors, and the
 visual search is made with one of them; without it, MovieLens films have no
 photos and a synthetic photo shows the path.
 """
@@ -82,7 +83,6 @@ def run_demo(settings: Settings, *, users: int, events: int, posters: Path | Non
     catalogue = movielens.catalog_events()
     folder = load_posters(posters, {item.item_id for item in catalogue}) if posters is not None else None
     if folder is not None:
-        catalogue = folder.catalogue(catalogue)
         print(f"--posters {folder.root}: {len(folder.films)} films, {len(folder.with_poster)} with a poster, "
               f"{sum(1 for f in folder.films.values() if f.description)} with a plot")
     # Posters are catalogue photos given by path: workers read them under the folder.
@@ -159,13 +159,18 @@ async def _loop(stacks: dict[str, Settings], workers: dict[str, WorkerProcess], 
     first, following = replay[:first_events], replay[first_events : first_events + NEXT_SCORED]
     if not following:
         raise StreamrecError(f"--events {first_events} leaves no rating of these {users} users to replay after it")
+    if posters is not None:
+        # Only the films the demo replays get their plot and poster: the others are never
+        # clicked, and every poster costs each worker (and the fine-tuner) an image-tower pass.
+        catalogue = posters.catalogue(catalogue, only={r.item_id for r in first + following})
     clock = time.time() - (len(first) + len(following)) * EVENT_SPACING_S
     loop_stack, loop_worker = stacks["loop"], workers["loop"]
 
-    content = "title, genres, year" + (", plot, poster" if posters is not None else "")
     photos = sum(1 for item in catalogue if item.image is not None)
-    print(f"[2/7] publishing the catalogue to both workers: {len(catalogue)} films ({content}"
-          + (f"; {photos} posters" if posters is not None else "") + ") ...", flush=True)
+    plots = sum(1 for item in catalogue if item.description)
+    content = (f"title, genres, year; the {photos} posters and {plots} plots of the films replayed"
+               if posters is not None else "title, genres, year")
+    print(f"[2/7] publishing the catalogue to both workers: {len(catalogue)} films ({content}) ...", flush=True)
     t0 = time.perf_counter()
     now = time.time()
     await _publish_all(stacks, [item.model_copy(update={"event_time": now}) for item in catalogue])

@@ -59,12 +59,13 @@ class PostersFolder:
             raise ConfigError(f"{self.root}: film {item_id} has no poster")
         return (self.root / poster).read_bytes()
 
-    def catalogue(self, movielens: list[CatalogItem]) -> list[CatalogItem]:
-        """The MovieLens catalogue events, those of the folder's films with plot and poster."""
+    def catalogue(self, movielens: list[CatalogItem], only: set[str] | None = None) -> list[CatalogItem]:
+        """The MovieLens catalogue events, those of the folder's films (of ``only``, when given)
+        with plot and poster."""
         items = []
         for item in movielens:
             film = self.films.get(item.item_id)
-            if film is None:
+            if film is None or (only is not None and item.item_id not in only):
                 items.append(item)
                 continue
             items.append(item.model_copy(update={

@@ -21,6 +21,7 @@ from core.events import CatalogItem, ImageEvent, ImageRef
 from core.settings import Settings
 
 PHOTOS_FILE = "photos.npz"
+PHOTO_CHUNK = 256  # photos decoded at a time: 256 x (3, 224, 224) float32 is about 150 MB
 
 
 class PhotoLog:
@@ -69,10 +70,12 @@ class PhotoLog:
         for item_id in deleted:
             vectors.pop(item_id, None)
         unusable = 0
-        if photos:
-            pixels, errors = decode_photos(self.settings, self.encoder, list(photos.values()))
-            embedded = embed_photos(self.encoder, pixels)
-            for row, (item_id, error) in enumerate(zip(photos, errors)):
+        pending = list(photos.items())
+        for start in range(0, len(pending), PHOTO_CHUNK):
+            chunk = pending[start:start + PHOTO_CHUNK]
+            pixels, errors = decode_photos(self.settings, self.encoder, [ref for _, ref in chunk])
+            embedded = embed_photos(self.encoder, pixels)  # (len(chunk), image_dim)
+            for row, ((item_id, _), error) in enumerate(zip(chunk, errors)):
                 if error is None:
                     vectors[item_id] = embedded[row]
                 else:

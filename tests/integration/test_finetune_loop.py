@@ -171,12 +171,13 @@ def test_a_first_model_from_the_stream_then_a_grown_vocabulary(loop_settings: Se
     photos = encoder.encode([(settings.image_root / item.image.image_uri).read_bytes() for item in pictured])
     assert first.vocabulary["items_with_photo"] == len(pictured) == PHOTO_SERIES * PER_SERIES
     assert served.stored_image is not None and served.stored_has_image is not None
-    assert [item for item in served.item_ids[1:] if served.stored_has_image[served.item_index[item]]] == \
-        [item.item_id for item in pictured]
+    assert sorted(item for item in served.item_ids[1:] if served.stored_has_image[served.item_index[item]]) == \
+        sorted(item.item_id for item in pictured)
     np.testing.assert_allclose(served.stored_image[[served.item_index[i.item_id] for i in pictured]], photos,
                                atol=1e-6)
-    first_networks = Networks.load(registry.path(first.candidate_version))
-    assert first_networks.item_tower.image_projection.weight.abs().sum() > 0  # trained, not silenced
+    # Trained: neither silenced (a zero weight) nor left at its start (a zero bias).
+    first_projection = Networks.load(registry.path(first.candidate_version)).item_tower.image_projection
+    assert first_projection.weight.abs().sum() > 0 and first_projection.bias.abs().sum() > 0
 
     # A new series is listed (30 items) and 20 of them are clicked; the next cycle warm-starts.
     new = len(SERIES)
@@ -202,6 +203,9 @@ def test_a_first_model_from_the_stream_then_a_grown_vocabulary(loop_settings: Se
         assert model.stored_has_image[model.item_index[item]]
         np.testing.assert_allclose(model.stored_image[model.item_index[item]], vector, atol=1e-6)
     assert not model.stored_has_image[model.item_index[item_id(new, 2)]]
+    # The warm start trained the image projection further on them.
+    grown_projection = Networks.load(registry.path(grown.candidate_version)).item_tower.image_projection
+    assert not torch.equal(grown_projection.weight, first_projection.weight)
     # Every known item keeps its index; the new ones come after them, with a trained id embedding.
     assert all(model.item_index[item] == index for item, index in served.item_index.items())
     clicked = [item_id(new, k) for k in range(PER_SERIES)]

@@ -54,6 +54,9 @@ def test_films_map_to_the_demos_item_ids_with_plot_and_poster(tmp_path: Path) ->
     assert items["m1"].attributes == {"genres": "Drama", "year": "1995", "director": "A. Director", "cast": "B. Actor"}
     assert items["m3"].image is None and items["m3"].description == "The plot of film 3."
     assert items["m9"] == movielens[2]  # not in the folder: the plain MovieLens record
+    # Only some films (the demo's replayed ones): the others keep their plain record.
+    only = {item.item_id: item for item in posters.catalogue(movielens, only={"m3"})}
+    assert only["m1"] == movielens[0] and only["m3"].description == "The plot of film 3."
 
 
 @pytest.mark.parametrize("make, expected", [
