@@ -174,9 +174,9 @@ def load_posters(folder: Path, known_items: set[str] | None = None) -> PostersFo
 
 
 def genre_overlap(films: dict[str, Film], item_id: str, others: list[str]) -> int:
-    """How many of ``others`` share a genre with film ``item_id``."""
+    """How many of ``others`` (``item_id`` itself left out) share a genre with film ``item_id``."""
     genres = set(films[item_id].genres)
-    return sum(1 for other in others if other in films and genres & set(films[other].genres))
+    return sum(1 for other in others if other != item_id and other in films and genres & set(films[other].genres))
 
 
 async def visual_search(settings: Settings, posters: PostersFolder, item_id: str, k: int = 5) -> RecResponse:
@@ -201,6 +201,7 @@ async def show_visual_search(settings: Settings, posters: PostersFolder, item_id
         genres = "|".join(posters.films[item.item_id].genres) if item.item_id in posters.films else ""
         print(f"      {rank}. {item.title or item.item_id:<45.45}  {item.score:.3f}  {genres:<30.30}  {item.reason}")
     rank = found.index(item_id) + 1 if item_id in found else None
-    print(f"    the poster's own film: {f'rank {rank}' if rank else f'not in the top {k}'}; "
-          f"found films sharing a genre with it: {genre_overlap(posters.films, item_id, found)} of {len(found)}")
+    others = len([other for other in found if other != item_id])
+    print(f"    the poster's own film: {f'rank {rank}' if rank else f'not in the top {k}'}; other films found "
+          f"sharing a genre with it: {genre_overlap(posters.films, item_id, found)} of {others}")
     return response

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.posters import load_posters
+from bench.posters import genre_overlap, load_posters
 from core.errors import ConfigError
 from core.events import CatalogItem
 
@@ -54,6 +54,7 @@ def test_films_map_to_the_demos_item_ids_with_plot_and_poster(tmp_path: Path) ->
     assert items["m1"].attributes == {"genres": "Drama", "year": "1995", "director": "A. Director", "cast": "B. Actor"}
     assert items["m3"].image is None and items["m3"].description == "The plot of film 3."
     assert items["m9"] == movielens[2]  # not in the folder: the plain MovieLens record
+    assert genre_overlap(posters.films, "m1", ["m1", "m2", "m9"]) == 1  # m2 (Drama); m1 itself and m9 not counted
     # Only some films (the demo's replayed ones): the others keep their plain record.
     only = {item.item_id: item for item in posters.catalogue(movielens, only={"m3"})}
     assert only["m1"] == movielens[0] and only["m3"].description == "The plot of film 3."
