@@ -16,7 +16,13 @@ the same rule model, and its registry is where the fine-tuner promotes.
    hit rate of both;
 4. the ``loop`` worker's drift gauges and ``streamrec status``; then, on it,
    recommendations before and after a burst of clicks, request latencies over
-   Kafka and HTTP, a catalogue event with a photo.
+   Kafka and HTTP, a catalogue event with a photo and a visual search.
+
+With ``--posters DIR`` (``bench.posters``) the films replayed carry their real
+plots and posters: the workers embed the posters as the items' photos, the
+fine-tuning cycle trains on their vectors, and the
+visual search is made with one of them; without it, MovieLens films have no
+photos and a synthetic photo shows the path.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from pathlib import Path
 
 from bench import movielens
 from bench.common import stack_settings, start_broker
+from bench.posters import PostersFolder, load_posters, show_visual_search
 from bench.prequential import plot_side_by_side, served_version, side_by_side
 from bench.prequential_eval import Interaction
 from bench.stack import WorkerProcess
@@ -66,12 +73,20 @@ def demo_models(base: Settings, folder: Path) -> Path:
     return folder
 
 
-def run_demo(settings: Settings, *, users: int, events: int) -> int:
-    """``users``: the most active users replayed; ``events``: ratings in the first part."""
+def run_demo(settings: Settings, *, users: int, events: int, posters: Path | None = None) -> int:
+    """``users``: the most active users replayed; ``events``: ratings in the first part;
+    ``posters``: a MovieLens posters folder (``bench.posters``), checked before anything starts."""
     from model.export.prepare import prepare_models
 
     demo_dir = settings.data_dir / "demo"
     started = time.perf_counter()
+    catalogue = movielens.catalog_events()
+    folder = load_posters(posters, {item.item_id for item in catalogue}) if posters is not None else None
+    if folder is not None:
+        print(f"--posters {folder.root}: {len(folder.films)} films, {len(folder.with_poster)} with a poster, "
+              f"{sum(1 for f in folder.films.values() if f.description)} with a plot")
+    # Posters are catalogue photos given by path: workers read them under the folder.
+    photos = {"image_root": folder.root.resolve()} if folder is not None else {}
     prepare_models(settings)
     for name in ("rule", "loop", "logs"):
         shutil.rmtree(demo_dir / name, ignore_errors=True)
@@ -81,10 +96,10 @@ def run_demo(settings: Settings, *, users: int, events: int) -> int:
     try:
         stacks = {
             "rule": stack_settings(settings, broker, demo_dir / "rule", "demo-rule",
-                                   model_dir=demo_models(settings, demo_dir / "rule" / "models")),
+                                   model_dir=demo_models(settings, demo_dir / "rule" / "models"), **photos),
             "loop": stack_settings(settings, broker, demo_dir / "loop", "demo-loop",
                                    model_dir=demo_models(settings, demo_dir / "loop" / "models"),
-                                   finetune_minutes=TRAIN_MINUTES),
+                                   finetune_minutes=TRAIN_MINUTES, **photos),
         }
         for name, stack in stacks.items():
             asyncio.run(ensure_topics(stack))
@@ -93,7 +108,7 @@ def run_demo(settings: Settings, *, users: int, events: int) -> int:
             worker.wait_ready(300.0)
         print(f"      ready in {time.perf_counter() - started:.1f}s (broker {broker.bootstrap}; "
               + ", ".join(f"{name} worker http://{s.http_host}:{s.http_port}" for name, s in stacks.items()) + ")")
-        asyncio.run(_loop(stacks, workers, demo_dir, users=users, first_events=events))
+        asyncio.run(_loop(stacks, workers, demo_dir, catalogue, folder, users=users, first_events=events))
     finally:
         for worker in workers.values():
             worker.stop()
@@ -136,26 +151,33 @@ async def _publish_all(stacks: dict[str, Settings], events: list) -> None:  # ty
             await publisher.flush()
 
 
-async def _loop(stacks: dict[str, Settings], workers: dict[str, WorkerProcess], demo_dir: Path, *,
-                users: int, first_events: int) -> None:
-    catalogue = movielens.catalog_events()
+async def _loop(stacks: dict[str, Settings], workers: dict[str, WorkerProcess], demo_dir: Path,
+                catalogue: list[CatalogItem], posters: PostersFolder | None, *, users: int, first_events: int) -> None:
     ratings = movielens.ratings()
     chosen = {u for u, _ in Counter(r.user_id for r in ratings).most_common(users)}
     replay = [r for r in ratings if r.user_id in chosen]
     first, following = replay[:first_events], replay[first_events : first_events + NEXT_SCORED]
     if not following:
         raise StreamrecError(f"--events {first_events} leaves no rating of these {users} users to replay after it")
+    if posters is not None:
+        # Only the films the demo replays get their plot and poster: the others are never
+        # clicked, and every poster costs each worker (and the fine-tuner) an image-tower pass.
+        catalogue = posters.catalogue(catalogue, only={r.item_id for r in first + following})
     clock = time.time() - (len(first) + len(following)) * EVENT_SPACING_S
     loop_stack, loop_worker = stacks["loop"], workers["loop"]
 
-    print(f"[2/7] publishing the catalogue to both workers: {len(catalogue)} films (title, genres, year) ...",
-          flush=True)
+    photos = sum(1 for item in catalogue if item.image is not None)
+    plots = sum(1 for item in catalogue if item.description)
+    content = (f"title, genres, year; the {photos} posters and {plots} plots of the films replayed"
+               if posters is not None else "title, genres, year")
+    print(f"[2/7] publishing the catalogue to both workers: {len(catalogue)} films ({content}) ...", flush=True)
     t0 = time.perf_counter()
     now = time.time()
     await _publish_all(stacks, [item.model_copy(update={"event_time": now}) for item in catalogue])
     for worker in workers.values():
         await _wait_processed(worker, "catalog", len(catalogue))
-    print(f"      {len(catalogue)} items embedded and upserted by both in {time.perf_counter() - t0:.1f}s")
+    print(f"      {len(catalogue)} items embedded and upserted by both in {time.perf_counter() - t0:.1f}s"
+          + (f" ({photos} posters through the image tower in each)" if posters is not None else ""))
 
     print(f"[3/7] the first part: {len(first)} ratings of {len(chosen)} users, in time order, as clicks, "
           "under the rule model ...", flush=True)
@@ -249,7 +271,10 @@ async def _loop(stacks: dict[str, Settings], workers: dict[str, WorkerProcess], 
         for path, values in (("kafka (request -> response topic)", kafka_ms), ("http (POST /recommend)", http_ms)):
             print(f"    {path:<36} p50 {_pct(values, 50):6.1f} ms   p99 {_pct(values, 99):6.1f} ms")
 
-    await _show_image_event(loop_stack, loop_worker)
+    if posters is None:
+        await _show_image_event(loop_stack, loop_worker)
+    else:
+        await _show_posters(loop_stack, catalogue, posters, first)
     _print_howto(loop_stack)
 
 
@@ -261,10 +286,13 @@ def _finetune(settings: Settings):  # type: ignore[no-untyped-def]
 
     torch.set_num_threads(2)
     logging.getLogger("finetune").setLevel(logging.ERROR)  # the decision is printed below, in short
-    decision = run_cycle(settings)
+    # Its encoders (plots, posters) and evaluation on both cores too.
+    decision = run_cycle(settings.model_copy(update={"onnx_threads": 2}))
     timings = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in decision.timings.items())
+    photos = decision.vocabulary.get("items_with_photo", 0)
     print(f"      drained {decision.interactions} interactions of {decision.users} users; trained from "
-          f"{decision.start} ({decision.vocabulary.get('items')} items); {timings}")
+          f"{decision.start} ({decision.vocabulary.get('items')} items"
+          + (f", {photos} with a poster" if photos else "") + f"); {timings}")
     candidate, serving = decision.candidate_metrics, decision.serving_metrics
     print(f"      held out (each user's newest interaction): candidate HR@10 {candidate.get('hr@10', 0):.4f} "
           f"NDCG@10 {candidate.get('ndcg@10', 0):.4f} vs serving {decision.serving_version} HR@10 "
@@ -321,6 +349,20 @@ async def _show_image_event(settings: Settings, worker: WorkerProcess) -> None:
         image=ImageRef(image_b64=base64.b64encode(_demo_photo(shade=200)).decode()),
     ))
     _show("visual search with a similar photo (POST /recommend with an image)", response, n=3)
+
+
+async def _show_posters(settings: Settings, catalogue: list[CatalogItem], posters: PostersFolder,
+                        first: list[movielens.Rating]) -> None:
+    """The real posters: one catalogue event as published, and a visual search with the poster
+    of the most rated film (in the first part) that has one."""
+    with_poster = {item.item_id: item for item in catalogue if item.image is not None}
+    counts = Counter(r.item_id for r in first if r.item_id in with_poster)
+    chosen = counts.most_common(1)[0][0] if counts else next(iter(with_poster))
+    shown = with_poster[chosen].model_dump(exclude_none=True)
+    shown["description"] = shown.get("description", "")[:60] + "..."
+    print(f"\n  images: the films carry their real posters (STREAMREC_IMAGE_ROOT={posters.root}); "
+          f"a catalogue event as published: {shown}")
+    await show_visual_search(settings, posters, chosen)
 
 
 def _demo_photo(shade: int = 220) -> bytes:

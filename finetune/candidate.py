@@ -10,7 +10,9 @@ Two starts, one result (an artefact folder like ``streamrec train`` writes):
   window's items; the towers are trained from scratch on items[:-2] with
   early stopping on items[-2], then on items[:-1], as ``streamrec train`` does.
 
-Either way the ranker is then fitted with the new towers on the window's
+Either way the item tower reads each item's photo vector where it has one
+(``finetune.photos``, else the parent's stored one) and the missing-photo
+vector where it has none. The ranker is then fitted with the new towers on the window's
 items[-2] step (``model.training.ranker``); ``job`` keeps it only when it
 beats retrieval alone on the held-out newest interactions.
 """
@@ -28,6 +30,7 @@ import torch
 
 from core.text import CONTENT_TEXT_FIELDS
 from finetune.catalogue import attribute_names, text_vectors
+from finetune.photos import photo_matrix
 from model.export.fused import Networks, export_all
 from model.nets.towers import attribute_mixing
 from model.serving.artefact import write_manifest
@@ -71,7 +74,9 @@ class Window:
     data: per-user sequences over ``item_ids`` (1-based; 0 = unknown), with times;
     actions: per user, the action code of every interaction, aligned with ``data.sequences``;
     text / has_text: (N+1, T) / (N+1,) what the item tower trains on: the text of ``fields``;
-    new_items: domain ids the parent did not know.
+    new_items: domain ids the parent did not know;
+    image / has_image: (N+1, I) / (N+1,) photo vectors (zero rows without), or None when no
+    item of the window has a photo.
     """
 
     data: InteractionData
@@ -82,6 +87,8 @@ class Window:
     new_items: list[str]
     new_attributes: list[str]
     fields: tuple[str, ...]
+    image: np.ndarray | None = None
+    has_image: np.ndarray | None = None
 
     @property
     def split(self) -> LeaveOneOut:
@@ -89,28 +96,37 @@ class Window:
 
     def catalogue(self) -> Catalogue:
         attributes = torch.from_numpy(self.data.attributes)
+        image = has_image = None
+        if self.image is not None and self.has_image is not None:
+            image, has_image = torch.from_numpy(self.image), torch.from_numpy(self.has_image.astype(np.float32))
         return Catalogue(attributes, attribute_mixing(attributes, self.data.n_attributes),
-                         torch.from_numpy(self.text), torch.from_numpy(self.has_text.astype(np.float32)))
+                         torch.from_numpy(self.text), torch.from_numpy(self.has_text.astype(np.float32)),
+                         image, has_image)
 
     def content(self, encoder: Any, fields: tuple[str, ...], catalogue: dict[str, dict[str, str]],
                 image_dim: int) -> ItemContent:
-        """Items 1..N as a worker would hand them to a model reading ``fields`` (no photos)."""
+        """Items 1..N as a worker would hand them to a model reading ``fields`` (with their photos)."""
         item_ids = self.data.item_ids
         if tuple(fields) == self.fields:
             text, has_text = self.text[1:], self.has_text[1:]
         else:
             text, has_text = text_vectors(encoder, tuple(fields), item_ids, catalogue)
         count = len(item_ids)
-        return ItemContent(list(item_ids), text, np.zeros((count, image_dim), np.float32), has_text,
-                           np.zeros(count, bool), list(self.categories[1:]))
+        if self.image is not None and self.has_image is not None and self.image.shape[1] == image_dim:
+            image, has_image = self.image[1:], self.has_image[1:]
+        else:
+            image, has_image = np.zeros((count, image_dim), np.float32), np.zeros(count, bool)
+        return ItemContent(list(item_ids), text, image, has_text, has_image, list(self.categories[1:]))
 
 
 def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]], parent: Any | None,
-                 encoder: Any, name: str) -> Window:
+                 encoder: Any, name: str, photos: dict[str, np.ndarray] | None = None,
+                 image_dim: int | None = None) -> Window:
     """The window's interactions over the parent's vocabulary grown by the window's new items.
 
     Item text is read from the fields the parent reads; a first model reads what the rule
     model read (``CONTENT_TEXT_FIELDS``), so workers swapping to it keep their stored text vectors.
+    Photos: the drained ``photos`` (item id -> vector), else the parent's stored photo vector.
     """
     fields = tuple(parent.text_fields) if parent is not None else tuple(CONTENT_TEXT_FIELDS)
     ordered = sorted(rows, key=lambda row: float(row["t"]))
@@ -141,6 +157,7 @@ def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]
         stored = stored[stored < len(item_ids) + 1]
         text[stored], has_text[stored] = parent.stored_text[stored], True
     categories = [""] + [str(catalogue.get(item, {}).get("category", "")) for item in item_ids]
+    image, has_image = window_photos(item_ids, photos or {}, parent, image_dim)
 
     index = {item: i for i, item in enumerate(item_ids, start=1)}
     by_user: dict[str, list[tuple[float, int, int]]] = {}
@@ -152,7 +169,31 @@ def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]
     timestamps = [np.asarray([t for t, _, _ in by_user[u]], np.float64) for u in user_ids]
     data = InteractionData(name=name, user_ids=user_ids, sequences=sequences, item_ids=item_ids,
                            attributes=attributes, attribute_names=names, timestamps=timestamps)
-    return Window(data, actions, text, has_text, categories, new_items, names[len(known_names):], fields)
+    return Window(data, actions, text, has_text, categories, new_items, names[len(known_names):], fields,
+                  image, has_image)
+
+
+def window_photos(item_ids: list[str], photos: dict[str, np.ndarray], parent: Any | None,
+                  image_dim: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(N+1, I) photo vectors and (N+1,) has_image over the window's vocabulary (row 0: the
+    unknown item), or (None, None) when no item has one."""
+    stored = parent is not None and parent.stored_image is not None and parent.stored_has_image is not None
+    if not photos and not stored:
+        return None, None
+    dim = image_dim or (parent.image_dim if parent is not None else len(next(iter(photos.values()))))
+    image = np.zeros((len(item_ids) + 1, dim), np.float32)
+    has_image = np.zeros(len(item_ids) + 1, bool)
+    if stored:
+        known = min(len(parent.stored_has_image), len(item_ids) + 1)
+        image[:known], has_image[:known] = parent.stored_image[:known], parent.stored_has_image[:known].astype(bool)
+    # A photo drained from the stream is the item's newest.
+    drained, has_drained = photo_matrix(item_ids, photos, dim)  # (N, I), (N,)
+    image[1:][has_drained] = drained[has_drained]
+    has_image[1:] |= has_drained
+    has_image[0] = False
+    if not has_image.any():
+        return None, None
+    return image, has_image
 
 
 def training_action(window: Window) -> int:
@@ -237,8 +278,11 @@ def fit_ranker(networks: Networks, window: Window, train_action: int) -> tuple[A
                      networks.config, train_action, RANKER.candidates)
     with torch.no_grad():
         vectors = model.catalogue_vectors(catalogue).numpy()
-    inputs = RankerInputs(vectors, window.text, networks.config)
+    inputs = RankerInputs(vectors, window.text, networks.config, image=window.image)
     ranker, report = train_ranker(networks.config, RANKER, lists, inputs, progress=False)
+    if window.image is None:
+        with torch.no_grad():  # it only ever saw zeros: photos must not move its scores
+            ranker.image_projection.weight.zero_()
     return ranker, report, lists, inputs
 
 
@@ -260,7 +304,8 @@ def train_first(window: Window, encoder_dim: int, tune: FineTuneSettings,
     catalogue = window.catalogue()
     model, report = train_retrieval(config, settings, split, catalogue, progress=False)
     share_action_embedding(model, train_action)
-    silence_untrained_modalities(model, trained_text=bool(window.has_text.any()))
+    silence_untrained_modalities(model, trained_text=bool(window.has_text.any()),
+                                 trained_image=window.image is not None)
     networks = Networks(config, model.item_tower, model.user_tower, Networks.build(config).ranker)
     ranker, ranker_report, lists, inputs = fit_ranker(networks, window, train_action)
     networks.ranker = ranker
@@ -308,8 +353,10 @@ def write_version(networks: Networks, window: Window, staging: Path, manifest: d
     # An item the version has no id for (index 0) is one the window never saw: new, not 50 years old.
     context.last_seen[0] = max((float(t.max()) for t in data.timestamps if len(t)), default=0.0)  # type: ignore[union-attr]
     # The ranker was fitted on the window's counts: it is served with them.
+    photos = ({"image": window.image, "has_image": window.has_image}
+              if window.image is not None and window.has_image is not None else {})
     np.savez_compressed(staging / "item_features.npz", attributes=data.attributes, popularity=context.popularity,
-                        text=window.text, has_text=window.has_text, last_seen=context.last_seen)
+                        text=window.text, has_text=window.has_text, last_seen=context.last_seen, **photos)
     (staging / "id_maps.json").write_text(json.dumps({
         "items": data.item_index(),
         "attributes": {name: i + 1 for i, name in enumerate(data.attribute_names)},

@@ -6,11 +6,15 @@ One cycle:
    consumer group ``<app_id>.finetune`` into an append-only interaction log
    under ``<data_dir>/finetune/`` (fsynced before the offsets are committed,
    bounded to ``finetune_max_interactions``, oldest dropped);
-   and the newest upsert of every catalogue item into ``catalogue.json``;
+   and the newest upsert of every catalogue item into ``catalogue.json``, and
+   the image-tower vector of its newest photo into ``photos.npz``
+   (``finetune.photos``; photos also come from ``events.images``);
 2. build the candidate (``finetune.candidate``): warm-started from the current
    version's ``weights.pt`` with its item vocabulary grown by the window's new
    items, or, while only the rule model serves, trained from scratch on the
-   window's items; the ranker is refitted with the new towers;
+   window's items; the item tower trains on the photo vectors of the items
+   that have one (the others take the missing-photo path); the ranker is
+   refitted with the new towers;
 3. evaluate candidate and serving model (trained or rule) through the serving
    contract on the newest interaction of every user (``finetune.heldout``);
    the candidate's ranker is dropped (served in retrieval order) when it does
@@ -43,6 +47,7 @@ from core.errors import ConfigError, DecodeError
 from core.settings import Settings
 from finetune.candidate import FineTuneSettings, finetune_towers  # noqa: F401 (this module's API)
 from finetune.catalogue import CatalogueLog
+from finetune.photos import PhotoLog
 from model.export.fused import Networks, export_all
 from model.nets.towers import attribute_mixing
 from model.serving.artefact import (
@@ -133,20 +138,21 @@ def interaction_rows(raw_clicks: list[bytes], max_bytes: int) -> tuple[list[dict
 
 
 async def drain_topics(settings: Settings, interactions: InteractionLog, max_seconds: float = 300.0,
-                       catalogue: CatalogueLog | None = None) -> dict[str, int]:
-    """Read new clicks, searches and catalogue events until caught up; returns counts per topic.
+                       catalogue: CatalogueLog | None = None, photos: PhotoLog | None = None) -> dict[str, int]:
+    """Read new clicks, searches, catalogue events and photos until caught up; returns counts per topic.
 
     Clicks become training interactions; catalogue events update ``catalogue``
-    (the text and categories of items a model has not learnt yet). Searches are
-    read (and their offsets committed) so the group stays current; training does
-    not use them yet.
+    (the text and categories of items a model has not learnt yet); catalogue
+    photos (in upserts and on ``events.images``) update ``photos``. Searches and
+    visual searches are read (and their offsets committed) so the group stays
+    current; training does not use them yet.
     """
     from stream import kafka
 
-    topics = {settings.topic(key): key for key in ("clicks", "searches", "catalog")}
+    topics = {settings.topic(key): key for key in ("clicks", "searches", "catalog", "images")}
     consumer = kafka.consumer(settings, *topics, group_id=f"{settings.app_id}.finetune", fetch_max_wait_ms=200,
                               max_partition_fetch_bytes=8 << 20)
-    counts = {key: 0 for key in topics.values()} | {"undecodable": 0}
+    counts = {key: 0 for key in topics.values()} | {"undecodable": 0, "unusable_photos": 0}
     await consumer.start()
     try:
         deadline, idle = time.monotonic() + max_seconds, 0
@@ -160,8 +166,12 @@ async def drain_topics(settings: Settings, interactions: InteractionLog, max_sec
             clicks = [r.value for r in records if topics.get(r.topic) == "clicks"]
             rows, bad = interaction_rows(clicks, settings.max_event_bytes)
             interactions.append(rows)
+            listed = [r.value for r in records if topics.get(r.topic) == "catalog"]
             if catalogue is not None:
-                catalogue.apply([r.value for r in records if topics.get(r.topic) == "catalog"], settings.max_event_bytes)
+                catalogue.apply(listed, settings.max_event_bytes)
+            if photos is not None:
+                pictured = [r.value for r in records if topics.get(r.topic) == "images"]
+                counts["unusable_photos"] += photos.apply(photo_events(listed, pictured, settings.max_event_bytes))
             await consumer.commit()
             counts["undecodable"] += bad
             for record in records:
@@ -171,15 +181,35 @@ async def drain_topics(settings: Settings, interactions: InteractionLog, max_sec
     return counts
 
 
+def photo_events(listed: list[bytes], pictured: list[bytes], max_bytes: int) -> list[Any]:
+    """Decoded catalogue events, then catalogue-photo events (undecodable ones are the workers'
+    to dead-letter)."""
+    from core.events import CatalogItem, ImageEvent, decode
+
+    events: list[Any] = []
+    for kind, raws in ((CatalogItem, listed), (ImageEvent, pictured)):
+        for raw in raws:
+            try:
+                events.append(decode(kind, raw, max_bytes=max_bytes))
+            except DecodeError:
+                continue
+    return events
+
+
 # --- training ----------------------------------------------------------------------
 def build_catalogue(parent: Any) -> Catalogue:
-    """The item tower's training inputs from a loaded ``TrainedModel`` (its own stored features)."""
+    """The item tower's training inputs from a loaded ``TrainedModel`` (its own stored features:
+    attributes, text and, for a model trained with photos, photo vectors)."""
     attributes = torch.from_numpy(parent.stored_attributes)
-    text = has_text = None
+    text = has_text = image = has_image = None
     if parent.stored_text is not None and parent.stored_has_text is not None:
         text = torch.from_numpy(parent.stored_text.astype(np.float32))
         has_text = torch.from_numpy(parent.stored_has_text.astype(np.float32))
-    return Catalogue(attributes, attribute_mixing(attributes, parent.tower.n_attributes), text, has_text)
+    if parent.stored_image is not None and parent.stored_has_image is not None:
+        image = torch.from_numpy(parent.stored_image.astype(np.float32))
+        has_image = torch.from_numpy(parent.stored_has_image.astype(np.float32))
+    return Catalogue(attributes, attribute_mixing(attributes, parent.tower.n_attributes), text, has_text,
+                     image, has_image)
 
 
 def write_candidate(networks: Networks, parent: Any, staging: Path, manifest: dict[str, Any],
@@ -302,9 +332,10 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
     folder = settings.data_dir / "finetune"
     interactions = InteractionLog(folder, settings.finetune_max_interactions)
     catalogue_log = CatalogueLog(folder)
+    photo_log = PhotoLog(folder, settings)
     mark = started
     if drain:
-        counts = asyncio.run(drain_topics(settings, interactions, catalogue=catalogue_log))
+        counts = asyncio.run(drain_topics(settings, interactions, catalogue=catalogue_log, photos=photo_log))
         log.info("fine-tune: read %s", counts)
         mark = lap("drain", mark)
     rows = interactions.read()
@@ -315,11 +346,12 @@ def run_cycle(settings: Settings, metrics: Any | None = None, *, drain: bool = T
     towers_dir = exported_towers(settings)
     encoder = TextEncoder.from_dir(towers_dir / "text", intra_op_threads=settings.onnx_threads)
     dataset = str(parent.manifest.get("data", {}).get("dataset", "stream")) if parent is not None else "stream"
-    window = build_window(rows, catalogue, parent, encoder, dataset)
+    window = build_window(rows, catalogue, parent, encoder, dataset, photo_log.read(), serving.image_dim)
     split = window.split
     users = len(split.users)
     vocabulary = {"items": window.data.n_items, "new_items": len(window.new_items),
-                  "attributes": window.data.n_attributes, "new_attributes": len(window.new_attributes)}
+                  "attributes": window.data.n_attributes, "new_attributes": len(window.new_attributes),
+                  "items_with_photo": int(window.has_image.sum()) if window.has_image is not None else 0}
     start = "parent" if parent is not None else "scratch"
 
     def finish(decision: str, reason: str, candidate: str | None = None, candidate_metrics: dict | None = None,

@@ -6,11 +6,13 @@ item-tower call and one store upsert, whatever its size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from core.errors import DecodeError
 from core.events import CatalogItem, ImageEvent, ImageRef
+from core.settings import Settings
 from model.serving.contract import ItemContent
 from stream.images import read_image_bytes
 from stream.item_vectors import item_points, stored_vectors, write_items
@@ -25,9 +27,10 @@ class Rejected:
     error: DecodeError
 
 
-def _decode_images(services: Services, refs: list[ImageRef]) -> tuple[list[np.ndarray | None], list[DecodeError | None]]:
-    """Read and decode images: a (3, S, S) tensor or the error, per reference."""
-    settings = services.settings
+def decode_photos(settings: Settings, image_encoder: Any,
+                  refs: list[ImageRef]) -> tuple[list[np.ndarray | None], list[DecodeError | None]]:
+    """Read and decode images with ``image_encoder``'s preprocessing (an ``ImageEncoder``):
+    a (3, S, S) tensor or the error, per reference."""
     pixels: list[np.ndarray | None] = []
     errors: list[DecodeError | None] = []
     for ref in refs:
@@ -38,7 +41,7 @@ def _decode_images(services: Services, refs: list[ImageRef]) -> tuple[list[np.nd
                 allow_http=settings.image_allow_http,
                 max_bytes=settings.max_image_bytes,
             )
-            pixels.append(services.image_encoder.decode_image(data, settings.max_image_pixels))
+            pixels.append(image_encoder.decode_image(data, settings.max_image_pixels))
             errors.append(None)
         except DecodeError as exc:
             pixels.append(None)
@@ -46,13 +49,21 @@ def _decode_images(services: Services, refs: list[ImageRef]) -> tuple[list[np.nd
     return pixels, errors
 
 
-def _embed(services: Services, pixels: list[np.ndarray | None]) -> np.ndarray:
+def embed_photos(image_encoder: Any, pixels: list[np.ndarray | None]) -> np.ndarray:
     """(N, image_dim) image vectors, zero rows where there are no pixels."""
-    vectors = np.zeros((len(pixels), services.model.image_dim), np.float32)
+    vectors = np.zeros((len(pixels), image_encoder.dim), np.float32)
     rows = [i for i, p in enumerate(pixels) if p is not None]
     if rows:
-        vectors[rows] = services.image_encoder.encode_pixels(np.stack([pixels[i] for i in rows]))
+        vectors[rows] = image_encoder.encode_pixels(np.stack([pixels[i] for i in rows]))
     return vectors
+
+
+def _decode_images(services: Services, refs: list[ImageRef]) -> tuple[list[np.ndarray | None], list[DecodeError | None]]:
+    return decode_photos(services.settings, services.image_encoder, refs)
+
+
+def _embed(services: Services, pixels: list[np.ndarray | None]) -> np.ndarray:
+    return embed_photos(services.image_encoder, pixels)
 
 
 def _load_images(services: Services, refs: list[ImageRef]) -> tuple[np.ndarray, list[DecodeError | None]]:

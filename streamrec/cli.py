@@ -68,9 +68,12 @@ def _cmd_recommend(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from bench.demo import run_demo
 
-    return run_demo(settings, users=args.users, events=args.events)
+    return run_demo(settings, users=args.users, events=args.events,
+                    posters=Path(args.posters) if args.posters else None)
 
 
 def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -220,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the learning loop on MovieLens-100k, through the embedded stack")
     demo.add_argument("--users", type=int, default=943, help="the most active users to replay")
     demo.add_argument("--events", type=int, default=30000, help="ratings replayed before the fine-tuning cycle")
+    demo.add_argument("--posters", metavar="DIR", default=None,
+                      help="a MovieLens posters folder (items.json, posters/<id>.jpg): the films get their real "
+                           "plots and posters, and a visual search is made with one")
 
     # Their own parsers take the options (parse_known_args below passes them through).
     sub.add_parser("status", help="one-screen summary of a running worker (see streamrec status -h)",

@@ -60,3 +60,35 @@ def test_the_cache_holds_every_photo(artefact: tuple[Path, Path], models_dir: Pa
     assert len(caches) == 1
     with np.load(caches[0]) as cache:
         assert len(cache["keys"]) == 27
+
+
+def test_fine_tuning_from_it_trains_on_its_stored_photos(artefact: tuple[Path, Path], models_dir: Path) -> None:
+    """A cycle warm-starting from a version trained with photos hands the item tower those photos."""
+    from finetune.candidate import build_window
+    from finetune.job import build_catalogue
+    from model.serving.content import TextEncoder
+
+    directory, _ = artefact
+    parent = TrainedModel(directory)
+    assert parent.stored_image is not None and parent.stored_has_image is not None
+    stored = build_catalogue(parent)
+    assert stored.image is not None and stored.has_image is not None
+    np.testing.assert_array_equal(stored.image.numpy(), parent.stored_image)
+    np.testing.assert_array_equal(stored.has_image.numpy().astype(bool), parent.stored_has_image.astype(bool))
+
+    rows = [{"t": float(n), "u": f"u{n % 4}", "i": f"i{1 + n % N_ITEMS:02d}", "a": 4} for n in range(60)]
+    encoder = TextEncoder.from_dir(models_dir / "towers" / "text")
+    window = build_window(rows, {}, parent, encoder, "photos")
+    catalogue = window.catalogue()
+    assert catalogue.image is not None and catalogue.has_image is not None
+    np.testing.assert_array_equal(catalogue.image.numpy(), parent.stored_image)
+    assert catalogue.has_image.numpy().astype(bool).tolist() == [False] + [True] * 27 + [False] * 3
+    # A photo drained from the stream replaces the stored one; an item without stays without.
+    fresh = np.full(parent.image_dim, 1 / np.sqrt(parent.image_dim), np.float32)
+    window = build_window(rows, {}, parent, encoder, "photos", {"i02": fresh, "i29": fresh}, parent.image_dim)
+    assert window.image is not None and window.has_image is not None
+    np.testing.assert_array_equal(window.image[parent.item_index["i02"]], fresh)
+    np.testing.assert_array_equal(window.image[parent.item_index["i01"]], parent.stored_image[parent.item_index["i01"]])
+    assert window.has_image[parent.item_index["i29"]] and not window.has_image[parent.item_index["i30"]]
+    content = window.content(encoder, window.fields, {}, parent.image_dim)  # what the held-out evaluation serves
+    np.testing.assert_array_equal(content.image, window.image[1:])
