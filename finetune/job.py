@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from core.errors import ConfigError, DecodeError
@@ -49,7 +48,6 @@ from finetune.candidate import FineTuneSettings, finetune_towers  # noqa: F401 (
 from finetune.catalogue import CatalogueLog
 from finetune.photos import PhotoLog
 from model.export.fused import Networks, export_all
-from model.nets.towers import attribute_mixing
 from model.serving.artefact import (
     new_version,
     staging_directory,
@@ -61,7 +59,6 @@ from model.serving.covisit import FILE_NAME as TRANSITIONS_FILE
 from model.serving.covisit import build_table
 from model.serving.registry import Registry
 from model.training.data import InteractionData, leave_one_out
-from model.training.retrieval import Catalogue
 
 log = logging.getLogger(__name__)
 HELD_OUT_METRIC = "ndcg@10"
@@ -197,21 +194,6 @@ def photo_events(listed: list[bytes], pictured: list[bytes], max_bytes: int) -> 
 
 
 # --- training ----------------------------------------------------------------------
-def build_catalogue(parent: Any) -> Catalogue:
-    """The item tower's training inputs from a loaded ``TrainedModel`` (its own stored features:
-    attributes, text and, for a model trained with photos, photo vectors)."""
-    attributes = torch.from_numpy(parent.stored_attributes)
-    text = has_text = image = has_image = None
-    if parent.stored_text is not None and parent.stored_has_text is not None:
-        text = torch.from_numpy(parent.stored_text.astype(np.float32))
-        has_text = torch.from_numpy(parent.stored_has_text.astype(np.float32))
-    if parent.stored_image is not None and parent.stored_has_image is not None:
-        image = torch.from_numpy(parent.stored_image.astype(np.float32))
-        has_image = torch.from_numpy(parent.stored_has_image.astype(np.float32))
-    return Catalogue(attributes, attribute_mixing(attributes, parent.tower.n_attributes), text, has_text,
-                     image, has_image)
-
-
 def write_candidate(networks: Networks, parent: Any, staging: Path, manifest: dict[str, Any],
                     data: InteractionData | None = None) -> dict[str, float]:
     """Export the networks, copy the parent's vocabulary and features into ``staging``
