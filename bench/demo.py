@@ -327,7 +327,8 @@ def _get_json(url: str) -> dict:
 
 
 async def _show_image_event(settings: Settings, worker: WorkerProcess) -> None:
-    print("\n  images: MovieLens films have no photos, so the items above carry none.")
+    print("\n  images: MovieLens-100k has no photos, so the films above carry none "
+          "(`streamrec demo --posters DIR` gives them their real posters).")
     photo = _demo_photo()
     event = CatalogItem(
         event_id=uuid.uuid4().hex, event_time=time.time(), item_id="demo-poster-1",
