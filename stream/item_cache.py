@@ -45,7 +45,7 @@ class Gathered:
 
     item_ids: list[str]
     vectors: dict[str, np.ndarray]  # name -> (n, dim); zero rows where an item lacks that vector
-    present: dict[str, np.ndarray]  # name -> (n,) bool, for every stored vector name
+    present: dict[str, np.ndarray]  # name -> (n,) bool, for every held vector name
     payloads: list[dict[str, Any]]
     point_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (n,) int64
 
@@ -98,7 +98,11 @@ class _Column:
 
 class ItemCache:
     def __init__(self, dims: dict[str, int], ttl_s: float = float("inf"), capacity: int = 1024,
-                 max_items: int = 1_000_000, derived: Derived | None = None) -> None:
+                 max_items: int = 1_000_000, derived: Derived | None = None,
+                 held: Sequence[str] | None = None) -> None:
+        """``dims``: the stored vectors (what a fetch asks for and ``derived`` reads); ``held``: those
+        kept in matrices for requests to copy out (default all). A vector only the derived column
+        reads need not be held: a 1,280-d photo row is most of an item's bytes."""
         if max_items < MIN_ITEMS:
             raise ValueError(f"max_items must be at least {MIN_ITEMS}, got {max_items}")
         if derived is not None and derived.name in dims:
@@ -108,7 +112,11 @@ class ItemCache:
         self.ttl_s = ttl_s
         self.max_items = max_items
         capacity = max(1, min(capacity, max_items))
-        columns = dict(dims) | ({derived.name: derived.dim} if derived is not None else {})
+        held = list(dims) if held is None else list(held)
+        if unknown := set(held) - set(dims):
+            raise ValueError(f"held vectors {sorted(unknown)} are not among the stored ones {sorted(dims)}")
+        self.held = held
+        columns = {name: dims[name] for name in held} | ({derived.name: derived.dim} if derived is not None else {})
         self._rows: dict[int, int] = {}  # point id -> row
         self._row_pid = np.full(capacity, -1, np.int64)  # row -> point id, -1: free
         # A sorted copy of ``_rows`` for looking up a request's candidates in
@@ -291,7 +299,7 @@ class ItemCache:
         return Gathered(
             item_ids=[self._ids[r] for r in listed],  # type: ignore[misc]
             vectors={name: self._matrix(name, slots[name]) for name in names},
-            present={name: slots[name] >= 0 for name in self.dims},
+            present={name: slots[name] >= 0 for name in self.held},
             payloads=[self._payloads[r] for r in listed],  # type: ignore[misc]
             point_ids=wanted[found],
         )

@@ -61,13 +61,17 @@ def collection_specs(collections: Collections, model: ServingModel) -> list[Coll
 
 def new_item_cache(settings: Settings, model: ServingModel) -> ItemCache:
     """The item cache of one model version; with the model's per-item scoring part when it splits scores."""
-    derived = Derived(ITEM_PART, model.item_part_dim, model.item_part) if splits_scores(model) else None  # type: ignore[attr-defined]
+    split = splits_scores(model)
+    derived = Derived(ITEM_PART, model.item_part_dim, model.item_part) if split else None  # type: ignore[attr-defined]
     return ItemCache(
         {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
         # The in-process store has no other writer; a shared server may.
         ttl_s=float("inf") if settings.store_backend == "edge" else settings.item_cache_ttl_s,
         max_items=settings.item_cache_items,
         derived=derived,
+        # A split scorer reads an item's photo only through its per-item part (and a
+        # query's text against the item's text): the 1,280-d photo rows stay in the store.
+        held=["fused", "text"] if split else None,
     )
 
 

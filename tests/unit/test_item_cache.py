@@ -251,3 +251,23 @@ def test_lookups_stay_exact_through_puts_drops_reused_rows_and_evictions(clock: 
     assert cache.evictions > 0 and len(cache) <= 1024
     every = cache.gather([i for i in names if i in held], lambda missing: {}, ["fused"])
     assert len(every.item_ids) == len(cache)
+
+
+def test_a_vector_only_the_derived_column_reads_is_not_held(clock: Clock) -> None:
+    """A split scorer's cache keeps no photo rows, yet each item's part is computed from its photo."""
+    from stream.item_cache import Derived
+
+    def photo_sum(vectors: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> np.ndarray:
+        return np.stack([vectors["image"].sum(axis=1), present["image"].astype(np.float32)], axis=1)
+
+    cache = ItemCache({"fused": 4, "image": 1280}, derived=Derived("part", 2, photo_sum), held=["fused"], capacity=4)
+    cache.put("a", {"fused": np.ones(4, np.float32), "image": np.full(1280, 0.5, np.float32)}, {})
+    store = Store([])
+    store.hits["b"] = Hit("b", 0.0, {"id": "b"}, {"fused": np.ones(4, np.float32), "image": np.ones(1280, np.float32)})
+    found = cache.gather(["a", "b"], store.fetch, ["fused", "part"])
+
+    assert found.vectors["part"].tolist() == [[640.0, 1.0], [1280.0, 1.0]]  # fetched "b" too
+    assert set(found.present) == {"fused"}
+    assert "image" not in cache._columns  # no 1,280-d matrix at all
+    with pytest.raises(ValueError, match="not among the stored"):
+        ItemCache({"fused": 4}, held=["image"])
