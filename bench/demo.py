@@ -237,6 +237,8 @@ async def _loop(stacks: dict[str, Settings], workers: dict[str, WorkerProcess], 
     from exporter.status import main as status_main
 
     status_main(["--url", f"http://{loop_stack.http_host}:{loop_stack.http_port}/metrics", "--interval", "1"])
+    print("  (freshness is an event's own time to its effect: the replayed ratings keep their 1997 times,\n"
+          "   so it sits in the top bucket here; `streamrec bench freshness` measures it on live clicks)")
 
     print(f"\n[7/7] on the loop worker: recommendations before and after a burst of {BURST_GENRE} clicks:")
     titles = {item.item_id: item.title for item in catalogue}
