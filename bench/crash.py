@@ -28,6 +28,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,13 +193,8 @@ def run_stack(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEvent], 
     workers = [start_worker(run.settings, run.log_path)]
     try:
         _publish_catalogue(run.settings, workers[-1], catalogue)
-        box: dict[str, object] = {}
-        producer = threading.Thread(target=_publish, args=(run.settings, None, clicks, rate, box), daemon=True)
-        producer.start()
-        publish_seconds = len(clicks) / rate if rate else 0.0
-        for _ in range(kills):
-            # Spread the kills over the publishing window, each at a random moment.
-            time.sleep(rng.uniform(1.0, max(2.0, publish_seconds / (kills + 1))))
+
+        def kill() -> None:
             totals = metric_totals(workers[-1], (*HANDLED_METRICS, DUPLICATES_METRIC))
             run.kill_points.append(sum(totals[name] for name in HANDLED_METRICS))
             run.redelivered_skipped += int(totals[DUPLICATES_METRIC])
@@ -206,11 +202,8 @@ def run_stack(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEvent], 
             run.kills += 1
             time.sleep(rng.uniform(0.0, 1.0))
             workers.append(start_worker(run.settings, run.log_path))
-        producer.join()
-        if "error" in box:
-            raise box["error"]  # type: ignore[misc]
-        publisher = box["publisher"]
-        assert isinstance(publisher, RecordingPublisher)
+
+        publisher = _publish_with_kills(run, clicks, rate, kills, rng, kill)
         run.caught_up = wait_for(lambda: _caught_up(run.settings, publisher), timeout_s=CATCH_UP_TIMEOUT_S,
                                  progress=lambda: handled(workers[-1]), stall_s=STALL_S)
         run.seconds = time.perf_counter() - started
@@ -220,6 +213,25 @@ def run_stack(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEvent], 
     run.snapshot = read_store(run.settings)
 
 
+def _publish_with_kills(run: Run, clicks: list[ClickEvent], rate: float | None, kills: int,
+                        rng: random.Random, kill: Callable[[], None]) -> RecordingPublisher:
+    """Publish ``clicks`` from a thread while calling ``kill`` ``kills`` times; the finished publisher."""
+    box: dict[str, object] = {}
+    producer = threading.Thread(target=_publish, args=(run.settings, None, clicks, rate, box), daemon=True)
+    producer.start()
+    publish_seconds = len(clicks) / rate if rate else 0.0
+    for _ in range(kills):
+        # Spread the kills over the publishing window, each at a random moment.
+        time.sleep(rng.uniform(1.0, max(2.0, publish_seconds / (kills + 1))))
+        kill()
+    producer.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    publisher = box["publisher"]
+    assert isinstance(publisher, RecordingPublisher)
+    return publisher
+
+
 def _run_processes(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEvent], *, kills: int,
                    rate: float | None, rng: random.Random) -> None:
     """``run_stack`` for a supervised worker of ``run.processes`` processes."""
@@ -227,18 +239,7 @@ def _run_processes(run: Run, catalogue: list[CatalogItem], clicks: list[ClickEve
     worker = _start(run)
     try:
         _publish_catalogue(run.settings, worker, catalogue)
-        box: dict[str, object] = {}
-        producer = threading.Thread(target=_publish, args=(run.settings, None, clicks, rate, box), daemon=True)
-        producer.start()
-        publish_seconds = len(clicks) / rate if rate else 0.0
-        for _ in range(kills):
-            time.sleep(rng.uniform(1.0, max(2.0, publish_seconds / (kills + 1))))
-            _kill_one_process(run, worker)
-        producer.join()
-        if "error" in box:
-            raise box["error"]  # type: ignore[misc]
-        publisher = box["publisher"]
-        assert isinstance(publisher, RecordingPublisher)
+        publisher = _publish_with_kills(run, clicks, rate, kills, rng, lambda: _kill_one_process(run, worker))
         run.caught_up = wait_for(lambda: _caught_up(run.settings, publisher), timeout_s=CATCH_UP_TIMEOUT_S,
                                  progress=lambda: handled(worker), stall_s=STALL_S)
         # Every process must also have learnt the others' lessons before the stores are read.

@@ -11,7 +11,6 @@ trained model parses them for an item it does not know.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from core.errors import DecodeError
 from core.text import compose_text
+from finetune.files import replace_whole
 
 CATALOGUE_FILE = "catalogue.json"
 CATEGORY_SEPARATOR = "|"
@@ -60,13 +60,9 @@ class CatalogueLog:
                 items.pop(event.item_id, None)
             else:
                 items[event.item_id] = {name: str(getattr(event, name) or "") for name in KEPT_FIELDS}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = self.path.with_suffix(".writing")
-        with fresh.open("w") as handle:
-            handle.write(json.dumps(items, separators=(",", ":")))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(fresh, self.path)
+        text = json.dumps(items, separators=(",", ":"))
+        replace_whole(self.path, lambda handle: handle.write(text.encode()),
+                      scratch=self.path.with_suffix(".writing").name)
         return bad
 
 

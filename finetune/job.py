@@ -46,6 +46,7 @@ from core.errors import ConfigError, DecodeError
 from core.settings import Settings
 from finetune.candidate import FineTuneSettings, finetune_towers  # noqa: F401 (this module's API)
 from finetune.catalogue import CatalogueLog
+from finetune.files import replace_whole
 from finetune.photos import PhotoLog
 from model.export.fused import Networks, export_all
 from model.serving.artefact import (
@@ -106,12 +107,9 @@ class InteractionLog:
     def compact(self) -> int:
         """Rewrite the log with only what ``read`` keeps (write then rename); returns the count."""
         kept = self.read()
-        fresh = self.path.with_suffix(".compacting")
-        with fresh.open("w") as handle:
-            handle.write("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in kept))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(fresh, self.path)
+        text = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in kept)
+        replace_whole(self.path, lambda handle: handle.write(text.encode()),
+                      scratch=self.path.with_suffix(".compacting").name)
         return len(kept)
 
 

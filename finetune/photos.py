@@ -11,7 +11,6 @@ that cannot be read or decoded is skipped (workers dead-letter it) and counted.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from core.events import CatalogItem, ImageEvent, ImageRef
 from core.settings import Settings
+from finetune.files import replace_whole
 
 PHOTOS_FILE = "photos.npz"
 PHOTO_CHUNK = 256  # photos decoded at a time: 256 x (3, 224, 224) float32 is about 150 MB
@@ -84,17 +84,11 @@ class PhotoLog:
         return unusable
 
     def _write(self, vectors: dict[str, np.ndarray]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         ids = list(vectors)
         dim = len(next(iter(vectors.values()))) if vectors else 0
-        fresh = self.path.with_name("photos.writing.npz")
-        with fresh.open("wb") as handle:
-            np.savez(handle, item_ids=np.asarray(ids, dtype=str),
-                     vectors=np.stack([vectors[i] for i in ids]).astype(np.float32) if ids
-                     else np.zeros((0, dim), np.float32))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(fresh, self.path)
+        matrix = np.stack([vectors[i] for i in ids]).astype(np.float32) if ids else np.zeros((0, dim), np.float32)
+        replace_whole(self.path, lambda handle: np.savez(handle, item_ids=np.asarray(ids, dtype=str), vectors=matrix),
+                      scratch="photos.writing.npz")
 
 
 def photo_matrix(item_ids: list[str], photos: dict[str, np.ndarray], image_dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -160,7 +160,7 @@ class ItemCache:
         rows = np.fromiter(self._rows.values(), np.int64, len(self._rows))
         count = max(1, len(rows) // EVICT_SHARE)
         oldest = rows[np.argpartition(self._used[rows], count - 1)[:count]]
-        self._drop([point_id(self._ids[row]) for row in oldest.tolist()])  # type: ignore[arg-type]
+        self._drop(self._row_pid[oldest].tolist())
         self.evictions += count
 
     def put(self, item_id: str, vectors: dict[str, np.ndarray], payload: dict[str, Any]) -> None:
