@@ -47,6 +47,7 @@ from stream import kafka
 from stream.broker import EmbeddedBroker, ensure_topics
 from stream.client import EventPublisher
 from stream.covisit import StreamTransitions
+from stream.partitions import Ownership
 from stream.store import Hit, open_store
 from stream.trending import Trending
 
@@ -128,15 +129,58 @@ def run_on_one_stack(
             broker.stop()
 
 
-def start_worker(settings: Settings, log_path: Path, *, ready_timeout_s: float = 180.0) -> WorkerProcess:
+def start_worker(settings: Settings, log_path: Path, *, ready_timeout_s: float = 180.0,
+                 processes: int = 1) -> WorkerProcess:
     asyncio.run(ensure_topics(settings))
-    worker = WorkerProcess(settings, log_path=log_path).start()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    worker = WorkerProcess(settings, log_path=log_path, processes=processes).start()
     try:
         worker.wait_ready(ready_timeout_s)
     except BaseException:
         worker.kill()  # never leave a half-started worker behind
         raise
     return worker
+
+
+def add_processes_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run the worker as `streamrec worker --processes N` (figures per process and in all)")
+
+
+def process_settings(settings: Settings, processes: int) -> list[Settings]:
+    """The settings each process of ``streamrec worker --processes N`` runs with (its own data
+    dir under ``settings.data_dir``); one process: ``settings`` itself."""
+    return [Ownership(index, processes, settings.data_dir).settings_for(settings) for index in range(processes)]
+
+
+def process_owning(user_id: str, settings: Settings, processes: int) -> int:
+    """The worker process that owns ``user_id``'s clicks and requests."""
+    return Ownership(0, processes).owner_of(user_id.encode(), settings.partitions)
+
+
+class CpuShares:
+    """CPU time of the worker processes and the broker over a ``with`` block, as shares of one core:
+    a process near 1.0 is bound by its own interpreter; all of them near the core count, by the machine."""
+
+    def __init__(self, pids: dict[int, int], broker_pid: int | None = None) -> None:
+        self.pids, self.broker_pid = dict(sorted(pids.items())), broker_pid
+        self.processes: list[float] = []
+        self.broker: float | None = None
+
+    def _times(self) -> tuple[list[float], float | None]:
+        broker = process_cpu_seconds(self.broker_pid) if self.broker_pid else None
+        return [process_cpu_seconds(pid) for pid in self.pids.values()], broker
+
+    def __enter__(self) -> "CpuShares":
+        self._started, self._before = time.perf_counter(), self._times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        after, broker = self._times()
+        self.processes = [round((a - b) / elapsed, 2) for a, b in zip(after, self._before[0])]
+        if broker is not None and self._before[1] is not None:
+            self.broker = round((broker - self._before[1]) / elapsed, 2)
 
 
 @dataclass

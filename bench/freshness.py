@@ -19,6 +19,11 @@ The probes run in ``--rounds`` rounds (default 3) on the same worker, each with
 its own background producer. Two whole runs once gave p99 262 and 451 ms: one
 figure hides how much a tail moves from run to run, so the JSON has the pooled
 percentiles under the usual keys and each round's p50/p99 with their spread.
+
+With ``--processes N`` the worker runs as N processes on the shared port. A
+probe's clicks go to the process that owns the user, its polls to whichever
+process took the HTTP connection, which passes a request for a user it does
+not own on to the owner: freshness is measured whichever process answers.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import (
+    add_processes_option,
     bench_parser,
     paced,
     percentiles,
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3,
                         help="run --probes probes this many times and report each round's percentiles")
+    add_processes_option(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -165,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str, object]:
     print(f"seeding {args.items} items ...", flush=True)
-    seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed), optimize=False)
-    worker = start_worker(settings, folder / "logs" / "worker.log")
+    seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed), optimize=False,
+                   processes=args.processes)
+    worker = start_worker(settings, folder / "logs" / "worker.log", processes=args.processes)
     try:
         probes, rounds, background_sent, seconds = Probes(), [], 0, 0.0
         for index in range(args.rounds):
@@ -181,7 +189,9 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
             probes.merge(round_probes)
             rounds.append(round_figures(round_probes))
             print(f"  p50 {rounds[-1]['p50_ms']} ms, p99 {rounds[-1]['p99_ms']} ms", flush=True)
-        applied = worker.metric("streamrec_events_processed_total", {"topic": "clicks"})
+        applied = [worker.process_metric(i, "streamrec_events_processed_total", {"topic": "clicks"})
+                   for i in range(args.processes)] if args.processes > 1 else \
+            [worker.metric("streamrec_events_processed_total", {"topic": "clicks"})]
     finally:
         worker.stop()
     shown = percentiles(probes.latencies_ms, (50, 90, 99))
@@ -197,7 +207,9 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         "mean_polls": round(sum(probes.polls) / max(1, len(probes.polls)), 2),
         "background_clicks_per_s": round(background_sent / seconds, 1),
         "poll_interval_ms": args.poll_interval_ms,
-        "clicks_applied": int(applied),
+        "clicks_applied": int(sum(applied)),
+        "processes": args.processes,
+        "clicks_applied_per_process": [int(value) for value in applied],
         "items": args.items,
         "partitions": args.partitions,
         "rounds": args.rounds,

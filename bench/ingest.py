@@ -24,7 +24,9 @@ Each rate is events over the time from the first to the last applied event
 (the events applied before the first reading are left out of the count). The
 worker's progress is read from ``streamrec_events_processed_total`` and the
 result checked against the store afterwards (every user's ``applied_count``);
-the broker's end offsets are never read. Beside events per second, events per
+the broker's end offsets are never read. With ``--processes N`` the worker runs
+as N processes, each applying the partitions it owns: its rate and CPU are all
+of them together, and each round lists what each process applied. Beside events per second, events per
 CPU-second of the consuming process are reported: on a shared machine they
 compare the three even when each got a different share of the cores.
 ``--profile`` records the worker with py-spy while it ingests; the synthetic
@@ -37,6 +39,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,8 +50,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import (
+    add_processes_option,
     bench_parser,
     process_cpu_seconds,
+    process_settings,
     report,
     run_on_one_stack,
 )
@@ -147,12 +152,24 @@ class Seeded:
     index_cpu_seconds: float = 0.0
 
 
-def seed_catalogue(settings: Settings, vectors: np.ndarray, *, optimize: bool, batch: int = 1000) -> Seeded:
+def seed_catalogue(settings: Settings, vectors: np.ndarray, *, optimize: bool, batch: int = 1000,
+                   processes: int = 1) -> Seeded:
     """Write the items through ``VectorStore.upsert`` (no towers); the worker must not be running.
 
     With ``optimize`` the HNSW graph is built here, as an operator does after a
     bulk load (``optimize`` holds the GIL: never inside a serving worker's loop).
+    For a worker of ``processes`` processes, each of which holds the whole
+    catalogue in a store of its own, the first process's store is seeded and
+    copied to the others' (the figures are the first one's).
     """
+    stores = process_settings(settings, processes)
+    seeded = _seed_one(stores[0], vectors, optimize=optimize, batch=batch)
+    for other in stores[1:]:
+        shutil.copytree(stores[0].store_path, other.store_path)
+    return seeded
+
+
+def _seed_one(settings: Settings, vectors: np.ndarray, *, optimize: bool, batch: int) -> Seeded:
     store = open_bench_store(settings)
     try:
         items = collection_specs(settings)["items"].name
@@ -327,10 +344,17 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def measure_worker(settings: Settings, expected: int, folder: Path, profile: Path | None) -> tuple[Rate, int]:
-    """Start the worker on the published clicks; (rate, events applied according to the store)."""
-    worker = WorkerProcess(settings, log_path=folder / "worker.log").start()
+def measure_worker(settings: Settings, expected: int, folder: Path, profile: Path | None,
+                   processes: int = 1) -> tuple[Rate, int, list[int]]:
+    """Start the worker on the published clicks; (rate, events applied according to the
+    store, events each process applied). With N processes the rate and CPU are all of them
+    together; ``profile`` records the first process."""
+    worker = WorkerProcess(settings, log_path=folder / "worker.log", processes=processes).start()
     profiler: subprocess.Popen[bytes] | None = None
+
+    def cpu_seconds() -> float:
+        return sum(process_cpu_seconds(pid) for pid in worker.pids().values())
+
     try:
         applied, first_seen, first_at, first_cpu = 0.0, 0.0, 0.0, 0.0
         deadline = time.monotonic() + PROBE_TIMEOUT_S
@@ -346,20 +370,21 @@ def measure_worker(settings: Settings, expected: int, folder: Path, profile: Pat
                 continue  # HTTP not up yet
             if applied and not first_at:
                 first_at, first_seen = time.perf_counter(), applied
-                first_cpu = process_cpu_seconds(worker.process.pid)  # type: ignore[union-attr]
+                first_cpu = cpu_seconds()
                 if profile is not None and worker.process is not None:
                     profiler = subprocess.Popen(
-                        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker.process.pid),
+                        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker.pids()[0]),
                          "--rate", "100", "--format", "raw", "--output", str(profile)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rate = Rate(int(applied), time.perf_counter() - first_at, int(first_seen),
-                    process_cpu_seconds(worker.process.pid) - first_cpu)  # type: ignore[union-attr]
+        rate = Rate(int(applied), time.perf_counter() - first_at, int(first_seen), cpu_seconds() - first_cpu)
+        per_process = [int(worker.process_metric(i, "streamrec_events_processed_total", {"topic": "clicks"}))
+                       for i in range(processes)] if processes > 1 else [int(applied)]
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             profiler.wait(timeout=60)
         worker.stop()
-    return rate, applied_in_store(settings)
+    return rate, sum(applied_in_store(own) for own in process_settings(settings, processes)), per_process
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -378,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the ceiling and baseline (e.g. while profiling the worker)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the worker with py-spy into this file (raw, flamegraph-ready)")
+    add_processes_option(parser)
     parser.add_argument("--probe", choices=("ceiling", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-topic", help=argparse.SUPPRESS)
     parser.add_argument("--probe-result", type=Path, help=argparse.SUPPRESS)
@@ -403,6 +429,7 @@ class Round:
     order: tuple[str, ...]
     rates: dict[str, Rate]
     applied_in_store: int
+    applied_per_process: list[int]
 
     def ratio(self, to: str, *, cpu: bool = False) -> float:
         worker, other = self.rates["worker"], self.rates.get(to)
@@ -446,7 +473,7 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         print(f"round {index + 1}/{args.rounds}: seeding {args.items} items and publishing "
               f"{args.events} clicks ...", flush=True)
         seeded = seed_catalogue(round_settings, item_vectors(args.items, served_fused_dim(round_settings),
-                                                             args.seed), optimize=False)
+                                                             args.seed), optimize=False, processes=args.processes)
         clicks = click_stream(events=args.events, users=args.users, items=args.items, seed=args.seed,
                               start_time=time.time())
         messages = [(c.user_id.encode(), c.to_bytes()) for c in clicks]
@@ -456,18 +483,18 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         del messages
         order = round_order(index, consumers)
         rates: dict[str, Rate] = {}
-        in_store = 0
+        in_store, per_process = 0, []
         logs = folder / "logs" / tag
         logs.mkdir(parents=True, exist_ok=True)
         for consumer in order:
             if consumer == "worker":
-                rates[consumer], in_store = measure_worker(round_settings, args.events, logs,
-                                                           args.profile if index == 0 else None)
+                rates[consumer], in_store, per_process = measure_worker(
+                    round_settings, args.events, logs, args.profile if index == 0 else None, args.processes)
             else:
                 rates[consumer] = measure_probe(round_settings, consumer, topics[consumer], args.events, logs)
             rate = rates[consumer]
             print(f"  {consumer:<8} {rate.per_s:8.0f} events/s ({rate.per_cpu_s:.0f} per CPU-second)", flush=True)
-        rounds.append(Round(order, rates, in_store))
+        rounds.append(Round(order, rates, in_store, per_process))
         if in_store != args.events:
             print(f"  the store holds {in_store} applied clicks of {args.events}", flush=True)
     return summary(args, rounds, items=seeded.items, batch_size=settings.batch_size,
@@ -515,8 +542,10 @@ def summary(args: argparse.Namespace, rounds: list[Round], *, items: int, batch_
             "events_per_s": spread(rates("worker"), 1),
             **{key: spread(values, 3) for key, values in ratios.items()},
         },
+        "processes": args.processes,
         "per_round": [{"order": list(r.order), **{f"{c}_events_per_s": _rounded(r.rates[c].per_s, 1)
-                                                   for c in r.order}}
+                                                   for c in r.order},
+                       "worker_events_per_process": r.applied_per_process}
                       for r in rounds],
     }
 

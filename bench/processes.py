@@ -21,8 +21,8 @@ import aiohttp
 
 from bench import movielens, wrk
 from bench.common import (
+    CpuShares,
     bench_parser,
-    process_cpu_seconds,
     report,
     stack_settings,
     start_broker,
@@ -133,31 +133,6 @@ def measure(base: Settings, broker: object, folder: Path, processes: int, args: 
         "requests_answered_per_process": [int(a) for a in answered],
         **by_wrk,
     }
-
-
-class CpuShares:
-    """CPU time of the worker processes and the broker over a ``with`` block, as shares of one core:
-    a process near 1.0 is bound by its own interpreter; all of them near the core count, by the machine."""
-
-    def __init__(self, pids: dict[int, int], broker_pid: int | None) -> None:
-        self.pids, self.broker_pid = dict(sorted(pids.items())), broker_pid
-        self.processes: list[float] = []
-        self.broker: float | None = None
-
-    def _times(self) -> tuple[list[float], float | None]:
-        broker = process_cpu_seconds(self.broker_pid) if self.broker_pid else None
-        return [process_cpu_seconds(pid) for pid in self.pids.values()], broker
-
-    def __enter__(self) -> "CpuShares":
-        self._started, self._before = time.perf_counter(), self._times()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
-        after, broker = self._times()
-        self.processes = [round((a - b) / elapsed, 2) for a, b in zip(after, self._before[0])]
-        if broker is not None and self._before[1] is not None:
-            self.broker = round((broker - self._before[1]) / elapsed, 2)
 
 
 def _wrk(settings: Settings, users: list[str], args: object) -> dict[str, object]:

@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -40,13 +41,19 @@ import numpy as np
 
 from bench import wrk
 from bench.common import (
+    CpuShares,
+    add_processes_option,
     bench_parser,
     percentiles,
+    process_owning,
+    process_settings,
     report,
     run_on_one_stack,
     start_worker,
+    wait_for,
 )
 from bench.ingest import (
+    Seeded,
     click_stream,
     collection_specs,
     item_vectors,
@@ -65,50 +72,59 @@ from exporter.status import (
 )
 from stream.client import EventPublisher, ResponseListener, http_recommend
 
-SEED_SOURCE = "bench.seed"  # the pseudo-topic seeded users' applied offsets are recorded under
 QUANTILES = (50, 99, 99.9)
 
 
 # -- users -----------------------------------------------------------------------------
 
 
-def seed_users(settings: Settings, *, users: int, clicks_per_user: int, items: int, seed: int,
-               batch: int = 1000) -> float:
-    """Give ``users`` users a history through ``apply_interactions``, in this process; seconds taken.
+def seed_users_through(worker: WorkerProcess, settings: Settings, *, users: int, clicks_per_user: int,
+                       items: int, seed: int) -> list[str]:
+    """Give ``users`` users a history by publishing their clicks to the running worker; their ids.
 
-    The worker must not be running (the embedded store has one owner at a time).
+    Through Kafka, as any click arrives: with N processes each user lands in the
+    process that owns it, and every process learns the clicks' co-visits and
+    trending from the others (waited for, so that all answer from the same signals).
     """
-    from prometheus_client import CollectorRegistry
-
-    from stream.kafka import Delivery
-    from stream.services import Services
-    from stream.users import apply_interactions
-
     clicks = click_stream(events=users * clicks_per_user, users=users, items=items, seed=seed,
                           start_time=time.time() - 86_400, prefix="seed")
-    services = Services.open(settings, CollectorRegistry())
-    started = time.perf_counter()
-    try:
-        for start in range(0, len(clicks), batch):
-            apply_interactions(services, [Delivery(click, SEED_SOURCE, 0, start + n)
-                                          for n, click in enumerate(clicks[start:start + batch])])
-    finally:
-        services.close()
-    return time.perf_counter() - started
+
+    async def publish() -> None:
+        async with EventPublisher(settings, linger_ms=20) as publisher:
+            for click in clicks:
+                await publisher.publish(click)
+            await publisher.flush()
+
+    asyncio.run(publish())
+    def applied() -> float:
+        return worker.metric("streamrec_events_processed_total", {"topic": "clicks"})
+
+    if not wait_for(lambda: applied() >= len(clicks) and worker.lessons_exchanged(), timeout_s=900,
+                    progress=applied, interval_s=0.1):
+        raise RuntimeError(f"the worker applied {applied():.0f} of {len(clicks)} seed clicks; see its log")
+    return sorted({click.user_id for click in clicks})
 
 
-def user_vectors_sample(settings: Settings, count: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """Up to ``count`` users that have a vector, and their vectors (count, fused_dim)."""
-    store = open_bench_store(settings)
-    try:
-        users = collection_specs(settings)["users"].name
-        ids = sorted(store.scroll_ids(users))
-        random.Random(seed).shuffle(ids)
-        hits = store.retrieve(users, ids[:count], with_vectors=["user"])
-        chosen = [uid for uid in ids[:count] if uid in hits and "user" in hits[uid].vectors]
-        return chosen, np.stack([hits[uid].vectors["user"] for uid in chosen])
-    finally:
-        store.close()
+def user_vectors_sample(settings: Settings, count: int, seed: int, processes: int = 1) -> tuple[list[str], np.ndarray]:
+    """Up to ``count`` users that have a vector, and their vectors (count, fused_dim), read from
+    every process's store (each holds the users it owns)."""
+    chosen: list[str] = []
+    vectors: list[np.ndarray] = []
+    for own in process_settings(settings, processes):
+        store = open_bench_store(own)
+        try:
+            users = collection_specs(own)["users"].name
+            hits = store.retrieve(users, sorted(store.scroll_ids(users)), with_vectors=["user"])
+            for uid, hit in hits.items():
+                if "user" in hit.vectors:
+                    chosen.append(uid)
+                    vectors.append(hit.vectors["user"])
+        finally:
+            store.close()
+    order = sorted(range(len(chosen)), key=lambda n: chosen[n])
+    random.Random(seed).shuffle(order)
+    order = order[:count]
+    return [chosen[n] for n in order], np.stack([vectors[n] for n in order])
 
 
 # -- ANN quality -----------------------------------------------------------------------
@@ -416,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests per path (HTTP, Kafka)")
     parser.add_argument("--recall-queries", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=4)
+    add_processes_option(parser)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the load, serve N requests in this process and print their profile")
     parser.add_argument("--wrk-seconds", type=float, default=20.0,
@@ -434,35 +451,88 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str, object]:
+@dataclass
+class Prepared:
+    """A running worker over a seeded catalogue and seeded users."""
+
+    worker: WorkerProcess
+    seeded: Seeded
+    user_ids: list[str]
+
+
+def prepare(args: argparse.Namespace, settings: Settings, folder: Path) -> Prepared:
+    """Seed ``args.items`` items (indexed), start the worker (``args.processes``), give
+    ``args.users`` users their clicks through it, and ask for every user once, so the
+    item cache holds the candidates as in steady state. The caller stops the worker."""
     print(f"seeding {args.items} items and building their index ...", flush=True)
-    seeded = seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed), optimize=True)
+    seeded = seed_catalogue(settings, item_vectors(args.items, served_fused_dim(settings), args.seed),
+                            optimize=True, processes=args.processes)
     print(f"  upserts {seeded.items / seeded.upsert_seconds:.0f}/s, index {seeded.index_seconds:.1f} s\n"
-          f"seeding {args.users} users ({args.clicks_per_user} clicks each) ...", flush=True)
-    seed_users(settings, users=args.users, clicks_per_user=args.clicks_per_user, items=args.items, seed=args.seed)
-    user_ids, vectors = user_vectors_sample(settings, args.users, args.seed)
-    recall = ann_recall(settings, vectors[:args.recall_queries])
-    print(f"  recall@100 {recall['recall']:.3f}", flush=True)
-    sizing = candidate_sizing(settings, vectors[:args.recall_queries]) if args.sizing else None
-    print("starting the worker ...", flush=True)
-    worker = start_worker(settings, folder / "logs" / "worker.log")
+          f"starting the worker ({args.processes} process(es)) ...", flush=True)
+    worker = start_worker(settings, folder / "logs" / "worker.log", processes=args.processes)
     try:
-        # Warm-up: every user once, so the item cache holds the candidates as in steady state.
+        print(f"seeding {args.users} users ({args.clicks_per_user} clicks each) through it ...", flush=True)
+        user_ids = seed_users_through(worker, settings, users=args.users, clicks_per_user=args.clicks_per_user,
+                                      items=args.items, seed=args.seed)
         asyncio.run(http_load(settings, user_ids, clients=args.clients, requests=len(user_ids), seed=args.seed + 1))
+    except BaseException:
+        worker.stop()
+        raise
+    return Prepared(worker, seeded, user_ids)
+
+
+class PerProcess:
+    """Over a ``with`` block: each worker process's CPU share and the requests it answered on ``path``."""
+
+    def __init__(self, worker: WorkerProcess, path: str) -> None:
+        self.worker, self.path = worker, path
+
+    def _answered(self) -> list[float]:
+        name, labels = "streamrec_request_latency_seconds_count", {"path": self.path}
+        if self.worker.processes == 1:
+            return [self.worker.metric(name, labels)]
+        return [self.worker.process_metric(i, name, labels) for i in range(self.worker.processes)]
+
+    def __enter__(self) -> "PerProcess":
+        self._before = self._answered()
+        self._cpu = CpuShares(self.worker.pids()).__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cpu.__exit__(*exc)
+        self.answered = [int(a - b) for a, b in zip(self._answered(), self._before)]
+
+    def figures(self, prefix: str) -> dict[str, object]:
+        return {f"{prefix}_answered_per_process": self.answered, f"{prefix}_cpu_share_per_process": self._cpu.processes}
+
+
+def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str, object]:
+    prepared = prepare(args, settings, folder)
+    worker, seeded = prepared.worker, prepared.seeded
+    try:
         print("HTTP load ...", flush=True)
         server_ms: list[float] = []
-        with WorkerWindow(worker) as http_window:
-            http = asyncio.run(http_load(settings, user_ids, clients=args.clients, requests=args.requests,
+        with WorkerWindow(worker) as http_window, PerProcess(worker, "http") as http_share:
+            http = asyncio.run(http_load(settings, prepared.user_ids, clients=args.clients, requests=args.requests,
                                          seed=args.seed, server_ms=server_ms))
         print("Kafka load ...", flush=True)
-        with WorkerWindow(worker) as kafka_window:
-            kafka = asyncio.run(kafka_load(settings, user_ids, clients=args.clients, requests=args.requests,
+        with WorkerWindow(worker) as kafka_window, PerProcess(worker, "kafka") as kafka_share:
+            kafka = asyncio.run(kafka_load(settings, prepared.user_ids, clients=args.clients, requests=args.requests,
                                            seed=args.seed))
-        by_wrk = wrk_phase(settings, worker, user_ids, args)
+        with PerProcess(worker, "http") as wrk_share:
+            by_wrk = wrk_phase(settings, worker, prepared.user_ids, args)
+        if by_wrk:
+            by_wrk.update(wrk_share.figures("wrk"))
         served = worker.metric("streamrec_request_latency_seconds_count")
     finally:
         worker.stop()
-    profiled = profile_requests(settings, user_ids, args.profile) if args.profile else {}
+    stores = process_settings(settings, args.processes)
+    user_ids, vectors = user_vectors_sample(settings, args.users, args.seed, args.processes)
+    recall = ann_recall(stores[0], vectors[:args.recall_queries])
+    print(f"  recall@100 {recall['recall']:.3f}", flush=True)
+    sizing = candidate_sizing(stores[0], vectors[:args.recall_queries]) if args.sizing else None
+    own = [uid for uid in user_ids if process_owning(uid, settings, args.processes) == 0]
+    profiled = profile_requests(stores[0], own, args.profile) if args.profile else {}
     http_summary, kafka_summary = latency_summary("http", http), latency_summary("kafka", kafka)
     result: dict[str, object] = {
         "http_p50_ms": http_summary["http_p50_ms"],
@@ -481,7 +551,11 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         "ann_search_p99_ms": round(recall["ann_p99_ms"], 3),
         "exact_search_p50_ms": round(recall["exact_p50_ms"], 3),
         "http_requests_per_s": round(len(http) / sum(http) * args.clients, 1),
+        "kafka_requests_per_s": round(len(kafka) / sum(kafka) * args.clients, 1),
         "requests_served": int(served),
+        "processes": args.processes,
+        **http_share.figures("http"),
+        **kafka_share.figures("kafka"),
         "items": args.items,
         "users": len(user_ids),
         "clients": args.clients,

@@ -102,7 +102,7 @@ class WorkerProcess:
             return None
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        """Until /health says healthy and the agents hold their partitions."""
+        """Until /health says healthy and the agents hold their partitions (with N processes, every one's)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
@@ -110,7 +110,8 @@ class WorkerProcess:
                     f"worker exited with code {self.process.returncode}; see {self.log_path}"
                 )
             status = self.health()
-            if status and status.get("healthy") and status.get("ready"):
+            if status and status.get("healthy") and status.get("ready") and \
+                    all(self.process_ready(i) for i in range(self.processes if self.processes > 1 else 0)):
                 return
             time.sleep(0.2)
         raise StreamrecError(f"worker not ready within {timeout_s}s; see {self.log_path}")

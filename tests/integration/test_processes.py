@@ -7,6 +7,7 @@ applied it; a killed process is restarted and the state comes out exact.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import time
@@ -309,3 +310,37 @@ def test_more_processes_than_partitions_are_refused_at_start(settings: Settings)
                                           "user-keyed topics have 2"):
         run_worker(settings, processes=3)  # the fixture's topics have 2 partitions
     assert not (settings.data_dir / "processes.json").exists()
+
+
+def test_the_request_benches_seed_every_process_and_count_what_each_answers(four: Settings,
+                                                                           tmp_path: Path) -> None:
+    """``bench serve --processes 2``'s set-up: the bulk-loaded catalogue is in every process's
+    store, each seeded user is kept by its owner alone, and each process counts the requests
+    it answered."""
+    from bench.common import process_owning, process_settings
+    from bench.ingest import collection_specs, open_bench_store
+    from bench.serve import PerProcess, http_load, prepare, user_vectors_sample
+
+    args = argparse.Namespace(items=300, users=30, clicks_per_user=4, clients=2, seed=3, processes=2)
+    prepared = prepare(args, four, tmp_path)
+    try:
+        with PerProcess(prepared.worker, "http") as share:
+            asyncio.run(http_load(four, prepared.user_ids, clients=2, requests=60, seed=1))
+    finally:
+        prepared.worker.stop()
+    owner = {user: process_owning(user, four, 2) for user in prepared.user_ids}
+    assert set(owner.values()) == {0, 1}
+    # Each request is answered by the process that owns its user, passed on or not.
+    assert sum(share.answered) == 60 and min(share.answered) > 0
+    assert len(share.figures("http")["http_cpu_share_per_process"]) == 2
+    for index, own in enumerate(process_settings(four, 2)):
+        store = open_bench_store(own)
+        try:
+            specs = collection_specs(own)
+            assert len(list(store.scroll_ids(specs["items"].name))) == 300
+            held = set(store.scroll_ids(specs["users"].name))
+        finally:
+            store.close()
+        assert held == {user for user, i in owner.items() if i == index}
+    users, vectors = user_vectors_sample(four, 100, seed=0, processes=2)
+    assert sorted(users) == prepared.user_ids and vectors.shape[0] == len(users)

@@ -18,9 +18,10 @@ def test_the_summary_reports_medians_under_the_usual_keys_and_the_spread_beside_
         # events applied after the first reading / seconds = the rate
         return Round(CONSUMERS, {"worker": Rate(1000, 1000 / worker, 0, 1000 / worker),
                                  "ceiling": Rate(1000, 1000 / ceiling, 0, 1000 / ceiling),
-                                 "baseline": Rate(1000, 1.0, 0, 1.0)}, applied_in_store=1000)
+                                 "baseline": Rate(1000, 1.0, 0, 1.0)}, applied_in_store=1000,
+                     applied_per_process=[600, 400])
 
-    args = argparse.Namespace(events=1000, users=10, items=10, partitions=4)
+    args = argparse.Namespace(events=1000, users=10, items=10, partitions=4, processes=2)
     result = summary(args, [measured(4000, 1000), measured(3000, 2000), measured(1000, 250)],
                      items=10, batch_size=500, publish_per_s=1.0)
     assert result["events_per_s"] == 3000
@@ -29,11 +30,13 @@ def test_the_summary_reports_medians_under_the_usual_keys_and_the_spread_beside_
     assert result["spread"]["ratio_to_ceiling"] == {"median": 4.0, "min": 1.5, "max": 4.0}
     assert result["spread"]["events_per_s"] == {"median": 3000.0, "min": 1000.0, "max": 4000.0}
     assert result["rounds"] == 3 and len(result["per_round"]) == 3
+    assert result["processes"] == 2 and result["per_round"][0]["worker_events_per_process"] == [600, 400]
 
 
 def test_a_skipped_reference_is_null_not_nan() -> None:
-    only_worker = Round(("worker",), {"worker": Rate(1000, 1.0, 0, 1.0)}, applied_in_store=1000)
-    args = argparse.Namespace(events=1000, users=10, items=10, partitions=4)
+    only_worker = Round(("worker",), {"worker": Rate(1000, 1.0, 0, 1.0)}, applied_in_store=1000,
+                        applied_per_process=[1000])
+    args = argparse.Namespace(events=1000, users=10, items=10, partitions=4, processes=1)
     result = summary(args, [only_worker], items=10, batch_size=500, publish_per_s=1.0)
     assert result["ratio_to_ceiling"] is None and result["ceiling_events_per_s"] is None
 
