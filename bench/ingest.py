@@ -124,7 +124,8 @@ def served_fused_dim(settings: Settings) -> int:
 def open_bench_store(settings: Settings) -> VectorStore:
     """The worker's store with its collections open; only while no worker runs on it."""
     store = open_store(settings.store_backend, data_dir=settings.store_path, url=settings.qdrant_url,
-                       api_key=settings.qdrant_api_key, hnsw_ef=settings.hnsw_ef)
+                       api_key=settings.qdrant_api_key, hnsw_ef=settings.hnsw_ef,
+                       quantization=settings.quantization)
     for spec in collection_specs(settings).values():
         store.ensure_collection(spec)
     return store

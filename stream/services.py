@@ -99,6 +99,7 @@ class Services:
             url=settings.qdrant_url,
             api_key=settings.qdrant_api_key,
             hnsw_ef=settings.hnsw_ef,
+            quantization=settings.quantization,
         )
         # The collections a hot swap built for this version, else the plain names.
         collections = serving_collections(settings, model.version)

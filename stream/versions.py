@@ -53,6 +53,7 @@ def collection_specs(collections: Collections, model: ServingModel) -> list[Coll
             {"text": model.text_dim, "image": model.image_dim, "fused": model.fused_dim},
             dot=frozenset({"fused"}),
             half=frozenset({"text", "image"}),  # content vectors; the retrieval space stays float32
+            quantized=frozenset({"fused"}),  # every request's candidate search
         ),
         CollectionSpec(collections.users, {"user": model.fused_dim}, dot=frozenset({"user"})),
         CollectionSpec(collections.queries, {"fused": model.fused_dim}, dot=frozenset({"fused"})),

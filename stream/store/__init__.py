@@ -12,6 +12,7 @@ from pathlib import Path
 from core.errors import ConfigError
 from stream.store.base import (
     POINT_ID_NAMESPACE,
+    QUANTIZATIONS,
     CollectionSpec,
     Hit,
     Point,
@@ -27,6 +28,7 @@ BACKENDS = ("edge", "qdrant")
 __all__ = [
     "BACKENDS",
     "POINT_ID_NAMESPACE",
+    "QUANTIZATIONS",
     "CollectionSpec",
     "Hit",
     "Point",
@@ -47,20 +49,26 @@ def open_store(
     api_key: str | None = None,
     hnsw_ef: int = 256,
     location: str | None = None,
+    quantization: str = "int8",
 ) -> VectorStore:
     """Open a store; ``ConfigError`` for a bad combination, ``StoreUnavailableError`` if down.
 
     - ``edge``: needs ``data_dir`` (created if missing).
     - ``qdrant``: needs ``url`` (a server, with optional ``api_key``) or
       ``location`` (``":memory:"`` for tests); not both.
+
+    ``quantization`` (``int8`` or ``none``) is how collections created from now
+    on keep the vectors their specs name in ``quantized`` (``CollectionSpec``).
     """
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
     # Imported here so a deployment of one backend does not load the other.
     if backend == "edge":
         if data_dir is None:
             raise ConfigError("the edge vector store needs data_dir")
         from stream.store.edge import EdgeStore
 
-        return EdgeStore(Path(data_dir), hnsw_ef=hnsw_ef)
+        return EdgeStore(Path(data_dir), hnsw_ef=hnsw_ef, quantization=quantization)
     if backend == "qdrant":
         if (url is None) == (location is None):
             raise ConfigError("the qdrant vector store needs exactly one of url or location")
@@ -73,5 +81,5 @@ def open_store(
             if url is not None
             else QdrantClient(location=location)
         )
-        return RemoteStore(client, hnsw_ef=hnsw_ef)
+        return RemoteStore(client, hnsw_ef=hnsw_ef, quantization=quantization)
     raise ConfigError(f"unknown vector store backend {backend!r}; choose one of {BACKENDS}")

@@ -52,6 +52,9 @@ PRICE_KEY = "price"
 _COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
+QUANTIZATIONS = ("int8", "none")  # how a store keeps the vectors a spec names in ``quantized``
+
+
 @dataclass(frozen=True)
 class CollectionSpec:
     """A collection's name and its named vectors (name -> dimension).
@@ -63,12 +66,17 @@ class CollectionSpec:
     where three significant digits change no ranking and a 1280-d photo vector
     takes 2.5 KB instead of 5 (the engine keeps every named vector's slot for
     every point, photo or not). They read back as float32, rounded.
+    Vectors named in ``quantized`` are the ones requests search by ANN: a
+    store opened with int8 quantization keeps an int8 copy of them in RAM for
+    the graph walk and rescores the best hits with the stored vectors, so the
+    scores it returns are exact.
     """
 
     name: str
     vectors: dict[str, int]
     dot: frozenset[str] = frozenset()
     half: frozenset[str] = frozenset()
+    quantized: frozenset[str] = frozenset()
 
     def distance(self, vector_name: str) -> str:
         return "dot" if vector_name in self.dot else "cosine"
@@ -84,6 +92,9 @@ class CollectionSpec:
             raise ConfigError(f"collection {self.name!r}: dot names unknown vectors {set(self.dot) - set(self.vectors)}")
         if not set(self.half) <= set(self.vectors):
             raise ConfigError(f"collection {self.name!r}: half names unknown vectors {set(self.half) - set(self.vectors)}")
+        if not set(self.quantized) <= set(self.vectors):
+            raise ConfigError(f"collection {self.name!r}: quantized names unknown vectors "
+                              f"{set(self.quantized) - set(self.vectors)}")
         for vector_name, dim in self.vectors.items():
             if not vector_name or not isinstance(dim, int) or dim < 1:
                 raise ConfigError(

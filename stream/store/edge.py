@@ -40,6 +40,7 @@ from stream.store.base import (
     CATEGORY_KEY,
     ID_KEY,
     PRICE_KEY,
+    QUANTIZATIONS,
     CollectionSpec,
     Hit,
     Point,
@@ -78,6 +79,10 @@ _PACKED_KEY = "_packed_json"
 # ``point_id``); a shard without it was written with UUID ids (format 1).
 _FORMAT_FILE = "streamrec_point_ids"
 _FORMAT = "2"
+# int8 scalar quantization of a search vector, kept in RAM; searches rescore with the stored vectors.
+_INT8 = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+_RESCORE_INT8 = qe.QuantizationSearchParams(rescore=True)
+_IGNORE_INT8 = qe.QuantizationSearchParams(ignore=True)
 
 
 class EdgeStore(VectorStore):
@@ -100,11 +105,15 @@ class EdgeStore(VectorStore):
         indexing_threshold_kb: int | None = None,
         full_scan_threshold_kb: int = 10_000,
         max_search_threads: int | None = None,
+        quantization: str = "int8",
     ) -> None:
         if hnsw_ef < 1:
             raise ConfigError(f"hnsw_ef must be positive, got {hnsw_ef}")
+        if quantization not in QUANTIZATIONS:
+            raise ConfigError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
         self._data_dir = Path(data_dir)
         self._hnsw_ef = hnsw_ef
+        self._quantize = quantization == "int8"
         self._hnsw = qe.HnswIndexConfig(
             m=hnsw_m, ef_construct=ef_construct, full_scan_threshold=full_scan_threshold_kb
         )
@@ -131,7 +140,10 @@ class EdgeStore(VectorStore):
                 return
             path = self._data_dir / spec.name
             if path.is_dir() and any(path.iterdir()):
-                shard = _open_existing(path, self._edge_config(spec, half=_stored_half(path, spec)), spec)
+                stored = _stored_config(path)
+                config = self._edge_config(spec, half=_stored_half(stored, spec),
+                                           quantized=_stored_quantized(stored, spec, self._quantize))
+                shard = _open_existing(path, config, spec)
                 if not (path / _FORMAT_FILE).is_file():
                     try:
                         converted = _guard(f"convert {spec.name!r} to integer point ids",
@@ -144,7 +156,8 @@ class EdgeStore(VectorStore):
                         _guard(f"optimize {spec.name!r}", shard.optimize)
                     _write_format(path)
             else:
-                config = self._edge_config(spec, half=spec.half)
+                config = self._edge_config(spec, half=spec.half,
+                                           quantized=spec.quantized if self._quantize else frozenset())
                 shard = _guard(
                     f"create collection {spec.name!r}",
                     lambda: qe.EdgeShard.create(str(path), config),
@@ -174,13 +187,14 @@ class EdgeStore(VectorStore):
             except OSError as exc:
                 raise StoreUnavailableError(f"edge store: drop {name!r} failed: {exc}") from exc
 
-    def _edge_config(self, spec: CollectionSpec, *, half: frozenset[str]) -> qe.EdgeConfig:
+    def _edge_config(self, spec: CollectionSpec, *, half: frozenset[str], quantized: frozenset[str]) -> qe.EdgeConfig:
         return qe.EdgeConfig(
             vectors={
                 name: qe.EdgeVectorParams(
                     size=dim,
                     distance=qe.Distance.Dot if name in spec.dot else qe.Distance.Cosine,
                     datatype=qe.VectorStorageDatatype.Float16 if name in half else None,
+                    quantization_config=_INT8 if name in quantized else None,
                 )
                 for name, dim in spec.vectors.items()
             },
@@ -346,7 +360,10 @@ class EdgeStore(VectorStore):
             filter=_edge_filter(flt),
             with_payload=False if with_payload is None else (True if with_payload else [ID_KEY]),
             with_vector=wanted_vectors(spec, with_vectors),
-            params=qe.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact),
+            # An ANN search walks the int8 copy (where there is one) and rescores its best with
+            # the stored vectors, so scores are exact; an exact search reads the stored vectors alone.
+            params=qe.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact,
+                                   quantization=_IGNORE_INT8 if exact else _RESCORE_INT8),
         )
 
     def count(self, collection: str) -> int:
@@ -517,16 +534,40 @@ def _write_format(path: Path) -> None:
         raise StoreUnavailableError(f"edge store: cannot write {path / _FORMAT_FILE}: {exc}") from exc
 
 
-def _stored_half(path: Path, spec: CollectionSpec) -> frozenset[str]:
-    """The vectors of ``spec.half`` that the shard at ``path`` really stores as float16.
+def _stored_config(path: Path) -> dict[str, Any] | None:
+    """The vectors' config the shard at ``path`` was built with; None if unreadable."""
+    try:
+        stored = json.loads((path / "edge_config.json").read_text())["vectors"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _stored_quantized(stored: dict[str, Any] | None, spec: CollectionSpec, quantize: bool) -> frozenset[str]:
+    """The vectors of ``spec.quantized`` that the shard keeps an int8 copy of.
+
+    The engine would accept a new quantization for an existing shard, but its
+    segments get the copy only when rebuilt (a full ``optimize``, tens of
+    seconds at 100k items, never inside a serving worker): an existing
+    collection keeps how it was built, and the next rebuild applies the setting.
+    """
+    if stored is None:
+        return spec.quantized if quantize else frozenset()
+    kept = frozenset(name for name in spec.quantized if (stored.get(name) or {}).get("quantization_config"))
+    if kept != (spec.quantized if quantize else frozenset()):
+        log.info("collection %s keeps its %s vectors as built (int8 copy: %s); a rebuild applies "
+                 "STREAMREC_QUANTIZATION", spec.name, ", ".join(sorted(spec.quantized)), bool(kept))
+    return kept
+
+
+def _stored_half(stored: dict[str, Any] | None, spec: CollectionSpec) -> frozenset[str]:
+    """The vectors of ``spec.half`` that the shard really stores as float16.
 
     A collection created before its spec asked for half precision keeps float32
     (the engine cannot convert a shard in place); the next rebuild, a model
     swap, writes new collections in float16.
     """
-    try:
-        stored = json.loads((path / "edge_config.json").read_text())["vectors"]
-    except (OSError, ValueError, KeyError, TypeError):
+    if stored is None:
         return spec.half  # the engine's own check decides
     kept = frozenset(name for name in spec.half if (stored.get(name) or {}).get("datatype") == "float16")
     if kept != spec.half:

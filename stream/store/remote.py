@@ -26,6 +26,7 @@ from stream.store.base import (
     CATEGORY_KEY,
     ID_KEY,
     PRICE_KEY,
+    QUANTIZATIONS,
     CollectionSpec,
     Hit,
     Point,
@@ -52,6 +53,8 @@ T = TypeVar("T")
 _SCROLL_PAGE = 1000
 _HTTP_NOT_FOUND = 404
 _HTTP_CONFLICT = 409
+_INT8 = models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+    type=models.ScalarType.INT8, quantile=0.99, always_ram=True))
 # Keyword and float indexes make category and price filters cheap and keep
 # the HNSW graph connected inside one category; re-creating one is a no-op.
 _PAYLOAD_INDEXES = {
@@ -63,11 +66,14 @@ _PAYLOAD_INDEXES = {
 class RemoteStore(VectorStore):
     """A ``VectorStore`` over a ``QdrantClient``; fails fast if the server is unreachable."""
 
-    def __init__(self, client: QdrantClient, *, hnsw_ef: int = 256) -> None:
+    def __init__(self, client: QdrantClient, *, hnsw_ef: int = 256, quantization: str = "int8") -> None:
         if hnsw_ef < 1:
             raise ConfigError(f"hnsw_ef must be positive, got {hnsw_ef}")
+        if quantization not in QUANTIZATIONS:
+            raise ConfigError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
         self._client = client
         self._hnsw_ef = hnsw_ef
+        self._quantize = quantization == "int8"
         options = client.init_options
         self._local = options.get("location") == ":memory:" or options.get("path") is not None
         self._specs: dict[str, CollectionSpec] = {}
@@ -123,6 +129,8 @@ class RemoteStore(VectorStore):
                 size=dim,
                 distance=models.Distance.DOT if name in spec.dot else models.Distance.COSINE,
                 datatype=models.Datatype.FLOAT16 if name in spec.half else None,
+                # The server keeps the int8 copy and builds it with the segment (stream.store.base).
+                quantization_config=_INT8 if self._quantize and name in spec.quantized else None,
             )
             for name, dim in spec.vectors.items()
         }
@@ -344,7 +352,8 @@ class RemoteStore(VectorStore):
         # Local mode always scans exactly and warns when given search params.
         if self._local:
             return None
-        return models.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact)
+        return models.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact,
+                                   quantization=models.QuantizationSearchParams(ignore=exact, rescore=not exact))
 
     def count(self, collection: str) -> int:
         self._spec(collection)

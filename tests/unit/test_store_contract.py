@@ -8,6 +8,7 @@ few thousand points really builds and searches an HNSW graph.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -442,7 +443,7 @@ def test_edge_converts_a_shard_written_with_uuid_point_ids(tmp_path: Path) -> No
     store.close()
     # Format 1: the same shard, its points under uuid5 ids, no format marker.
     (tmp_path / ITEMS.name / "streamrec_point_ids").unlink()
-    config = EdgeStore(tmp_path)._edge_config(ITEMS, half=frozenset())
+    config = EdgeStore(tmp_path)._edge_config(ITEMS, half=frozenset(), quantized=frozenset())
     shard = qe.EdgeShard.load(str(tmp_path / ITEMS.name), config)
     old = [qe.Point(point_uuid(f"old-{n}"), {"text": [float(n + 1)] + [1.0] * 15},
                     {"id": f"old-{n}", "category": "toys"}) for n in range(3)]
@@ -668,3 +669,68 @@ def test_a_float32_edge_collection_opens_under_a_half_spec(tmp_path: Path) -> No
     reopened.upsert(HALF.name, [Point("b", {"text": vector, "fused": np.ones(8, np.float32)}, {})])
     assert reopened.count(HALF.name) == 2
     reopened.close()
+
+
+QUANTIZED = CollectionSpec("ranked", {"fused": 32, "text": 8}, dot=frozenset({"fused"}), quantized=frozenset({"fused"}))
+
+
+def _clustered(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
+    centres = rng.standard_normal((20, dim))
+    rows = centres[rng.integers(0, 20, count)] + 0.3 * rng.standard_normal((count, dim))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _indexed_store(path: Path, quantization: str, vectors: np.ndarray) -> EdgeStore:
+    store = EdgeStore(path, quantization=quantization, indexing_threshold_kb=64, full_scan_threshold_kb=16)
+    store.ensure_collection(QUANTIZED)
+    store.upsert(QUANTIZED.name, [Point(f"q{n}", {"fused": row, "text": np.ones(8, np.float32)}, {})
+                                  for n, row in enumerate(vectors)])
+    store.optimize(QUANTIZED.name)
+    return store
+
+
+def _stored_quantization(path: Path) -> object:
+    return json.loads((path / QUANTIZED.name / "edge_config.json").read_text())["vectors"]["fused"].get(
+        "quantization_config")
+
+
+def test_edge_searches_an_int8_copy_and_returns_exact_scores(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    vectors = _clustered(rng, 3000, 32)
+    store = _indexed_store(tmp_path, "int8", vectors)
+    assert _stored_quantization(tmp_path) is not None
+    assert "quantization_config" not in json.loads(
+        (tmp_path / QUANTIZED.name / "edge_config.json").read_text())["vectors"]["text"]
+    by_point = dict(zip(point_ids([f"q{n}" for n in range(len(vectors))]).tolist(), vectors))
+    found = total = 0
+    for query in _clustered(rng, 30, 32):
+        ids, scores = store.search_points(QUANTIZED.name, "fused", query, 50)
+        exact_ids, _ = store.search_points(QUANTIZED.name, "fused", query, 50, exact=True)
+        # Rescored with the stored floats: each score is the exact dot product.
+        assert np.allclose(scores, [by_point[i] @ query for i in ids.tolist()], atol=1e-5)
+        found += len(set(ids.tolist()) & set(exact_ids.tolist()))
+        total += len(exact_ids)
+    assert found / total >= 0.9
+    store.close()
+
+    none = _indexed_store(tmp_path / "none", "none", vectors)
+    assert _stored_quantization(tmp_path / "none") is None
+    none.close()
+
+
+def test_an_existing_collection_keeps_how_it_was_built(tmp_path: Path) -> None:
+    vectors = _clustered(np.random.default_rng(6), 500, 32)
+    _indexed_store(tmp_path, "none", vectors).close()
+    reopened = EdgeStore(tmp_path, quantization="int8")
+    reopened.ensure_collection(QUANTIZED)
+    # The engine would take the new setting and leave the built segments without the copy.
+    assert _stored_quantization(tmp_path) is None
+    assert reopened.count(QUANTIZED.name) == 500
+    reopened.close()
+
+
+def test_an_unknown_quantization_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown quantization 'int4'"):
+        open_store("edge", data_dir=Path("/nonexistent"), quantization="int4")
+    with pytest.raises(ConfigError, match="quantized names unknown vectors"):
+        CollectionSpec("x", {"a": 2}, quantized=frozenset({"b"}))
