@@ -81,8 +81,16 @@ _FORMAT_FILE = "streamrec_point_ids"
 _FORMAT = "2"
 # int8 scalar quantization of a search vector, kept in RAM; searches rescore with the stored vectors.
 _INT8 = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True)
-_RESCORE_INT8 = qe.QuantizationSearchParams(rescore=True)
 _IGNORE_INT8 = qe.QuantizationSearchParams(ignore=True)
+
+
+def _rescore(hnsw_ef: int, limit: int) -> qe.QuantizationSearchParams:
+    """An ANN search walks the int8 copy (where there is one) and rescores with the stored
+    vectors, so its scores are exact; it rescores every hit its graph walk keeps anyway
+    (``hnsw_ef`` of them, oversampling ``hnsw_ef / limit``), which costs the walk nothing:
+    recall@100 at 100k x 384-d 0.956 without, 0.975 with, as the float search's 0.974
+    (docs/performance.md). An exact search reads the stored vectors alone."""
+    return qe.QuantizationSearchParams(rescore=True, oversampling=max(1.0, hnsw_ef / limit))
 
 
 class EdgeStore(VectorStore):
@@ -360,10 +368,8 @@ class EdgeStore(VectorStore):
             filter=_edge_filter(flt),
             with_payload=False if with_payload is None else (True if with_payload else [ID_KEY]),
             with_vector=wanted_vectors(spec, with_vectors),
-            # An ANN search walks the int8 copy (where there is one) and rescores its best with
-            # the stored vectors, so scores are exact; an exact search reads the stored vectors alone.
             params=qe.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact,
-                                   quantization=_IGNORE_INT8 if exact else _RESCORE_INT8),
+                                   quantization=_IGNORE_INT8 if exact else _rescore(self._hnsw_ef, limit)),
         )
 
     def count(self, collection: str) -> int:

@@ -312,7 +312,7 @@ class RemoteStore(VectorStore):
                 query_filter=query_filter,
                 with_payload=with_payload,
                 with_vectors=with_vectors,
-                search_params=self._search_params(exact),
+                search_params=self._search_params(exact, limit),
             ),
         )
         return list(response.points)
@@ -338,7 +338,7 @@ class RemoteStore(VectorStore):
                 limit=limit,
                 filter=query_filter,
                 with_payload=True,
-                params=self._search_params(False),
+                params=self._search_params(False, limit),
             )
             for row in rows
         ]
@@ -348,12 +348,14 @@ class RemoteStore(VectorStore):
         )
         return [[to_hit(p.payload, p.score, None) for p in r.points] for r in responses]
 
-    def _search_params(self, exact: bool) -> models.SearchParams | None:
+    def _search_params(self, exact: bool, limit: int) -> models.SearchParams | None:
         # Local mode always scans exactly and warns when given search params.
         if self._local:
             return None
-        return models.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact,
-                                   quantization=models.QuantizationSearchParams(ignore=exact, rescore=not exact))
+        # As the edge store: rescored to exact scores, every hit the graph walk keeps (stream.store.edge).
+        quantization = models.QuantizationSearchParams(ignore=True) if exact else \
+            models.QuantizationSearchParams(rescore=True, oversampling=max(1.0, self._hnsw_ef / limit))
+        return models.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact, quantization=quantization)
 
     def count(self, collection: str) -> int:
         self._spec(collection)
