@@ -139,10 +139,14 @@ def padding_share(encoder: TextEncoder, texts: list[str], by_length: bool) -> fl
 def time_text_tower(encoder: TextEncoder, texts: list[str], repeats: int) -> dict[str, float]:
     before = median_seconds(lambda: in_file_order(encoder, texts), repeats)
     after = median_seconds(lambda: encoder.encode(texts), repeats)
+    tokens = float(encoder.tokenize(texts)[1].sum())
     return {
         "texts": len(texts),
         "file_order_items_per_s": len(texts) / before,
         "by_length_items_per_s": len(texts) / after,
+        # The tower's cost grows with the tokens it reads: what 1,000 items/s would ask of it.
+        "mean_tokens": tokens / len(texts),
+        "by_length_tokens_per_s": tokens / after,
         "speedup": before / after,
         "padding_share_file_order": padding_share(encoder, texts, by_length=False),
         "padding_share_by_length": padding_share(encoder, texts, by_length=True),
