@@ -153,7 +153,7 @@ def create_app(settings: Settings, services: Services, ownership: Ownership = SI
             lag = {settings.topic(key): -1 for key in LAG_TOPICS}
         else:
             try:
-                lag = await measure_lag(settings)
+                lag = await measure_lag(settings, ownership)
             except Exception as exc:  # lag is advisory; the health check reports the broker
                 log.warning("consumer lag unavailable: %s", exc)
                 lag = {settings.topic(key): -1 for key in LAG_TOPICS}

@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import BaseModel
 
 from core.settings import Settings
+from stream.partitions import SINGLE, Ownership
 
 E = TypeVar("E", bound=BaseModel)
 
@@ -31,21 +32,27 @@ class Delivery(Generic[E]):
     offset: int
 
 
-def consumer_groups(settings: Settings) -> dict[str, str]:
+def consumer_groups(settings: Settings, ownership: Ownership = SINGLE) -> dict[str, str]:
     """The consumer group that commits each topic the worker reads (topic key -> group id).
 
-    Faust's agents (searches, images, catalogue) commit under the app id, which
-    is Faust's group; clicks and requests are read by consumers of their own.
-    Lag is read from these same groups, so a consumer must take its group here.
+    Faust's agents (searches, images, catalogue) commit under Faust's group: the
+    app id, and with N worker processes each process's own (every process reads
+    those topics whole). Clicks and requests are read by consumers of their own,
+    one group whose partitions the processes split. Lag is read from these same
+    groups, so a consumer must take its group here.
     """
     app_id = settings.app_id
+    faust_group = ownership.group(app_id)
     return {
         "clicks": f"{app_id}.clicks",
-        "searches": app_id,
-        "images": app_id,
-        "catalog": app_id,
+        "searches": faust_group,
+        "images": faust_group,
+        "catalog": faust_group,
         "requests": f"{app_id}.requests",
     }
+
+
+OWNED_TOPICS = ("clicks", "requests")  # read by partition: with N processes each reads the ones it owns
 
 
 def consumer(

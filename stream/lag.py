@@ -1,5 +1,9 @@
 """Consumer lag per topic: log end offset minus committed offset, summed over partitions.
 
+With N worker processes each process reports its own (``streamrec_consumer_lag``
+on the shared port carries a ``worker_process`` label per process): the click
+and request partitions it owns, and the topics every process reads whole.
+
 Only meaningful where the broker reports true end offsets (Apache Kafka). The
 embedded broker does not (see the design notes), so there the gauge reads -1,
 "unavailable", instead of a wrong number.
@@ -12,6 +16,7 @@ from aiokafka import TopicPartition
 
 from core.settings import Settings
 from stream import kafka
+from stream.partitions import SINGLE, Ownership
 
 LAG_TOPICS = ("clicks", "searches", "images", "catalog", "requests")
 
@@ -25,16 +30,20 @@ def lag_by_topic(end: Mapping[TopicPartition, int], committed: Mapping[TopicPart
     return lag
 
 
-async def measure_lag(settings: Settings) -> dict[str, int]:
+async def measure_lag(settings: Settings, ownership: Ownership = SINGLE) -> dict[str, int]:
+    """This process's lag per topic: with N worker processes, the partitions of clicks and
+    requests it owns and the other topics whole, each in the group this process commits to."""
     topics = [settings.topic(key) for key in LAG_TOPICS]
+    owned = {settings.topic(key) for key in kafka.OWNED_TOPICS}
     consumer = kafka.consumer(settings, group_id=None)
     await consumer.start()
     try:
         partitions = [
             TopicPartition(topic, p) for topic in topics for p in (consumer.partitions_for_topic(topic) or ())
+            if topic not in owned or ownership.owns(p)
         ]
         # Committed before end: a commit landing in between then cannot pass the end read.
-        committed = await committed_offsets(settings, partitions)
+        committed = await committed_offsets(settings, partitions, ownership)
         end = await consumer.end_offsets(partitions) if partitions else {}
     finally:
         await consumer.stop()
@@ -42,12 +51,14 @@ async def measure_lag(settings: Settings) -> dict[str, int]:
     return {topic: lag.get(topic, 0) for topic in topics}
 
 
-async def committed_offsets(settings: Settings, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-    """The committed offset of each of ``partitions`` (of lag topics) in the group that consumes its topic.
+async def committed_offsets(settings: Settings, partitions: list[TopicPartition],
+                            ownership: Ownership = SINGLE) -> dict[TopicPartition, int]:
+    """The committed offset of each of ``partitions`` (of lag topics) in the group that consumes its
+    topic (in process ``ownership.index`` of N).
 
     Partitions the group never committed are left out.
     """
-    groups = kafka.consumer_groups(settings)
+    groups = kafka.consumer_groups(settings, ownership)
     key_of_topic = {settings.topic(key): key for key in groups}
     partitions_of_group: dict[str, list[TopicPartition]] = {}
     for tp in partitions:

@@ -133,3 +133,32 @@ def test_lag_reads_each_topic_from_the_group_its_agent_commits_under(settings: S
     assert group_read == group_of_topic
     assert group_of_topic[settings.topic("clicks")] == "shop.clicks"
     assert group_of_topic[settings.topic("requests")] == "shop.requests"
+
+
+def test_each_of_two_processes_reports_the_partitions_it_owns_and_its_own_faust_group(
+        settings: Settings, cluster: FakeCluster) -> None:
+    from stream.partitions import Ownership
+
+    def tp(key: str, partition: int) -> TopicPartition:
+        return TopicPartition(settings.topic(key), partition)
+
+    cluster.end = {tp(key, p): 100 for key in LAG_TOPICS for p in range(4)}
+    shared = {tp(key, p): 100 - (10 * p + 1) for key in ("clicks", "requests") for p in range(4)}
+    cluster.committed = {
+        "shop.clicks": {k: v for k, v in shared.items() if k.topic == settings.topic("clicks")},
+        "shop.requests": {k: v for k, v in shared.items() if k.topic == settings.topic("requests")},
+        # Each process's Faust group reads searches, images and the catalogue whole.
+        "shop.p0": {tp(key, p): 98 for key in ("searches", "images", "catalog") for p in range(4)},
+        "shop.p1": {tp(key, p): 97 for key in ("searches", "images", "catalog") for p in range(4)},
+        "shop": {tp(key, p): 0 for key in ("searches", "images", "catalog") for p in range(4)},  # a single worker's
+    }
+    first = asyncio.run(measure_lag(settings, Ownership(0, 2)))
+    second = asyncio.run(measure_lag(settings, Ownership(1, 2)))
+    # Process 0 owns partitions 0 and 2 (lag 1 + 21), process 1 partitions 1 and 3 (11 + 31).
+    assert first[settings.topic("clicks")] == 22 and second[settings.topic("clicks")] == 42
+    assert first[settings.topic("requests")] == 22 and second[settings.topic("requests")] == 42
+    for key in ("searches", "images", "catalog"):
+        assert first[settings.topic(key)] == 8 and second[settings.topic(key)] == 12
+    # One process alone: every partition, Faust's group being the app id.
+    single = asyncio.run(measure_lag(settings))
+    assert single[settings.topic("clicks")] == 64 and single[settings.topic("catalog")] == 400
