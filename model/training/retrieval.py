@@ -52,6 +52,12 @@ class RetrievalSettings:
     # Per step, the share of items whose text (and, independently, photo) is hidden:
     # the "missing" vectors learn from more than the few items that really lack one.
     modality_dropout: float = 0.0
+    # Weight of a second next-item softmax over the newest items alone, each read by its content
+    # only (id row 0): a step whose target is among the newest ``content_loss_share`` of the
+    # training items by first interaction is also predicted from content, against the other new
+    # items, as an item listed after training is served. 0 = off.
+    content_loss_weight: float = 0.0
+    content_loss_share: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,9 @@ class Catalogue:
     has_text: (N+1,) float32 or None; image: (N+1, I) float32 or None;
     has_image: (N+1,) float32 or None; id_rows: (N+1,) int64 id row of each
     item (0 = known by content only) or None for its own; listed: (N+1,) bool,
-    the items that may be ranked (False: held out of this catalogue) or None.
+    the items that may be ranked (False: held out of this catalogue) or None;
+    newest: (N+1,) bool, the newest training items (``newest_items``), the
+    classes of the content-only loss, or None (that loss then covers every item).
     """
 
     attributes: torch.Tensor
@@ -74,6 +82,7 @@ class Catalogue:
     has_image: torch.Tensor | None = None
     id_rows: torch.Tensor | None = None
     listed: torch.Tensor | None = None
+    newest: torch.Tensor | None = None
 
 
 class RetrievalModel(nn.Module):
@@ -97,6 +106,11 @@ class RetrievalModel(nn.Module):
                     has_image = has_image * (torch.rand(rows) >= settings.modality_dropout)
         return self.item_tower.catalogue_vectors(
             catalogue.attribute_mixing, catalogue.text, has_text, catalogue.image, has_image, id_rows)
+
+    def content_only_vectors(self, catalogue: Catalogue, settings: RetrievalSettings | None = None) -> torch.Tensor:
+        """(N+1, d) every item as an unknown one (id row 0): its attributes, text and photo alone."""
+        unknown = replace(catalogue, id_rows=torch.zeros(len(catalogue.attributes), dtype=torch.long))
+        return self.catalogue_vectors(unknown, settings)
 
 
 @dataclass
@@ -189,6 +203,35 @@ def next_item_loss(
     return nn.functional.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
 
 
+def content_only_loss(
+    model: RetrievalModel,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    catalogue: Catalogue,
+    settings: RetrievalSettings,
+    unlisted: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the next item when every item is known by content alone.
+
+    hidden (B, L, d), targets (B, L), mask (B, L) the predicted positions. Only
+    the positions whose target is one of ``catalogue.newest`` count, and the
+    classes are the newest items: a new item must win against the other new
+    items on content, what a model serving items listed after training is
+    asked to do. The user states get this gradient too. Zero when no position
+    qualifies.
+    """
+    content = model.content_only_vectors(catalogue, settings)  # (N+1, d)
+    rows, outside = mask, unlisted
+    if catalogue.newest is not None:
+        rows = mask & catalogue.newest[targets]
+        older = ~catalogue.newest[1:]
+        outside = older if unlisted is None else unlisted | older
+    if not bool(rows.any()):
+        return hidden.sum() * 0.0
+    return next_item_loss(hidden[rows], targets[rows], content, settings, None, outside)
+
+
 def learning_rate_factor(settings: RetrievalSettings, progress: float) -> float:
     """Linear warm-up, then cosine decay to zero at ``progress`` 1 (epochs or time, whichever ends first)."""
     if settings.schedule == "constant":
@@ -263,6 +306,9 @@ def _train_epoch(
         hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
         mask = batch_targets > 0
         loss = next_item_loss(hidden[mask], batch_targets[mask], vectors, settings, sampler, unlisted)
+        if settings.content_loss_weight > 0:
+            loss = loss + settings.content_loss_weight * content_only_loss(
+                model, hidden, batch_targets, mask, catalogue, settings, unlisted)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
