@@ -15,6 +15,7 @@ from model.training.retrieval import (
     RetrievalSettings,
     _train_epoch,
     content_only_loss,
+    make_optimizer,
     training_pairs,
 )
 
@@ -84,7 +85,7 @@ def test_a_training_step_adds_the_weighted_content_only_loss() -> None:
     for weight in (0.0, 2.0):
         model, catalogue = model_and_catalogue(newest=[4, 5, 6])
         settings = RetrievalSettings(content_loss_weight=weight, learning_rate=0.0, batch_size=8)
-        losses[weight] = _train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.0), (inputs, targets),
+        losses[weight] = _train_epoch(model, make_optimizer(model, settings, 0.0), (inputs, targets),
                                       catalogue, settings, None, lambda _: 1.0, 1, np.random.default_rng(0))
     model, catalogue = model_and_catalogue(newest=[4, 5, 6])
     model.train()
@@ -95,6 +96,20 @@ def test_a_training_step_adds_the_weighted_content_only_loss() -> None:
     rows = int((targets > 0).sum())
     assert losses[2.0] == pytest.approx(losses[0.0] + 2.0 * float(extra), rel=1e-4)
     assert rows == 5 and float(extra) > 0
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_the_text_projection_learns_at_its_share_of_the_rate(share: float) -> None:
+    sequences = [np.array([1, 4, 2, 5]), np.array([3, 6, 4])]
+    pairs = tuple(torch.from_numpy(a) for a in training_pairs(sequences, 5))
+    model, catalogue = model_and_catalogue(newest=[4, 5, 6])
+    settings = RetrievalSettings(learning_rate=0.05, text_learning_rate_share=share, weight_decay=0.0)
+    text_before = model.item_tower.text_projection.weight.detach().clone()
+    ids_before = model.item_tower.item_embedding.weight.detach().clone()
+    _train_epoch(model, make_optimizer(model, settings, settings.learning_rate), pairs, catalogue, settings,  # type: ignore[arg-type]
+                 None, lambda _: 1.0, 1, np.random.default_rng(0))
+    assert not torch.equal(model.item_tower.item_embedding.weight, ids_before)
+    assert torch.equal(model.item_tower.text_projection.weight, text_before) == (share == 0.0)
 
 
 def test_newest_items_follow_the_first_interaction_time() -> None:
