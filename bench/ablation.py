@@ -116,6 +116,9 @@ def main_ablation(data: InteractionData, args: argparse.Namespace) -> int:
     result["seconds"] = round(time.monotonic() - started, 1)
     result["settings"] = {"minutes_per_variant": settings.minutes, "epochs": settings.epochs,
                           "id_dropout": settings.id_dropout, "modality_dropout": settings.modality_dropout,
+                          "content_loss_weight": settings.content_loss_weight,
+                          "content_loss_share": settings.content_loss_share,
+                          "text_learning_rate_share": settings.text_learning_rate_share,
                           "threads": torch.get_num_threads()}
     print(format_ablation(result))
     if args.plot is not None:

@@ -23,7 +23,6 @@ serves before any model is trained.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,14 @@ from core.text import CONTENT_TEXT_FIELDS, compose_text
 from model.nets.towers import TowerConfig, attribute_mixing
 from model.serving.contract import ItemContent
 from model.training.content_vectors import ContentVectors, encode_texts
-from model.training.data import InteractionData, LeaveOneOut, leave_one_out, left_pad
+from model.training.data import (
+    InteractionData,
+    LeaveOneOut,
+    first_seen,
+    leave_one_out,
+    left_pad,
+    newest_items,
+)
 from model.training.metrics import exclude_history, ranking_metrics, target_ranks
 from model.training.retrieval import (
     Catalogue,
@@ -70,25 +76,9 @@ class ColdSplit:
         return among[None, :] & (self.listed_at[None, :] <= self.times[:, None])
 
 
-def first_seen(data: InteractionData) -> np.ndarray:
-    """(N+1,) time of each item's first interaction (inf: never)."""
-    if data.timestamps is None:
-        raise ValueError("a cold-item split needs interaction times")
-    first = np.full(data.n_items + 1, np.inf)
-    for sequence, times in zip(data.sequences, data.timestamps):
-        np.minimum.at(first, sequence, times)
-    return first
-
-
 def cold_items(data: InteractionData, share: float) -> np.ndarray:
     """(N+1,) bool: the newest ``share`` of the interacted items by first interaction time."""
-    first = first_seen(data)
-    seen = np.flatnonzero(np.isfinite(first))
-    count = max(1, math.ceil(share * len(seen)))
-    newest = seen[np.lexsort((-seen, -first[seen]))][:count]  # latest first, ties: higher index first
-    cold = np.zeros(data.n_items + 1, dtype=bool)
-    cold[newest] = True
-    return cold
+    return newest_items(data, share)
 
 
 def cold_split(data: InteractionData, share: float) -> ColdSplit:
@@ -200,8 +190,12 @@ def run_ablation(data: InteractionData, content: ContentVectors, config: TowerCo
     for name in variants:
         use_text, use_image = VARIANTS[name]
         train_catalogue = variant_catalogue(data, content, use_text, use_image, split.cold, listed_warm)
-        # Without content an unknown item is only its categories: id dropout would just blur ids.
-        variant_settings = settings if use_text or use_image else replace(settings, id_dropout=0.0)
+        train_catalogue = replace(train_catalogue, newest=torch.from_numpy(
+            newest_items(split.warm, settings.content_loss_share)))
+        # Without content an unknown item is only its categories: id dropout would just blur ids,
+        # and the content-only loss would rank new items by category alone.
+        variant_settings = (settings if use_text or use_image
+                            else replace(settings, id_dropout=0.0, content_loss_weight=0.0))
         model, report = train_retrieval(config, variant_settings, warm_split, train_catalogue, progress=progress)
         model.eval()
         with torch.no_grad():

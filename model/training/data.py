@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,6 +336,27 @@ def read_data(args: argparse.Namespace) -> tuple[InteractionData, str, Path | No
         return load_interactions(args.data_format, args.data), args.data_format, args.data
     data = load_table(args.interactions, args.catalogue, args.image_root, parse_field_map(args.catalogue_fields))
     return data, "table", args.interactions
+
+
+def first_seen(data: InteractionData) -> np.ndarray:
+    """(N+1,) time of each item's first interaction (inf: never)."""
+    if data.timestamps is None:
+        raise ValueError("first interaction times need interaction timestamps")
+    first = np.full(data.n_items + 1, np.inf)
+    for sequence, times in zip(data.sequences, data.timestamps):
+        np.minimum.at(first, sequence, times)
+    return first
+
+
+def newest_items(data: InteractionData, share: float) -> np.ndarray:
+    """(N+1,) bool: the newest ``share`` of the interacted items by first interaction time."""
+    first = first_seen(data)
+    seen = np.flatnonzero(np.isfinite(first))
+    count = max(1, math.ceil(share * len(seen)))
+    newest = seen[np.lexsort((-seen, -first[seen]))][:count]  # latest first, ties: higher index first
+    chosen = np.zeros(data.n_items + 1, dtype=bool)
+    chosen[newest] = True
+    return chosen
 
 
 def item_counts(sequences: list[np.ndarray], n_items: int) -> np.ndarray:
