@@ -16,7 +16,9 @@ configured) with its exact search for the users' own vectors. The candidate
 sizing rows measure, for a few candidate
 counts with ``hnsw_ef`` equal to the count (the engine searches with
 ``max(hnsw_ef, limit)``, so a smaller ef changes nothing), how many of the
-exact top 100 the candidate search returns and what that search costs.
+exact top 100 the candidate search returns and what that search costs,
+both as requests search (through the int8 copy, ``STREAMREC_QUANTIZATION``)
+and over the stored floats on the same graph, query by query in turn.
 ``--sizing`` adds those rows; ``--profile N`` serves N requests in this process after the load (worker
 stopped) and prints where their time goes (cProfile). Scoring cost compares, for 500 candidates, the served
 scorer and the trained ranker's architecture in ONNX fp32, ONNX int8
@@ -179,19 +181,29 @@ def candidate_sizing(settings: Settings, queries: np.ndarray, sizes: tuple[int, 
             if exact is None:
                 exact = [set(store.search_points(items.name, "fused", q, k, exact=True)[0].tolist())
                          for q in queries]
-            found, seconds = [], []
+            # Each query searched twice in turn: as requests do (through the int8 copy where the
+            # store keeps one) and over the stored floats on the same graph.
+            found: dict[bool, list[float]] = {True: [], False: []}
+            seconds: dict[bool, list[float]] = {True: [], False: []}
             for query, truth in zip(queries, exact):
-                started = time.perf_counter()
-                ids, _ = store.search_points(items.name, "fused", query, size)
-                seconds.append(time.perf_counter() - started)
-                found.append(len(truth & set(ids.tolist())) / max(1, len(truth)))
+                for use_int8 in (True, False):
+                    started = time.perf_counter()
+                    ids, _ = store.search_points(items.name, "fused", query, size, use_int8=use_int8)
+                    seconds[use_int8].append(time.perf_counter() - started)
+                    found[use_int8].append(len(truth & set(ids.tolist())) / max(1, len(truth)))
         finally:
             store.close()
-        latency = percentiles(seconds, (50, 99))
-        rows.append({"candidates": size, "hnsw_ef": ef, "recall_at_100": round(float(np.mean(found)), 4),
-                     "search_p50_ms": round(1e3 * latency["p50"], 3), "search_p99_ms": round(1e3 * latency["p99"], 3)})
-        print(f"  candidates {size:>4}, ef {ef:>4}: recall@100 {rows[-1]['recall_at_100']:.3f}, "
-              f"search p50 {rows[-1]['search_p50_ms']:.2f} / p99 {rows[-1]['search_p99_ms']:.2f} ms", flush=True)
+        latency, floats = percentiles(seconds[True], (50, 99)), percentiles(seconds[False], (50, 99))
+        rows.append({"candidates": size, "hnsw_ef": ef, "recall_at_100": round(float(np.mean(found[True])), 4),
+                     "search_p50_ms": round(1e3 * latency["p50"], 3), "search_p99_ms": round(1e3 * latency["p99"], 3),
+                     "float_recall_at_100": round(float(np.mean(found[False])), 4),
+                     "float_search_p50_ms": round(1e3 * floats["p50"], 3),
+                     "float_search_p99_ms": round(1e3 * floats["p99"], 3)})
+        row = rows[-1]
+        print(f"  candidates {size:>4}, ef {ef:>4}: recall@100 {row['recall_at_100']:.3f}, "
+              f"search p50 {row['search_p50_ms']:.2f} / p99 {row['search_p99_ms']:.2f} ms; over the floats: "
+              f"recall@100 {row['float_recall_at_100']:.3f}, p50 {row['float_search_p50_ms']:.2f} / "
+              f"p99 {row['float_search_p99_ms']:.2f} ms", flush=True)
     return rows
 
 

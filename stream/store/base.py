@@ -243,11 +243,14 @@ class VectorStore(ABC):
         limit: int,
         flt: SearchFilter | None = None,
         exact: bool = False,
+        use_int8: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``search`` for the hot path: (point ids int64, scores float32), best first.
 
         No payload is read and no per-hit object is kept; map ids back with
-        ``retrieve_points`` (or a cache keyed by ``point_id``).
+        ``retrieve_points`` (or a cache keyed by ``point_id``). ``use_int8``
+        False walks the stored floats where an int8 copy exists (the same
+        graph: what a store without the copy does, for comparisons).
         """
 
     @abstractmethod

@@ -321,10 +321,12 @@ class EdgeStore(VectorStore):
         limit: int,
         flt: SearchFilter | None = None,
         exact: bool = False,
+        use_int8: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         spec, shard = self._shard(collection)
         query = check_vector(spec, vector_name, vector)
-        request = self._request(spec, vector_name, query, limit, flt, False, exact, with_payload=None)
+        request = self._request(spec, vector_name, query, limit, flt, False, exact, with_payload=None,
+                                use_int8=use_int8)
         points = _guard(f"search {collection!r}", lambda: shard.query(request))
         count = len(points)
         ids = np.fromiter((p.id for p in points), np.int64, count)
@@ -359,6 +361,7 @@ class EdgeStore(VectorStore):
         with_vectors: WithVectors,
         exact: bool,
         with_payload: bool | None = True,
+        use_int8: bool = True,
     ) -> qe.QueryRequest:
         """``with_payload``: True all of it, False only the domain id, None none (point ids only)."""
         check_limit(limit)
@@ -369,7 +372,8 @@ class EdgeStore(VectorStore):
             with_payload=False if with_payload is None else (True if with_payload else [ID_KEY]),
             with_vector=wanted_vectors(spec, with_vectors),
             params=qe.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact,
-                                   quantization=_IGNORE_INT8 if exact else _rescore(self._hnsw_ef, limit)),
+                                   quantization=_rescore(self._hnsw_ef, limit) if use_int8 and not exact
+                                   else _IGNORE_INT8),
         )
 
     def count(self, collection: str) -> int:

@@ -290,14 +290,17 @@ class RemoteStore(VectorStore):
         limit: int,
         flt: SearchFilter | None = None,
         exact: bool = False,
+        use_int8: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        hits = self._query(collection, vector_name, vector, limit, flt, exact, with_payload=False, with_vectors=False)
+        hits = self._query(collection, vector_name, vector, limit, flt, exact, with_payload=False, with_vectors=False,
+                           use_int8=use_int8)
         ids = np.fromiter((p.id for p in hits), np.int64, len(hits))
         scores = np.fromiter((p.score for p in hits), np.float32, len(hits))
         return ids, scores
 
     def _query(self, collection: str, vector_name: str, vector: np.ndarray, limit: int,
-               flt: SearchFilter | None, exact: bool, *, with_payload: Any, with_vectors: Any) -> list[Any]:
+               flt: SearchFilter | None, exact: bool, *, with_payload: Any, with_vectors: Any,
+               use_int8: bool = True) -> list[Any]:
         """One nearest-neighbour query; its scored points as the client returns them."""
         query = check_vector(self._spec(collection), vector_name, vector)
         check_limit(limit)
@@ -312,7 +315,7 @@ class RemoteStore(VectorStore):
                 query_filter=query_filter,
                 with_payload=with_payload,
                 with_vectors=with_vectors,
-                search_params=self._search_params(exact, limit),
+                search_params=self._search_params(exact, limit, use_int8),
             ),
         )
         return list(response.points)
@@ -348,12 +351,12 @@ class RemoteStore(VectorStore):
         )
         return [[to_hit(p.payload, p.score, None) for p in r.points] for r in responses]
 
-    def _search_params(self, exact: bool, limit: int) -> models.SearchParams | None:
+    def _search_params(self, exact: bool, limit: int, use_int8: bool = True) -> models.SearchParams | None:
         # Local mode always scans exactly and warns when given search params.
         if self._local:
             return None
         # As the edge store: rescored to exact scores, every hit the graph walk keeps (stream.store.edge).
-        quantization = models.QuantizationSearchParams(ignore=True) if exact else \
+        quantization = models.QuantizationSearchParams(ignore=True) if exact or not use_int8 else \
             models.QuantizationSearchParams(rescore=True, oversampling=max(1.0, self._hnsw_ef / limit))
         return models.SearchParams(hnsw_ef=self._hnsw_ef, exact=exact, quantization=quantization)
 

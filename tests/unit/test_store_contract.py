@@ -708,6 +708,9 @@ def test_edge_searches_an_int8_copy_and_returns_exact_scores(tmp_path: Path) -> 
         exact_ids, _ = store.search_points(QUANTIZED.name, "fused", query, 50, exact=True)
         # Rescored with the stored floats: each score is the exact dot product.
         assert np.allclose(scores, [by_point[i] @ query for i in ids.tolist()], atol=1e-5)
+        # The same graph walked over the stored floats (what a store without the copy does).
+        float_ids, float_scores = store.search_points(QUANTIZED.name, "fused", query, 50, use_int8=False)
+        assert np.allclose(float_scores, [by_point[i] @ query for i in float_ids.tolist()], atol=1e-5)
         found += len(set(ids.tolist()) & set(exact_ids.tolist()))
         total += len(exact_ids)
     assert found / total >= 0.9
