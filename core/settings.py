@@ -96,9 +96,10 @@ class Settings(BaseSettings):
     hnsw_ef: int = Field(256, ge=8, le=4096)
     quantization: Literal["int8", "none"] = Field(
         "int8", description="int8: the items' retrieval vectors also get an int8 copy in RAM that the "
-        "ANN search walks, rescoring its best with the stored floats (2.7x faster at 100k x 384-d, same "
+        "ANN search walks, rescoring its best with the stored floats (twice as fast at 100k x 384-d, same "
         "recall; docs/performance.md); none: search the floats. Applies to collections created from now "
-        "on: an existing one keeps how it was built until it is rebuilt (model swap, load-catalogue).",
+        "on: an existing one keeps how it was built until it is rebuilt (a model swap builds new "
+        "collections; or a fresh store loaded with load-catalogue).",
     )
     collection_prefix: str = ""
     replica: int | None = Field(
