@@ -98,6 +98,7 @@ def seed_users_through(worker: WorkerProcess, settings: Settings, *, users: int,
             await publisher.flush()
 
     asyncio.run(publish())
+
     def applied() -> float:
         return worker.metric("streamrec_events_processed_total", {"topic": "clicks"})
 
