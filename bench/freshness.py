@@ -189,9 +189,7 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
             probes.merge(round_probes)
             rounds.append(round_figures(round_probes))
             print(f"  p50 {rounds[-1]['p50_ms']} ms, p99 {rounds[-1]['p99_ms']} ms", flush=True)
-        applied = [worker.process_metric(i, "streamrec_events_processed_total", {"topic": "clicks"})
-                   for i in range(args.processes)] if args.processes > 1 else \
-            [worker.metric("streamrec_events_processed_total", {"topic": "clicks"})]
+        applied = worker.metric_per_process("streamrec_events_processed_total", {"topic": "clicks"})
     finally:
         worker.stop()
     shown = percentiles(probes.latencies_ms, (50, 90, 99))

@@ -378,8 +378,8 @@ def measure_worker(settings: Settings, expected: int, folder: Path, profile: Pat
                          "--rate", "100", "--format", "raw", "--output", str(profile)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rate = Rate(int(applied), time.perf_counter() - first_at, int(first_seen), cpu_seconds() - first_cpu)
-        per_process = [int(worker.process_metric(i, "streamrec_events_processed_total", {"topic": "clicks"}))
-                       for i in range(processes)] if processes > 1 else [int(applied)]
+        per_process = [int(n) for n in worker.metric_per_process("streamrec_events_processed_total",
+                                                                   {"topic": "clicks"})]
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT

@@ -89,10 +89,7 @@ def measure(base: Settings, broker: object, folder: Path, processes: int, args: 
                     processes=processes) as stack:
         worker = stack.worker
 
-        def per_process(name: str, labels: dict[str, str]) -> list[float]:
-            if processes == 1:
-                return [worker.metric(name, labels)]
-            return [worker.process_metric(i, name, labels) for i in range(processes)]
+        per_process = worker.metric_per_process
 
         asyncio.run(_publish(settings, list(catalogue)))
         if not wait_for(lambda: min(per_process(PROCESSED, {"topic": "catalog"})) >= len(catalogue),

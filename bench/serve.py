@@ -501,10 +501,7 @@ class PerProcess:
         self.worker, self.path = worker, path
 
     def _answered(self) -> list[float]:
-        name, labels = "streamrec_request_latency_seconds_count", {"path": self.path}
-        if self.worker.processes == 1:
-            return [self.worker.metric(name, labels)]
-        return [self.worker.process_metric(i, name, labels) for i in range(self.worker.processes)]
+        return self.worker.metric_per_process("streamrec_request_latency_seconds_count", {"path": self.path})
 
     def __enter__(self) -> "PerProcess":
         self._before = self._answered()

@@ -102,7 +102,8 @@ class WorkerProcess:
             return None
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        """Until /health says healthy and the agents hold their partitions (with N processes, every one's)."""
+        """Until /health says healthy and the agents hold their partitions (with N processes the
+        shared port answers for all of them: ready only when every one is)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
@@ -110,8 +111,7 @@ class WorkerProcess:
                     f"worker exited with code {self.process.returncode}; see {self.log_path}"
                 )
             status = self.health()
-            if status and status.get("healthy") and status.get("ready") and \
-                    all(self.process_ready(i) for i in range(self.processes if self.processes > 1 else 0)):
+            if status and status.get("healthy") and status.get("ready"):
                 return
             time.sleep(0.2)
         raise StreamrecError(f"worker not ready within {timeout_s}s; see {self.log_path}")
@@ -137,6 +137,12 @@ class WorkerProcess:
     def process_metric(self, index: int, name: str, labels: dict[str, str] | None = None) -> float:
         """``metric`` of worker process ``index`` alone."""
         return _sum_metric(self.process_metrics_text(index), name, labels)
+
+    def metric_per_process(self, name: str, labels: dict[str, str] | None = None) -> list[float]:
+        """``metric`` of each worker process, in process order (one process: a list of one)."""
+        if self.processes == 1:
+            return [self.metric(name, labels)]
+        return [self.process_metric(i, name, labels) for i in range(self.processes)]
 
     def lessons_exchanged(self) -> bool:
         """With N processes: whether every process has learnt every lesson the others sent

@@ -60,8 +60,6 @@ def open_store(
     ``quantization`` (``int8`` or ``none``) is how collections created from now
     on keep the vectors their specs name in ``quantized`` (``CollectionSpec``).
     """
-    if quantization not in QUANTIZATIONS:
-        raise ConfigError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
     # Imported here so a deployment of one backend does not load the other.
     if backend == "edge":
         if data_dir is None:

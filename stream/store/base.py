@@ -55,6 +55,13 @@ _COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 QUANTIZATIONS = ("int8", "none")  # how a store keeps the vectors a spec names in ``quantized``
 
 
+def uses_int8(quantization: str) -> bool:
+    """Whether a store opened with ``quantization`` keeps int8 copies; ``ConfigError`` for an unknown value."""
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
+    return quantization == "int8"
+
+
 @dataclass(frozen=True)
 class CollectionSpec:
     """A collection's name and its named vectors (name -> dimension).

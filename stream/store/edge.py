@@ -40,7 +40,6 @@ from stream.store.base import (
     CATEGORY_KEY,
     ID_KEY,
     PRICE_KEY,
-    QUANTIZATIONS,
     CollectionSpec,
     Hit,
     Point,
@@ -58,6 +57,7 @@ from stream.store.base import (
     point_id,
     stored_payload,
     to_hit,
+    uses_int8,
     wanted_vectors,
 )
 
@@ -117,11 +117,9 @@ class EdgeStore(VectorStore):
     ) -> None:
         if hnsw_ef < 1:
             raise ConfigError(f"hnsw_ef must be positive, got {hnsw_ef}")
-        if quantization not in QUANTIZATIONS:
-            raise ConfigError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
+        self._quantize = uses_int8(quantization)
         self._data_dir = Path(data_dir)
         self._hnsw_ef = hnsw_ef
-        self._quantize = quantization == "int8"
         self._hnsw = qe.HnswIndexConfig(
             m=hnsw_m, ef_construct=ef_construct, full_scan_threshold=full_scan_threshold_kb
         )

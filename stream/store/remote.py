@@ -26,7 +26,6 @@ from stream.store.base import (
     CATEGORY_KEY,
     ID_KEY,
     PRICE_KEY,
-    QUANTIZATIONS,
     CollectionSpec,
     Hit,
     Point,
@@ -45,6 +44,7 @@ from stream.store.base import (
     point_id,
     stored_payload,
     to_hit,
+    uses_int8,
     wanted_vectors,
 )
 
@@ -69,11 +69,9 @@ class RemoteStore(VectorStore):
     def __init__(self, client: QdrantClient, *, hnsw_ef: int = 256, quantization: str = "int8") -> None:
         if hnsw_ef < 1:
             raise ConfigError(f"hnsw_ef must be positive, got {hnsw_ef}")
-        if quantization not in QUANTIZATIONS:
-            raise ConfigError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
+        self._quantize = uses_int8(quantization)
         self._client = client
         self._hnsw_ef = hnsw_ef
-        self._quantize = quantization == "int8"
         options = client.init_options
         self._local = options.get("location") == ":memory:" or options.get("path") is not None
         self._specs: dict[str, CollectionSpec] = {}

@@ -47,10 +47,7 @@ def four(settings: Settings) -> Settings:
 
 
 def _per_process(worker: WorkerProcess, topic: str) -> list[float]:
-    labels = {"topic": topic}
-    if worker.processes == 1:
-        return [worker.metric("streamrec_events_processed_total", labels)]
-    return [worker.process_metric(i, "streamrec_events_processed_total", labels) for i in range(worker.processes)]
+    return worker.metric_per_process("streamrec_events_processed_total", {"topic": topic})
 
 
 def _catalogue_everywhere(settings: Settings, workers: list[WorkerProcess]) -> None:
