@@ -23,4 +23,5 @@ BENCHMARKS: dict[str, str] = {
     "scale": "scale",
     "serve": "serve",
     "signals": "signals",
+    "sweep": "sweep",
 }

@@ -7,7 +7,10 @@
                             [--catalogue-fields category=genres,image=poster] ...
     streamrec bench quality --interactions ... --ablation [--minutes M] [--cold-share 0.1] [--plot PATH]
 
-Prints a table, then as its last line one JSON object with the metrics.
+Prints a table, then as its last line one JSON object with the metrics. A trained
+model is measured as a worker serves it: retrieval, the ranker, then the co-visit
+fusion (from a table of the requests' inputs alone; ``networks_*`` are the figures
+before it, ``retrieval_*`` those of the retrieval stage).
 ``pop-all`` counts popularity over every interaction, test items included: it
 leaks the target and exists only to check this protocol against the published
 PopRec row; ``pop`` counts training items only and is the fair baseline.
@@ -178,7 +181,7 @@ def run(
         trained_on = model.manifest.get("data", {}).get("dataset")
         if trained_on != data.name or model.n_items != data.n_items:
             raise ConfigError(f"artefact {artefact} was trained on {trained_on!r}, not on {data.name!r}")
-        evaluation = evaluate_trained(model, data, split, "test", protocol, seed)
+        evaluation = evaluate_trained(model, data, split, "test", protocol, seed, covisits=True)
         train_seconds = float(model.manifest.get("train_seconds", 0.0))
         extra["train_cpu_seconds"] = float(model.manifest.get("train_cpu_seconds", 0.0))
     else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ FIRST_EPOCHS = 200  # the time budget ends training first on any real window
 # against 0.097 after 20 (32 s) at 1e-3: fewer epochs matter when the machine is busy.
 FIRST_LEARNING_RATE_FACTOR = 10.0
 FIRST_FINAL_EPOCHS = 1  # passes over items[:-1] after early stopping (outside the time budget: keep it short)
-RANKER = RankerSettings(epochs=4)
+RANKER = RankerSettings(epochs=4, min_gain=0.0)  # the cycle decides on its own window (ranker_choice)
 # The time budget's share kept for the ranker and the last pass over items[:-1].
 RESERVED_SHARE = 0.25
 
@@ -310,7 +310,7 @@ def train_first(window: Window, encoder_dim: int, tune: FineTuneSettings,
     ranker, ranker_report, lists, inputs = fit_ranker(networks, window, train_action)
     networks.ranker = ranker
     # Chosen on every user's items[-2] step: the ranker's 10% alone are too few on a small window.
-    weight, covisit_report = covisit_choice(ranker, lists, inputs, data, split, replace(RANKER, holdout_share=1.0))
+    weight, covisit_report = covisit_choice(ranker, lists, inputs, data, split, np.arange(len(lists.targets)))
     loss = fine_tune_retrieval(model, settings, split.inputs("test"), catalogue, settings.fine_tune_epochs,
                                settings.learning_rate * settings.fine_tune_lr_share, progress=False)
     share_action_embedding(model, train_action)

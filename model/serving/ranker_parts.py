@@ -93,9 +93,14 @@ class RankerParts:
         one the match is 0, as the full ranker computes it from a zero query.
         """
         user = np.asarray(user_vector, np.float32)
-        interaction = (self._w_interaction * user[None, :]).T  # (d, h): W_i @ (u * f) = f @ (W_i * u).T
         query_match = (np.zeros(len(candidate_fused), np.float32) if query_vector is None or candidate_text is None
                        else candidate_text @ np.asarray(query_vector, np.float32))
+        if self._blend == 0.0:
+            # Training found the learned correction no help on held-out users: it is left out.
+            logit = (self._score_weight * context[:, RETRIEVAL_SCORE] + self._score_bias
+                     + self._query_weight * query_match)
+            return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+        interaction = (self._w_interaction * user[None, :]).T  # (d, h): W_i @ (u * f) = f @ (W_i * u).T
         scaled = (np.asarray(context, np.float32) - self._context_mean) / self._context_scale  # (N, C)
         pre = (candidate_fused @ interaction + item_part + scaled @ self._w_context
                + query_match[:, None] * self._w_query[None, :]

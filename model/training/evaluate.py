@@ -17,6 +17,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from model.serving.contract import ItemContext
+from model.serving.covisit import build_table, fused_relevance, history_scores, ranked
 from model.serving.rerank import mmr
 from model.serving.trained import TrainedModel
 from model.training.data import InteractionData, LeaveOneOut, item_counts, left_pad
@@ -128,8 +129,17 @@ def evaluate_trained(
     protocol: str,
     seed: int = 0,
     candidates: int | None = None,
+    covisits: bool = False,
 ) -> Evaluation:
-    """Retrieval + ranker through the artefact's ONNX networks."""
+    """Retrieval + ranker through the artefact's ONNX networks.
+
+    With ``covisits`` (full protocol, an artefact whose co-visit weight is above 0) the
+    ranker's order is then fused with co-visits as a worker fuses them
+    (``model.serving.covisit``), from a table of what the requests' inputs hold: the
+    evaluated users' input sequences and the sequences too short for the split, so no
+    evaluated target is in it. ``extra`` then also holds the networks' own figures
+    (``networks_*``) beside the retrieval stage's (``retrieval_*``).
+    """
     k = candidates or int(model.config.get("ranker", {}).get("candidates", SWEEP_POOL))
     k = max(k, SWEEP_POOL) if protocol == "full" else k
     inputs, targets = split.inputs(split_name), split.targets(split_name)
@@ -140,7 +150,7 @@ def evaluate_trained(
     text, image = stored.text, stored.image  # what a worker holds for each item (zero rows: none)
     sampled = _sampled_candidates(data, split, split_name, seed) if protocol == "sampled" else None
 
-    retrieval_ranks, final_ranks, tops, relevance = [], [], [], []
+    retrieval_ranks, final_ranks, tops, relevance, pools = [], [], [], [], []
     for start in range(0, len(inputs), CHUNK):
         histories = inputs[start : start + CHUNK]
         batch_targets = targets[start : start + CHUNK]
@@ -172,8 +182,8 @@ def evaluate_trained(
         ).reshape(b, width)
         probabilities = np.where(removed, -1.0, probabilities)
         order = _final_order(probabilities, pool_scores)
-        ranked = np.take_along_axis(pool, order, axis=1)
-        hits = ranked == batch_targets[:, None]
+        reordered = np.take_along_axis(pool, order, axis=1)
+        hits = reordered == batch_targets[:, None]
         found = hits.any(axis=1)
         if sampled is None:
             # Targets the re-ranked pool does not hold keep their retrieval rank (>= K).
@@ -182,13 +192,51 @@ def evaluate_trained(
         else:
             final = hits.argmax(axis=1)
         final_ranks.append(final.astype(np.int64))
-        tops.append(ranked[:, :SWEEP_POOL])
+        tops.append(reordered[:, :SWEEP_POOL])
+        pools.append(reordered)
         relevance.append(np.take_along_axis(probabilities, order, axis=1)[:, :SWEEP_POOL])
 
     ranks = np.concatenate(final_ranks)
     retrieval = ranking_metrics(np.concatenate(retrieval_ranks))
     extra = {f"retrieval_{name}": value for name, value in retrieval.items()}
-    return Evaluation(ranking_metrics(ranks), ranks, np.concatenate(tops), np.concatenate(relevance), vectors, extra)
+    top, relevance_top = np.concatenate(tops), np.concatenate(relevance)
+    if covisits and sampled is None and model.covisit_weight > 0:
+        extra.update({f"networks_{name}": value for name, value in ranking_metrics(ranks).items()})
+        extra["covisit_weight"] = model.covisit_weight
+        ranks, top, relevance_top = _fuse_covisits(model.covisit_weight, data, split, split_name, inputs, targets,
+                                                   np.concatenate(pools), ranks)
+    return Evaluation(ranking_metrics(ranks), ranks, top, relevance_top, vectors, extra)
+
+
+def covisit_sequences(data: InteractionData, split: LeaveOneOut, split_name: str) -> list[np.ndarray]:
+    """What a co-visit table may learn from when ``split_name``'s targets are asked for: every
+    evaluated user's input sequence and the whole of the sequences too short for the split."""
+    kept = set(split.users.tolist())
+    short = [sequence for user, sequence in enumerate(data.sequences) if user not in kept]
+    return list(split.inputs(split_name)) + short
+
+
+def _fuse_covisits(weight: float, data: InteractionData, split: LeaveOneOut, split_name: str,
+                   inputs: list[np.ndarray], targets: np.ndarray, orders: np.ndarray,
+                   ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ranks, top-50 lists, their relevance) after fusing each order with the user's co-visits."""
+    table = build_table(covisit_sequences(data, split, split_name), data.n_items)
+    fused_ranks = ranks.copy()
+    top = np.zeros((len(targets), SWEEP_POOL), dtype=np.int64)
+    relevance = np.zeros((len(targets), SWEEP_POOL), dtype=np.float32)
+    for row, (history, target) in enumerate(zip(inputs, targets)):
+        order = orders[row].tolist()
+        seen = set(history.tolist())
+        covisit = ranked(history_scores(table, history.tolist()), seen, len(order))
+        scores = fused_relevance(order, covisit, weight)
+        fused = ranked(scores, limit=len(scores))
+        if ranks[row] != MISSED:
+            # A target neither list holds keeps its rank from before (>= the pool's length).
+            fused_ranks[row] = fused.index(int(target)) if int(target) in scores else max(ranks[row], len(fused))
+        head = fused[:SWEEP_POOL]
+        top[row, : len(head)] = head
+        relevance[row, : len(head)] = [scores[item] for item in head]
+    return fused_ranks, top, relevance
 
 
 def diversity(evaluation: Evaluation, diversity_space: np.ndarray, n_items: int) -> dict[str, float]:

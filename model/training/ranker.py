@@ -7,7 +7,8 @@ in. Per user the candidates are the retrieval top-K (history removed); where
 the target is among them it is the positive and other candidates are the
 (hard) negatives. Users are split 90/10: the ranker fits on the first part;
 the second picks the epoch and the blend of its correction, so that ranking
-does not lose to plain retrieval there.
+does not lose to plain retrieval there; a correction that gains less than
+``min_gain`` there is left out (blend 0).
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ class RankerSettings:
     weight_decay: float = 0.01
     holdout_share: float = 0.1
     seed: int = 7
+    # The learned correction is served only when it raises the held-out users' NDCG@10 by at
+    # least this share over retrieval's order; else blend 0, and serving skips it (its cost).
+    min_gain: float = 0.01
 
 
 @dataclass
@@ -222,15 +226,33 @@ def train_ranker(
     ranker.load_state_dict(best_state)
     ranker.eval()
     holdout_ndcg = {blend: ndcg(rerank_ranks(ranker, holdout, inputs, blend), 10) for blend in BLENDS}
-    # Ties go to the smaller blend: no correction unless it earns its place.
-    best_blend = max(BLENDS, key=lambda blend: (round(holdout_ndcg[blend], 6), -blend))
-    if float(ranker.score_weight.detach()) <= 0.0:
+    best_blend = choose_blend(holdout_ndcg, settings.min_gain)
+    reset = float(ranker.score_weight.detach()) <= 0.0
+    if reset:
         best_blend = 0.0  # a non-positive score weight would invert retrieval; never serve that
         ranker.score_weight.data.fill_(1.0)
     ranker.blend.fill_(best_blend)
     report = {f"holdout_ndcg@10_blend_{blend}": value for blend, value in holdout_ndcg.items()}
-    report.update(blend=best_blend, holdout_users=float(len(holdout.targets)))
+    report.update(blend=best_blend, holdout_users=float(len(holdout.targets)), score_weight_reset=float(reset))
     return ranker, report
+
+
+def choose_blend(holdout_ndcg: dict[float, float], min_gain: float) -> float:
+    """The blend with the best held-out NDCG@10 (ties: the smaller), or 0 when that gains less than
+    ``min_gain`` (a share) over blend 0: no correction unless it earns its place."""
+    best = max(holdout_ndcg, key=lambda blend: (round(holdout_ndcg[blend], 6), -blend))
+    return best if holdout_ndcg[best] >= holdout_ndcg[0.0] * (1.0 + min_gain) else 0.0
+
+
+def rechoose_blend(ranker: Ranker, lists: CandidateLists, inputs: RankerInputs, min_gain: float) -> dict[str, float]:
+    """Choose the blend again on ``lists``: the same held-out users' validation step, retrieved by
+    towers that changed since the ranker was fitted (fine-tuning on the newest step moves the
+    scores and vectors it reads). Sets it on ``ranker``; returns the held-out NDCG@10 per blend."""
+    holdout_ndcg = {blend: ndcg(rerank_ranks(ranker, lists, inputs, blend), 10) for blend in BLENDS}
+    blend = choose_blend(holdout_ndcg, min_gain)
+    ranker.blend.fill_(blend)
+    report = {f"holdout_ndcg@10_blend_{b}": value for b, value in holdout_ndcg.items()}
+    return {**report, "blend": blend}
 
 
 def subset(lists: CandidateLists, rows: np.ndarray) -> CandidateLists:

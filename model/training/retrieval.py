@@ -13,7 +13,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -46,6 +46,10 @@ class RetrievalSettings:
     # After early stopping: continue on items[:-1] (the newest step), lr = share x learning_rate.
     fine_tune_epochs: int = 3
     fine_tune_lr_share: float = 1.0 / 3.0
+    # 0: fine-tune for exactly ``fine_tune_epochs``. > 0: that share of the users keeps its
+    # validation step out of the fine-tuning, and the epoch (0 to ``fine_tune_epochs``) whose
+    # state ranks their validation items best is kept (``fine_tune_newest``).
+    fine_tune_holdout: float = 0.0
     # Per step, the share of items read as unknown (id row 0): content must place them alone,
     # as it must for an item listed after training.
     id_dropout: float = 0.0
@@ -88,6 +92,12 @@ class Catalogue:
     listed: torch.Tensor | None = None
     newest: torch.Tensor | None = None
 
+    def to(self, device: torch.device | str) -> Catalogue:
+        """The same catalogue with every tensor on ``device``."""
+        moved = {field.name: None if getattr(self, field.name) is None else getattr(self, field.name).to(device)
+                 for field in fields(self)}
+        return Catalogue(**moved)
+
 
 class RetrievalModel(nn.Module):
     def __init__(self, config: TowerConfig) -> None:
@@ -99,21 +109,22 @@ class RetrievalModel(nn.Module):
         """(N+1, d) vectors of every known item; with ``settings`` (training), its dropouts applied."""
         id_rows, has_text, has_image = catalogue.id_rows, catalogue.has_text, catalogue.has_image
         if settings is not None and self.training:
-            rows = len(catalogue.attributes)
+            rows, device = len(catalogue.attributes), catalogue.attributes.device
             if settings.id_dropout > 0:
-                own = id_rows if id_rows is not None else torch.arange(rows)
-                id_rows = torch.where(torch.rand(rows) < settings.id_dropout, 0, own)
+                own = id_rows if id_rows is not None else torch.arange(rows, device=device)
+                id_rows = torch.where(torch.rand(rows, device=device) < settings.id_dropout, 0, own)
             if settings.modality_dropout > 0:
                 if has_text is not None:
-                    has_text = has_text * (torch.rand(rows) >= settings.modality_dropout)
+                    has_text = has_text * (torch.rand(rows, device=device) >= settings.modality_dropout)
                 if has_image is not None:
-                    has_image = has_image * (torch.rand(rows) >= settings.modality_dropout)
+                    has_image = has_image * (torch.rand(rows, device=device) >= settings.modality_dropout)
         return self.item_tower.catalogue_vectors(
             catalogue.attribute_mixing, catalogue.text, has_text, catalogue.image, has_image, id_rows)
 
     def content_only_vectors(self, catalogue: Catalogue, settings: RetrievalSettings | None = None) -> torch.Tensor:
         """(N+1, d) every item as an unknown one (id row 0): its attributes, text and photo alone."""
-        unknown = replace(catalogue, id_rows=torch.zeros(len(catalogue.attributes), dtype=torch.long))
+        rows = torch.zeros(len(catalogue.attributes), dtype=torch.long, device=catalogue.attributes.device)
+        unknown = replace(catalogue, id_rows=rows)
         return self.catalogue_vectors(unknown, settings)
 
 
@@ -166,10 +177,10 @@ class NegativeSampler:
     estimates the full softmax (the usual log-Q correction).
     """
 
-    def __init__(self, item_counts: np.ndarray, draws: int, power: float) -> None:
+    def __init__(self, item_counts: np.ndarray, draws: int, power: float, device: torch.device | str = "cpu") -> None:
         weights = (item_counts.astype(np.float64) + 1.0) ** power
         weights[0] = 0.0  # never draw the unknown item
-        probabilities = torch.from_numpy(weights / weights.sum()).to(torch.float32)
+        probabilities = torch.from_numpy(weights / weights.sum()).to(device=device, dtype=torch.float32)
         self.draws = draws
         self.probabilities = probabilities  # (N+1,)
         self.log_expected = torch.log(probabilities * draws).clamp(min=-30.0)  # (N+1,)
@@ -203,7 +214,7 @@ def next_item_loss(
     sampled = hidden @ vectors[negatives].T - sampler.log_expected[negatives]  # (M, K)
     sampled = sampled.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), -1e9)
     logits = torch.cat([positive, sampled], dim=1)
-    labels = torch.zeros(len(targets), dtype=torch.long)
+    labels = torch.zeros(len(targets), dtype=torch.long, device=targets.device)
     return nn.functional.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
 
 
@@ -282,14 +293,15 @@ def full_ranking_metrics(
     """HR/NDCG@10/20 over all items with the history removed (torch twin of the served path)."""
     model.eval()
     vectors = model.catalogue_vectors(catalogue)  # (N+1, d)
+    device = vectors.device
     ranks = []
-    unlisted = None if catalogue.listed is None else ~catalogue.listed.numpy()
+    unlisted = None if catalogue.listed is None else ~catalogue.listed.cpu().numpy()
     for start in range(0, len(inputs), chunk):
         histories = inputs[start : start + chunk]
-        items = torch.from_numpy(left_pad(histories, max_len))
+        items = torch.from_numpy(left_pad(histories, max_len)).to(device)
         actions = torch.where(items > 0, train_action, 0)
         users = model.user_tower(vectors[items], actions)  # (b, d)
-        scores = (users @ vectors.T).numpy()  # (b, N+1)
+        scores = (users @ vectors.T).cpu().numpy()  # (b, N+1)
         exclude_history(scores, histories)
         if unlisted is not None:
             scores[:, unlisted] = -np.inf
@@ -319,7 +331,8 @@ def _train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = group["share"] * settings.learning_rate * schedule(epoch - 1 + step / len(batches))
         index = torch.from_numpy(rows)
-        batch_inputs, batch_targets = _trim_padding(inputs[index], targets[index])
+        batch_inputs, batch_targets = (batch.to(catalogue.attributes.device)
+                                       for batch in _trim_padding(inputs[index], targets[index]))
         vectors = model.catalogue_vectors(catalogue, settings)  # (N+1, d)
         actions = torch.where(batch_inputs > 0, settings.train_action, 0)
         hidden = model.user_tower.encode(vectors[batch_inputs], actions)  # (B, L, d)
@@ -342,18 +355,20 @@ def train_retrieval(
     split: LeaveOneOut,
     catalogue: Catalogue,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[RetrievalModel, TrainingReport]:
-    """Train both towers; returns the model at its best validation NDCG@10."""
+    """Train both towers on ``device``; returns the model (on the CPU) at its best validation NDCG@10."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    model = RetrievalModel(config)
+    model = RetrievalModel(config).to(device)
+    catalogue = catalogue.to(device)
     optimizer = make_optimizer(model, settings, settings.learning_rate)
     inputs, targets = training_pairs(split.train, config.max_sequence)
     pairs = (torch.from_numpy(inputs), torch.from_numpy(targets))
     sampler = None
     if settings.negatives > 0:
         counts = item_counts(split.train, config.n_items)
-        sampler = NegativeSampler(counts, settings.negatives, settings.negative_power)
+        sampler = NegativeSampler(counts, settings.negatives, settings.negative_power, device)
     started = time.monotonic()
     budget = 60.0 * settings.minutes
 
@@ -388,7 +403,7 @@ def train_retrieval(
         if out_of_time or stale >= settings.patience:
             break
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     report = TrainingReport(
         best_epoch=best_epoch,
         epochs_run=epoch,
@@ -407,13 +422,18 @@ def fine_tune_retrieval(
     epochs: int,
     learning_rate: float,
     progress: bool = True,
+    device: torch.device | str = "cpu",
+    after_epoch: Callable[[int, Catalogue], None] | None = None,
 ) -> float:
     """Continue training on newer sequences (e.g. items[:-1] once the validation step is past).
 
     The learning rate decays from ``learning_rate`` to zero over ``epochs`` on a
     cosine; there is no early stopping because the newest step has no held-out
-    successor. Returns the last epoch's mean loss.
+    successor. Trains on ``device`` and leaves the model on the CPU; ``after_epoch(epoch, catalogue
+    on that device)`` runs after each epoch. Returns the last epoch's mean loss.
     """
+    model.to(device)
+    catalogue = catalogue.to(device)
     rng = np.random.default_rng(settings.seed + 1)
     inputs, targets = training_pairs(sequences, model.user_tower.max_sequence)
     pairs = (torch.from_numpy(inputs), torch.from_numpy(targets))
@@ -422,12 +442,80 @@ def fine_tune_retrieval(
     sampler = None
     if settings.negatives > 0:
         counts = item_counts(sequences, model.item_tower.item_embedding.num_embeddings - 1)
-        sampler = NegativeSampler(counts, settings.negatives, settings.negative_power)
+        sampler = NegativeSampler(counts, settings.negatives, settings.negative_power, device)
     loss = 0.0
     for epoch in tqdm(range(1, epochs + 1), desc="fine-tune", disable=not progress, unit="epoch"):
         loss = _train_epoch(
             model, optimizer, pairs, catalogue, tuned, sampler,
             lambda done: learning_rate_factor(tuned, done / max(epochs, 1)), epoch, rng,
         )
-    model.eval()
+        if after_epoch is not None:
+            after_epoch(epoch, catalogue)
+    model.cpu().eval()
     return loss
+
+
+@dataclass
+class FineTuneChoice:
+    """What ``fine_tune_newest`` chose: the kept epoch and the held-out users' NDCG@10 per epoch (0 = before)."""
+
+    best_epoch: int
+    held_out_users: int
+    validation_ndcg: list[float]
+    loss: float
+
+
+def held_out_users(users: int, share: float, seed: int) -> np.ndarray:
+    """(users,) bool: a seeded ``share`` of the users (at least one) whose validation step stays unseen."""
+    held = np.zeros(users, dtype=bool)
+    held[np.random.default_rng(seed + 2).permutation(users)[: max(1, round(users * share))]] = True
+    return held
+
+
+def newest_step_sequences(split: LeaveOneOut, held: np.ndarray) -> list[np.ndarray]:
+    """Per user, items[:-1] (the validation item as the newest target), or items[:-2] when ``held``."""
+    return [split.train[row] if held[row] else split.full[row][:-1] for row in range(len(split.users))]
+
+
+def fine_tune_newest(
+    model: RetrievalModel,
+    settings: RetrievalSettings,
+    split: LeaveOneOut,
+    catalogue: Catalogue,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    held: np.ndarray | None = None,
+) -> FineTuneChoice:
+    """Fine-tune on the newest step (items[:-1]) for as long as validation says it helps.
+
+    ``settings.fine_tune_holdout`` of the users (drawn with the seed; or ``held``, a (U,)
+    mask over ``split.users``) are fine-tuned on items[:-2] only, so their validation item
+    stays unseen; after each of at most
+    ``settings.fine_tune_epochs`` epochs their validation NDCG@10 is measured, and the best
+    state, the unchanged model included, is kept. The test item is never trained on, and the
+    choice reads the validation step alone.
+    """
+    if held is None:
+        held = held_out_users(len(split.users), settings.fine_tune_holdout, settings.seed)
+    rows = np.flatnonzero(held)
+    sequences = newest_step_sequences(split, held)
+    histories, targets = [split.train[row] for row in rows], split.valid[rows]
+
+    def validation_ndcg(on: Catalogue) -> float:
+        return full_ranking_metrics(model, on, histories, targets, model.user_tower.max_sequence,
+                                    settings.train_action)["ndcg@10"]
+
+    scores = [validation_ndcg(catalogue)]
+    best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
+
+    def keep_best(epoch: int, on: Catalogue) -> None:
+        nonlocal best_epoch, best_state
+        scores.append(validation_ndcg(on))
+        if scores[-1] > scores[best_epoch]:
+            best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
+
+    loss = fine_tune_retrieval(model, settings, sequences, catalogue, settings.fine_tune_epochs,
+                               settings.learning_rate * settings.fine_tune_lr_share, progress, device, keep_best)
+    model.load_state_dict(best_state)
+    return FineTuneChoice(best_epoch=best_epoch, held_out_users=len(rows),
+                          validation_ndcg=[round(score, 6) for score in scores], loss=loss)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import StreamrecError
+from core.errors import ConfigError, StreamrecError
 from model.export.fused import Networks, export_all
 from model.nets.towers import TowerConfig, attribute_mixing
 from model.serving.artefact import (
@@ -65,6 +65,7 @@ from model.training.ranker import (
     RankerInputs,
     RankerSettings,
     holdout_split,
+    rechoose_blend,
     reranked,
     retrieve,
     subset,
@@ -74,6 +75,7 @@ from model.training.retrieval import (
     Catalogue,
     RetrievalModel,
     RetrievalSettings,
+    fine_tune_newest,
     fine_tune_retrieval,
     train_retrieval,
 )
@@ -87,12 +89,13 @@ RESERVED_SHARE = 0.2
 # each step cheap); MovieLens is dense with long sequences and a small catalogue
 # (full softmax is cheap there, less dropout).
 FORMAT_TOWER: dict[str, dict[str, Any]] = {
-    "s3rec": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.5},
+    "s3rec": {"fused_dim": 128, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.5},
     "ml100k": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.2},
     "table": {"fused_dim": 64, "max_sequence": 50, "n_layers": 2, "n_heads": 2, "dropout": 0.2},
 }
 FORMAT_RETRIEVAL: dict[str, RetrievalSettings] = {
-    "s3rec": RetrievalSettings(negatives=2048, negative_power=0.75, learning_rate=3e-3, epochs=30),
+    "s3rec": RetrievalSettings(negatives=4096, negative_power=0.75, learning_rate=3e-3, epochs=30, batch_size=128,
+                               fine_tune_epochs=10, fine_tune_holdout=0.1),
     "ml100k": RetrievalSettings(negatives=0, learning_rate=1e-3, epochs=100, eval_every=5),
     # Catalogues with content: a second softmax over the newest 20% of the items, each known by
     # its content alone, so that text and photo learn to place an item listed after training
@@ -202,17 +205,16 @@ def _item_features(
     return features
 
 
-def covisit_choice(ranker: Any, lists: Any, inputs: RankerInputs, data: InteractionData, split: LeaveOneOut,
-                   settings: RankerSettings) -> tuple[float, dict[str, float]]:
-    """The co-visit fusion weight, chosen on the ranker's held-out users.
+def covisit_choice(ranker: Any, held: Any, inputs: RankerInputs, data: InteractionData, split: LeaveOneOut,
+                   holdout_rows: np.ndarray) -> tuple[float, dict[str, float]]:
+    """The co-visit fusion weight, chosen on held-out users (``held``: their candidate lists,
+    row i for ``split`` row ``holdout_rows[i]``).
 
     Their validation step, as it would be served: the ranker's order of the
     retrieval top-K, fused with co-visits from a table of what precedes the
     validation step (items[:-2] of the split's users, which never holds a
     validation target, and the whole of the sequences too short for the split).
     """
-    _, holdout_rows = holdout_split(len(lists.targets), settings)
-    held = subset(lists, holdout_rows)
     orders = reranked(ranker, held, inputs, float(ranker.blend))
     histories = [split.train[row].tolist() for row in holdout_rows]
     table = build_table(split.train + unsplit_sequences(data, split), data.n_items)
@@ -247,8 +249,12 @@ def train_artefact(
     image_weights_path: Path | None = None,
     towers_dir: Path | None = None,
     cache_dir: Path | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train, export and publish one artefact at ``out``; returns its manifest.
+
+    The towers train on ``device`` (``"cuda"`` on a GPU); the ranker, the export and the
+    evaluation run on the CPU.
 
     ``text_encoder_path`` / ``image_weights_path``: the content encoders (default
     all-MiniLM-L6-v2 and the packaged EfficientNet-Lite0 weights); their
@@ -305,7 +311,7 @@ def train_artefact(
     if retrieval.content_loss_weight > 0 and data.timestamps is not None:
         # The content-only loss ranks the newest items against each other (``content_only_loss``).
         catalogue = replace(catalogue, newest=torch.from_numpy(newest_items(data, retrieval.content_loss_share)))
-    model, report = train_retrieval(config, retrieval, split, catalogue, progress=progress)
+    model, report = train_retrieval(config, retrieval, split, catalogue, progress=progress, device=device)
     share_action_embedding(model, train_action)
     silence_untrained_modalities(model, trained_text=text is not None, trained_image=image is not None)
 
@@ -320,14 +326,37 @@ def train_artefact(
     if image is None:
         with torch.no_grad():  # it only ever saw zeros: photos must not move its scores
             fitted_ranker.image_projection.weight.zero_()
-    covisit_weight, covisit_report = covisit_choice(fitted_ranker, lists, inputs, data, split, ranker)
-    if retrieval.fine_tune_epochs > 0:
+    _, holdout_rows = holdout_split(len(lists.targets), ranker)
+    fine_tune_report: dict[str, Any] = {"epochs": 0}
+    if retrieval.fine_tune_epochs > 0 and retrieval.fine_tune_holdout > 0:
+        # The newest step, for as many epochs as the ranker's held-out users' validation items say
+        # it helps; those users' validation step stays unseen, so the ranker's blend and the
+        # co-visit weight are then chosen again on it, as the fine-tuned towers retrieve it.
+        held = np.zeros(len(split.users), dtype=bool)
+        held[holdout_rows] = True
+        choice = fine_tune_newest(model, retrieval, split, catalogue, progress, device, held=held)
+        fine_tune_report = {"epochs": choice.best_epoch, "held_out_users": choice.held_out_users,
+                            "held_out_valid_ndcg@10": choice.validation_ndcg}
+        share_action_embedding(model, train_action)
+        with torch.no_grad():
+            inputs = replace(inputs, vectors=model.catalogue_vectors(catalogue).numpy())
+        held_lists = retrieve(model, catalogue, [split.train[row] for row in holdout_rows], split.valid[holdout_rows],
+                              item_context, None if valid_times is None else valid_times[holdout_rows], config,
+                              train_action, ranker.candidates)
+        if not ranker_report["score_weight_reset"]:
+            ranker_report["after_fine_tune"] = rechoose_blend(fitted_ranker, held_lists, inputs, ranker.min_gain)
+        covisit_weight, covisit_report = covisit_choice(fitted_ranker, held_lists, inputs, data, split, holdout_rows)
+    else:
+        covisit_weight, covisit_report = covisit_choice(fitted_ranker, subset(lists, holdout_rows), inputs, data,
+                                                        split, holdout_rows)
+    if retrieval.fine_tune_epochs > 0 and retrieval.fine_tune_holdout <= 0:
         # The validation step has done its job (epoch choice, ranker fit); the
         # towers then learn it too, as the fine-tuner does with each new window.
         fine_tune_retrieval(
             model, retrieval, split.inputs("test"), catalogue, retrieval.fine_tune_epochs,
-            retrieval.learning_rate * retrieval.fine_tune_lr_share, progress,
+            retrieval.learning_rate * retrieval.fine_tune_lr_share, progress, device,
         )
+        fine_tune_report = {"epochs": retrieval.fine_tune_epochs}
         share_action_embedding(model, train_action)
     train_seconds = time.monotonic() - started
     # CPU seconds do not grow when other work shares the machine; wall seconds do.
@@ -380,22 +409,32 @@ def train_artefact(
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),
         "train_threads": torch.get_num_threads(),
+        "train_device": device,
         "metrics": {
             "best_epoch": report.best_epoch,
             "epochs_run": report.epochs_run,
             "valid_retrieval": report.validation,
             "ranker": ranker_report,
             "covisit": {**covisit_report, "weight": covisit_weight},
+            "fine_tune": fine_tune_report,
             "onnx_parity_max_abs_diff": parity,
         },
     }
     write_manifest(staging, manifest)
     served = TrainedModel(staging)
-    test = evaluate_trained(served, data, split, "test", "full")
+    test = evaluate_trained(served, data, split, "test", "full", covisits=True)
     manifest["metrics"]["test_full"] = {**test.metrics, **test.extra}
     manifest = write_manifest(staging, manifest)
     publish(staging, out)
     return manifest
+
+
+def training_device(choice: str) -> str:
+    """``auto`` is CUDA when torch sees a GPU, else the CPU; ``cuda`` without one is a configuration error."""
+    available = torch.cuda.is_available()
+    if choice == "cuda" and not available:
+        raise ConfigError("--device cuda: torch sees no CUDA GPU here (use --device cpu or auto)")
+    return "cuda" if choice == "cuda" or (choice == "auto" and available) else "cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wall-clock budget (default per format: 25 for s3rec/ml100k, 7 for table)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=DEFAULT_RETRIEVAL.seed)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the towers train (auto: a CUDA GPU when torch sees one, else the CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--text-encoder", type=Path, default=None,
                         help="local Hugging Face encoder folder (default all-MiniLM-L6-v2); serve the "
@@ -424,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     try:
+        device = training_device(args.device)
         data, args.data_format, args.data = read_data(args)
         defaults = FORMAT_RETRIEVAL[args.data_format]
         retrieval = replace(
@@ -435,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = train_artefact(data, args.data_format, args.data, args.out, retrieval=retrieval,
                                   progress=not args.quiet, text_encoder_path=args.text_encoder,
                                   image_weights_path=args.image_weights, towers_dir=args.towers,
-                                  cache_dir=args.cache_dir)
+                                  cache_dir=args.cache_dir, device=device)
     except StreamrecError as error:
         print(f"streamrec train: {error}", file=sys.stderr)
         return 2

@@ -225,3 +225,39 @@ def test_co_visits_are_fused_with_the_models_order_by_reciprocal_rank() -> None:
     # Weight 0 or no co-visits: the model's order alone.
     assert rerank(scores, vectors, 3, 1.0, covisit=[59, 1], covisit_weight=0.0).tolist() == [0, 1, 2]
     assert rerank(scores, vectors, 3, 1.0, covisit=[], covisit_weight=2.0).tolist() == [0, 1, 2]
+
+
+def test_the_offline_co_visit_table_learns_from_the_requests_inputs_alone() -> None:
+    from model.training.data import InteractionData
+    from model.training.evaluate import covisit_sequences
+
+    sequences = [np.asarray(s) for s in ([1, 2, 3, 4], [2, 3, 5], [4, 1], [5, 1, 2, 6])]
+    data = InteractionData("tiny", ["a", "b", "c", "d"], sequences, [str(i) for i in range(1, 7)],
+                           np.zeros((7, 1), dtype=np.int64), [])
+    split = leave_one_out(data)
+    learnt = [s.tolist() for s in covisit_sequences(data, split, "test")]
+    assert learnt == [[1, 2, 3], [2, 3], [5, 1, 2], [4, 1]]  # inputs of a, b, d, then c (too short) whole
+    assert [s.tolist() for s in covisit_sequences(data, split, "valid")][:3] == [[1, 2], [2], [5, 1]]
+
+
+def test_co_visits_lift_the_next_item_the_requests_inputs_teach() -> None:
+    from model.training.data import InteractionData
+    from model.training.evaluate import _fuse_covisits
+
+    # Everybody who bought 1 bought 2 next; the test user's last item is 1, its target 2.
+    sequences = [np.asarray([7, 1, 2, 8]) for _ in range(5)] + [np.asarray([9, 8, 1, 2])]
+    data = InteractionData("tiny", [str(u) for u in range(6)], sequences, [str(i) for i in range(1, 61)],
+                           np.zeros((61, 1), dtype=np.int64), [])
+    split = leave_one_out(data)
+    inputs, targets = split.inputs("test"), split.test
+    # The model put each target 40th of 50 candidates; one target (row 0) is in its history.
+    orders = np.tile(np.arange(11, 61), (len(targets), 1))
+    orders[:, 39] = targets
+    ranks = np.full(len(targets), 39)
+    ranks[0] = MISSED
+    fused, top, relevance = _fuse_covisits(2.0, data, split, "test", inputs, targets, orders, ranks)
+    assert fused[-1] == 0 and top[-1, 0] == 2  # the co-visit of 1 -> 2 comes first for the last user
+    assert fused[0] == MISSED  # a target in the history stays a miss
+    assert np.all(np.diff(relevance, axis=1) <= 0)  # lists best first
+    unchanged, _, _ = _fuse_covisits(0.0, data, split, "test", inputs, targets, orders, ranks)
+    assert unchanged[-1] == 39
