@@ -142,12 +142,14 @@ def text_encoder_dim(encoder_path: Path | None) -> int:
         raise StreamrecError(f"cannot read the text encoder's width from {config_path}: {error}") from error
 
 
-def item_last_seen(data: InteractionData, split: LeaveOneOut) -> np.ndarray | None:
-    """(N+1,) latest training-interaction time per item (0 when never seen), if times exist."""
+def item_last_seen(data: InteractionData, split: LeaveOneOut,
+                   sequences: list[np.ndarray] | None = None) -> np.ndarray | None:
+    """(N+1,) latest time per item (0 when never seen) in ``sequences`` (per split user, a prefix
+    of its sequence; default the training prefixes items[:-2]), if times exist."""
     if data.timestamps is None:
         return None
     last_seen = np.zeros(data.n_items + 1, dtype=np.float64)
-    for user, train in zip(split.users, split.train):
+    for user, train in zip(split.users, split.train if sequences is None else sequences):
         times = data.timestamps[user][: len(train)]
         np.maximum.at(last_seen, train, times)
     return last_seen
@@ -191,15 +193,19 @@ def share_action_embedding(model: RetrievalModel, trained_code: int) -> None:
 
 
 def _item_features(
-    data: InteractionData, split: LeaveOneOut, text: np.ndarray | None, has_text: np.ndarray | None,
-    image: np.ndarray | None = None, has_image: np.ndarray | None = None,
+    data: InteractionData, split: LeaveOneOut, learnt: list[np.ndarray], text: np.ndarray | None,
+    has_text: np.ndarray | None, image: np.ndarray | None = None, has_image: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    features = {"attributes": data.attributes, "popularity": item_counts(split.train, data.n_items)}
+    """The artefact's per-item features. The ranker's context (popularity, last seen) counts
+    ``learnt``: the sequences the served towers learnt from, each a prefix of a split user's
+    sequence, so a request is served with the counts of everything before the step it predicts,
+    as the ranker was fitted (items[:-2] counts for the validation step)."""
+    features = {"attributes": data.attributes, "popularity": item_counts(learnt, data.n_items)}
     if text is not None and has_text is not None:
         features.update(text=text, has_text=has_text)
     if image is not None and has_image is not None:
         features.update(image=image, has_image=has_image)
-    last_seen = item_last_seen(data, split)
+    last_seen = item_last_seen(data, split, learnt)
     if last_seen is not None:
         features["last_seen"] = last_seen
     return features
@@ -358,6 +364,8 @@ def train_artefact(
         )
         fine_tune_report = {"epochs": retrieval.fine_tune_epochs}
         share_action_embedding(model, train_action)
+    # After fine-tuning the towers have learnt the newest step (items[:-1]); the context counts it.
+    learnt = split.inputs("test") if retrieval.fine_tune_epochs > 0 else split.train
     train_seconds = time.monotonic() - started
     # CPU seconds do not grow when other work shares the machine; wall seconds do.
     train_cpu_seconds = time.process_time() - cpu_started
@@ -382,7 +390,7 @@ def train_artefact(
         "attributes": {name: i + 1 for i, name in enumerate(data.attribute_names)},
     }))
     np.savez_compressed(staging / "item_features.npz",
-                        **_item_features(data, split, text, has_text, image, has_image))
+                        **_item_features(data, split, learnt, text, has_text, image, has_image))
     # Transitions of every training sequence, whole: the newest step and the users too short
     # for the split hold the most recent ones. The test metrics below rank with the networks
     # alone, so the table may hold items[-1]. Workers add the stream's transitions.

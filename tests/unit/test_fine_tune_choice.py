@@ -118,3 +118,9 @@ def test_an_artefact_records_the_fine_tuning_and_serves_the_blend_chosen_after_i
     assert float(served.blend) == ranker["after_fine_tune"]["blend"]
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["covisit"]["weight"] == manifest["metrics"]["covisit"]["weight"]
+    # The ranker reads the counts of everything before the step it predicts: through items[:-1],
+    # the newest step the towers learnt, not the items[:-2] they started from.
+    from model.training.data import item_counts
+
+    with np.load(tmp_path / "model" / "item_features.npz") as stored:
+        np.testing.assert_array_equal(stored["popularity"], item_counts(split.inputs("test"), N_ITEMS))
