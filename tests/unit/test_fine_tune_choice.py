@@ -24,7 +24,7 @@ from model.training.train import training_device
 N_ITEMS = 12
 
 
-def world() -> tuple[TowerConfig, Catalogue, object]:
+def walk_data() -> InteractionData:
     rng = np.random.default_rng(0)
     # Users walk the items in order from a random start: the next item is learnable.
     sequences = [np.arange(start, start + length) % N_ITEMS + 1
@@ -32,6 +32,11 @@ def world() -> tuple[TowerConfig, Catalogue, object]:
     data = InteractionData(name="walk", user_ids=[str(u) for u in range(60)], sequences=sequences,
                            item_ids=[str(i) for i in range(1, N_ITEMS + 1)],
                            attributes=np.zeros((N_ITEMS + 1, 1), dtype=np.int64), attribute_names=[])
+    return data
+
+
+def world() -> tuple[TowerConfig, Catalogue, object]:
+    data = walk_data()
     attributes = torch.from_numpy(data.attributes)
     catalogue = Catalogue(attributes=attributes, attribute_mixing=attribute_mixing(attributes, 0))
     config = TowerConfig(n_items=N_ITEMS, n_attributes=0, max_attributes=1, fused_dim=8, text_dim=4, image_dim=3,
@@ -100,12 +105,7 @@ def test_an_artefact_records_the_fine_tuning_and_serves_the_blend_chosen_after_i
 
     torch.set_num_threads(1)
     _, _, split = world()
-    rng = np.random.default_rng(0)
-    sequences = [np.arange(start, start + length) % N_ITEMS + 1
-                 for start, length in zip(rng.integers(0, N_ITEMS, 60), rng.integers(4, 9, 60))]
-    data = InteractionData(name="walk", user_ids=[str(u) for u in range(60)], sequences=sequences,
-                           item_ids=[str(i) for i in range(1, N_ITEMS + 1)],
-                           attributes=np.zeros((N_ITEMS + 1, 1), dtype=np.int64), attribute_names=[])
+    data = walk_data()
     manifest = train_artefact(
         data, "s3rec", None, tmp_path / "model",
         tower_overrides={"fused_dim": 8, "max_sequence": 8, "n_layers": 1, "ranker_hidden": 4},

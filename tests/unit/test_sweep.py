@@ -39,7 +39,7 @@ def test_every_variant_and_seed_is_trained_and_reported(tmp_path: Path, capsys: 
     data.write_text("\n".join(lines) + "\n")
     jsonl = tmp_path / "runs.jsonl"
     code = main(["--data", str(data), "--variant", "small:fused_dim=8,epochs=2,fine_tune_epochs=1",
-                 "--seeds", "1,2", "--minutes", "0.05", "--device", "cpu", "--jsonl", str(jsonl)])
+                 "--seeds", "1,2", "--minutes", "0.05", "--device", "cpu", "--workers", "2", "--jsonl", str(jsonl)])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     runs = [(run["variant"], run["seed"]) for run in summary["runs"]]
