@@ -74,8 +74,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from model.training.data import leave_one_out, load_interactions
     from model.training.retrieval import (
         Catalogue,
-        fine_tune_newest,
-        fine_tune_retrieval,
+        fine_tune_on_newest_step,
         full_ranking_metrics,
         train_retrieval,
     )
@@ -100,13 +99,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                                     settings.train_action)
 
     before = test()
-    fine_tune: dict[str, Any] = {"epochs": settings.fine_tune_epochs}
-    if settings.fine_tune_epochs > 0 and settings.fine_tune_holdout > 0:
-        choice = fine_tune_newest(model, settings, split, catalogue, False, job["device"])
-        fine_tune = {"epochs": choice.best_epoch, "held_out_valid_ndcg@10": choice.validation_ndcg}
-    elif settings.fine_tune_epochs > 0:
-        fine_tune_retrieval(model, settings, split.inputs("test"), catalogue, settings.fine_tune_epochs,
-                            settings.learning_rate * settings.fine_tune_lr_share, False, job["device"])
+    fine_tune = fine_tune_on_newest_step(model, settings, split, catalogue, False, job["device"])
     after = test()
     return {
         "variant": job["variant"], "seed": job["seed"], "data": data.name, "device": job["device"],

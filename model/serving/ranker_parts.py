@@ -95,17 +95,15 @@ class RankerParts:
         user = np.asarray(user_vector, np.float32)
         query_match = (np.zeros(len(candidate_fused), np.float32) if query_vector is None or candidate_text is None
                        else candidate_text @ np.asarray(query_vector, np.float32))
-        if self._blend == 0.0:
-            # Training found the learned correction no help on held-out users: it is left out.
-            logit = (self._score_weight * context[:, RETRIEVAL_SCORE] + self._score_bias
-                     + self._query_weight * query_match)
-            return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
-        interaction = (self._w_interaction * user[None, :]).T  # (d, h): W_i @ (u * f) = f @ (W_i * u).T
-        scaled = (np.asarray(context, np.float32) - self._context_mean) / self._context_scale  # (N, C)
-        pre = (candidate_fused @ interaction + item_part + scaled @ self._w_context
-               + query_match[:, None] * self._w_query[None, :]
-               + (self._w_user @ user + self._bias)[None, :])  # (N, h)
-        correction = gelu(pre) @ self._out_weight + self._out_bias  # (N,)
         logit = (self._score_weight * context[:, RETRIEVAL_SCORE] + self._score_bias
-                 + self._query_weight * query_match + self._blend * correction)
+                 + self._query_weight * query_match)
+        # Blend 0: training found the learned correction no help on held-out users; it is left out.
+        if self._blend != 0.0:
+            interaction = (self._w_interaction * user[None, :]).T  # (d, h): W_i @ (u * f) = f @ (W_i * u).T
+            scaled = (np.asarray(context, np.float32) - self._context_mean) / self._context_scale  # (N, C)
+            pre = (candidate_fused @ interaction + item_part + scaled @ self._w_context
+                   + query_match[:, None] * self._w_query[None, :]
+                   + (self._w_user @ user + self._bias)[None, :])  # (N, h)
+            correction = gelu(pre) @ self._out_weight + self._out_bias  # (N,)
+            logit = logit + self._blend * correction
         return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)

@@ -465,6 +465,29 @@ class FineTuneChoice:
     loss: float
 
 
+def fine_tune_on_newest_step(
+    model: RetrievalModel,
+    settings: RetrievalSettings,
+    split: LeaveOneOut,
+    catalogue: Catalogue,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    held: np.ndarray | None = None,
+) -> dict[str, object]:
+    """The towers' last training on items[:-1], as ``settings`` asks: none, a fixed number of
+    epochs, or (``fine_tune_holdout`` > 0) as many as ``fine_tune_newest`` chooses. Returns the
+    report the manifest keeps."""
+    if settings.fine_tune_epochs <= 0:
+        return {"epochs": 0}
+    if settings.fine_tune_holdout > 0:
+        choice = fine_tune_newest(model, settings, split, catalogue, progress, device, held)
+        return {"epochs": choice.best_epoch, "held_out_users": choice.held_out_users,
+                "held_out_valid_ndcg@10": choice.validation_ndcg}
+    fine_tune_retrieval(model, settings, split.inputs("test"), catalogue, settings.fine_tune_epochs,
+                        settings.learning_rate * settings.fine_tune_lr_share, progress, device)
+    return {"epochs": settings.fine_tune_epochs}
+
+
 def held_out_users(users: int, share: float, seed: int) -> np.ndarray:
     """(users,) bool: a seeded ``share`` of the users (at least one) whose validation step stays unseen."""
     held = np.zeros(users, dtype=bool)

@@ -75,8 +75,7 @@ from model.training.retrieval import (
     Catalogue,
     RetrievalModel,
     RetrievalSettings,
-    fine_tune_newest,
-    fine_tune_retrieval,
+    fine_tune_on_newest_step,
     train_retrieval,
 )
 
@@ -333,17 +332,17 @@ def train_artefact(
         with torch.no_grad():  # it only ever saw zeros: photos must not move its scores
             fitted_ranker.image_projection.weight.zero_()
     _, holdout_rows = holdout_split(len(lists.targets), ranker)
-    fine_tune_report: dict[str, Any] = {"epochs": 0}
-    if retrieval.fine_tune_epochs > 0 and retrieval.fine_tune_holdout > 0:
-        # The newest step, for as many epochs as the ranker's held-out users' validation items say
-        # it helps; those users' validation step stays unseen, so the ranker's blend and the
-        # co-visit weight are then chosen again on it, as the fine-tuned towers retrieve it.
-        held = np.zeros(len(split.users), dtype=bool)
-        held[holdout_rows] = True
-        choice = fine_tune_newest(model, retrieval, split, catalogue, progress, device, held=held)
-        fine_tune_report = {"epochs": choice.best_epoch, "held_out_users": choice.held_out_users,
-                            "held_out_valid_ndcg@10": choice.validation_ndcg}
+    # The validation step has done its job (epoch choice, ranker fit); the towers then learn it too,
+    # as the fine-tuner does with each new window. With a held-out share, for as many epochs as the
+    # ranker's held-out users' validation items say it helps; their validation step stays unseen,
+    # so the ranker's blend and the co-visit weight are then chosen again on it, as the fine-tuned
+    # towers retrieve it.
+    held = np.zeros(len(split.users), dtype=bool)
+    held[holdout_rows] = True
+    fine_tune_report = fine_tune_on_newest_step(model, retrieval, split, catalogue, progress, device, held)
+    if retrieval.fine_tune_epochs > 0:
         share_action_embedding(model, train_action)
+    if retrieval.fine_tune_epochs > 0 and retrieval.fine_tune_holdout > 0:
         with torch.no_grad():
             inputs = replace(inputs, vectors=model.catalogue_vectors(catalogue).numpy())
         held_lists = retrieve(model, catalogue, [split.train[row] for row in holdout_rows], split.valid[holdout_rows],
@@ -352,18 +351,9 @@ def train_artefact(
         if not ranker_report["score_weight_reset"]:
             ranker_report["after_fine_tune"] = rechoose_blend(fitted_ranker, held_lists, inputs, ranker.min_gain)
         covisit_weight, covisit_report = covisit_choice(fitted_ranker, held_lists, inputs, data, split, holdout_rows)
-    else:
+    else:  # the ranker's inputs are from before any fine-tuning: the choice is as it was made before it
         covisit_weight, covisit_report = covisit_choice(fitted_ranker, subset(lists, holdout_rows), inputs, data,
                                                         split, holdout_rows)
-    if retrieval.fine_tune_epochs > 0 and retrieval.fine_tune_holdout <= 0:
-        # The validation step has done its job (epoch choice, ranker fit); the
-        # towers then learn it too, as the fine-tuner does with each new window.
-        fine_tune_retrieval(
-            model, retrieval, split.inputs("test"), catalogue, retrieval.fine_tune_epochs,
-            retrieval.learning_rate * retrieval.fine_tune_lr_share, progress, device,
-        )
-        fine_tune_report = {"epochs": retrieval.fine_tune_epochs}
-        share_action_embedding(model, train_action)
     # After fine-tuning the towers have learnt the newest step (items[:-1]); the context counts it.
     learnt = split.inputs("test") if retrieval.fine_tune_epochs > 0 else split.train
     train_seconds = time.monotonic() - started
