@@ -52,6 +52,7 @@ from bench.stack import WorkerProcess
 from core.errors import ConfigError, StreamrecError
 from core.events import CatalogItem, ClickEvent, RecRequest, RequestFilters
 from core.settings import Settings, load_settings
+from model.serving.contract import CATEGORY_SEPARATOR
 from model.training.data import InteractionData, load_ml100k, load_s3rec
 from stream.broker import ensure_topics
 from stream.client import http_recommend
@@ -61,7 +62,6 @@ K = 10
 METHODS = ("online", "frozen", "pop", "river")
 CATALOGUE_TIME = 1.0e9  # S3-Rec has no times: catalogue and events get synthetic ones
 APPLY_TIMEOUT_S = 120.0
-CATEGORY_SEPARATOR = "|"  # how a trained artefact reads several attribute names from ``category``
 
 
 @dataclass

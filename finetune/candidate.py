@@ -29,12 +29,18 @@ import numpy as np
 import torch
 
 from core.text import CONTENT_TEXT_FIELDS
-from finetune.catalogue import attribute_names, text_vectors
+from finetune.catalogue import entry_attribute_names, text_vectors
 from finetune.photos import photo_matrix
 from model.export.fused import Networks, export_all
 from model.nets.towers import attribute_mixing
 from model.serving.artefact import write_manifest
-from model.serving.contract import ACTION_CODE, ACTIONS, ItemContent, ItemContext
+from model.serving.contract import (
+    ACTION_CODE,
+    ACTIONS,
+    CATEGORY_SEPARATOR,
+    ItemContent,
+    ItemContext,
+)
 from model.serving.covisit import FILE_NAME as TRANSITIONS_FILE
 from model.serving.covisit import NEIGHBOURS, WINDOW, build_table
 from model.serving.networks import TowerConfig
@@ -103,7 +109,7 @@ class Window:
                          torch.from_numpy(self.text), torch.from_numpy(self.has_text.astype(np.float32)),
                          image, has_image)
 
-    def content(self, encoder: Any, fields: tuple[str, ...], catalogue: dict[str, dict[str, str]],
+    def content(self, encoder: Any, fields: tuple[str, ...], catalogue: dict[str, dict[str, Any]],
                 image_dim: int) -> ItemContent:
         """Items 1..N as a worker would hand them to a model reading ``fields`` (with their photos)."""
         item_ids = self.data.item_ids
@@ -119,7 +125,7 @@ class Window:
         return ItemContent(list(item_ids), text, image, has_text, has_image, list(self.categories[1:]))
 
 
-def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]], parent: Any | None,
+def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, Any]], parent: Any | None,
                  encoder: Any, name: str, photos: dict[str, np.ndarray] | None = None,
                  image_dim: int | None = None) -> Window:
     """The window's interactions over the parent's vocabulary grown by the window's new items.
@@ -135,7 +141,7 @@ def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]
     new_items = item_ids[len(known):]
     known_names = ([name for name, _ in sorted(parent.attribute_index.items(), key=lambda kv: kv[1])]
                    if parent is not None else [])
-    names = grow(known_names, (name for item in new_items for name in attribute_names(catalogue.get(item))))
+    names = grow(known_names, (name for item in new_items for name in entry_attribute_names(catalogue.get(item))))
     name_index = {name: i + 1 for i, name in enumerate(names)}
     per_item: list[list[int]] = [[]]
     for index, item in enumerate(item_ids, start=1):
@@ -143,7 +149,7 @@ def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]
             stored = parent.stored_attributes[index]
             per_item.append(stored[stored > 0].tolist())
         else:
-            per_item.append([name_index[n] for n in attribute_names(catalogue.get(item))])
+            per_item.append([name_index[n] for n in entry_attribute_names(catalogue.get(item))])
     width = max(1, max(len(row) for row in per_item))
     attributes = np.zeros((len(item_ids) + 1, width), np.int64)
     for index, row in enumerate(per_item):
@@ -156,7 +162,7 @@ def build_window(rows: list[dict[str, Any]], catalogue: dict[str, dict[str, str]
         stored = np.flatnonzero(parent.stored_has_text.astype(bool))
         stored = stored[stored < len(item_ids) + 1]
         text[stored], has_text[stored] = parent.stored_text[stored], True
-    categories = [""] + [str(catalogue.get(item, {}).get("category", "")) for item in item_ids]
+    categories = [""] + [CATEGORY_SEPARATOR.join(entry_attribute_names(catalogue.get(item))) for item in item_ids]
     image, has_image = window_photos(item_ids, photos or {}, parent, image_dim)
 
     index = {item: i for i, item in enumerate(item_ids, start=1)}
@@ -292,7 +298,11 @@ def train_first(window: Window, encoder_dim: int, tune: FineTuneSettings,
 
     Returns the networks, the training report and the co-visit fusion weight chosen on the
     ranker's held-out users (as ``streamrec train`` chooses it)."""
-    from model.training.train import covisit_choice, share_action_embedding, silence_untrained_modalities
+    from model.training.train import (
+        covisit_choice,
+        share_action_embedding,
+        silence_untrained_modalities,
+    )
 
     data, split = window.data, window.split
     config = TowerConfig(n_items=data.n_items, n_attributes=data.n_attributes,

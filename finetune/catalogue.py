@@ -19,19 +19,19 @@ import numpy as np
 from core.errors import DecodeError
 from core.text import compose_text
 from finetune.files import replace_whole
+from model.serving.contract import attribute_names
 
 CATALOGUE_FILE = "catalogue.json"
-CATEGORY_SEPARATOR = "|"
 KEPT_FIELDS = ("title", "description", "category")
 
 
 class CatalogueLog:
-    """Item id -> ``{"title", "description", "category"}`` of its newest upsert."""
+    """Item id -> ``{"title", "description", "category", "attributes"}`` of its newest upsert."""
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / CATALOGUE_FILE
 
-    def read(self) -> dict[str, dict[str, str]]:
+    def read(self) -> dict[str, dict[str, Any]]:
         if not self.path.is_file():
             return {}
         try:
@@ -60,20 +60,21 @@ class CatalogueLog:
                 items.pop(event.item_id, None)
             else:
                 items[event.item_id] = {name: str(getattr(event, name) or "") for name in KEPT_FIELDS}
+                items[event.item_id]["attributes"] = dict(event.attributes)
         text = json.dumps(items, separators=(",", ":"))
         replace_whole(self.path, lambda handle: handle.write(text.encode()),
                       scratch=self.path.with_suffix(".writing").name)
         return bad
 
 
-def attribute_names(entry: dict[str, Any] | None) -> list[str]:
-    """The attribute names of one catalogue entry (its ``category``, split on ``|``)."""
-    category = str((entry or {}).get("category") or "")
-    return [name.strip() for name in category.split(CATEGORY_SEPARATOR) if name.strip()]
+def entry_attribute_names(entry: dict[str, Any] | None) -> tuple[str, ...]:
+    """The attribute names of one catalogue entry: its ``category`` and ``attributes``."""
+    entry = entry or {}
+    return attribute_names(str(entry.get("category") or ""), entry.get("attributes") or {})
 
 
 def text_vectors(encoder: Any, fields: tuple[str, ...], item_ids: list[str],
-                 catalogue: dict[str, dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+                 catalogue: dict[str, dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """(N, text_dim) text vectors of ``fields`` of each item through ``encoder`` (a
     ``TextEncoder``), zero where the catalogue has no such text; (N,) bool has_text."""
     texts = [compose_text(fields, catalogue.get(item_id, {})) for item_id in item_ids]

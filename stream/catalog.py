@@ -13,9 +13,14 @@ import numpy as np
 from core.errors import DecodeError
 from core.events import CatalogItem, ImageEvent, ImageRef
 from core.settings import Settings
-from model.serving.contract import ItemContent
+from model.serving.contract import ItemContent, attribute_text
 from stream.images import read_image_bytes
-from stream.item_vectors import item_points, stored_vectors, write_items
+from stream.item_vectors import (
+    item_points,
+    payload_attribute_text,
+    stored_vectors,
+    write_items,
+)
 from stream.services import Services
 
 
@@ -116,7 +121,7 @@ def apply_catalog(services: Services, items: list[CatalogItem]) -> list[Rejected
         image=image,
         has_text=has_text,
         has_image=has_image,
-        categories=[item.category for item in upserts],
+        categories=[attribute_text(item.category, item.attributes) for item in upserts],
     )
     payloads = [item_payload(item, has_image=bool(h)) for item, h in zip(upserts, has_image)]
     write_items(store, services.serving, item_points(services.model, content, payloads))
@@ -158,7 +163,7 @@ def apply_catalog_photos(services: Services, events: list[ImageEvent]) -> list[R
         image=vectors[rows],
         has_text=has_text,
         has_image=np.ones(len(rows), bool),
-        categories=[(existing[i].payload.get("category", "") if i in existing else "") for i in ids],  # type: ignore[index]
+        categories=[payload_attribute_text(existing.get(i)) for i in ids],  # type: ignore[arg-type]
     )
     payloads = []
     for n, item_id in enumerate(ids):

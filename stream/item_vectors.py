@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from model.serving.contract import ItemContent, ServingModel
+from model.serving.contract import ItemContent, ServingModel, attribute_text
 from stream.store import Hit, Point, VectorStore
 from stream.versions import ServingState
 
@@ -28,6 +28,14 @@ def stored_vectors(hits: Sequence[Hit | None], name: str, dim: int) -> tuple[np.
         if hit is not None and name in hit.vectors:
             vectors[row], present[row] = hit.vectors[name], True
     return vectors, present
+
+
+def payload_attribute_text(hit: Hit | None) -> str:
+    """A stored item's attribute names (its payload's category and attributes), as
+    ``ItemContent.categories`` carries them; "" for a missing hit."""
+    if hit is None:
+        return ""
+    return attribute_text(str(hit.payload.get("category") or ""), hit.payload.get("attributes") or {})
 
 
 def item_points(model: ServingModel, content: ItemContent, payloads: Sequence[dict[str, Any]]) -> list[Point]:

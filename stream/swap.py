@@ -42,7 +42,12 @@ from model.serving.contract import (
     compose_text,
 )
 from model.serving.registry import Registry
-from stream.item_vectors import item_points, stored_vectors, write_items
+from stream.item_vectors import (
+    item_points,
+    payload_attribute_text,
+    stored_vectors,
+    write_items,
+)
 from stream.services import Services, check_encoders
 from stream.store import Point
 from stream.users import UserState, user_vectors
@@ -121,7 +126,7 @@ def _rebuild_items(services: Services, model: ServingModel, old: Collections, ne
         else:
             text, has_text = stored_vectors(found, "text", model.text_dim)
         content = ItemContent([h.id for h in found], text, image, has_text, has_image,
-                              [str(h.payload.get("category") or "") for h in found])
+                              [payload_attribute_text(hit) for hit in found])
         payloads = [{k: v for k, v in hit.payload.items() if k != "id"} for hit in found]
         # The new model's vectors go to the new state only: the old one serves until ``install``.
         points = item_points(model, content, payloads)

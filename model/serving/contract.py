@@ -6,6 +6,7 @@ registry. Workers only ever talk to ``ServingModel``; shapes are the contract.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -20,6 +21,28 @@ if TYPE_CHECKING:
 ACTIONS: tuple[str, ...] = ("pad", "view", "click", "add_to_cart", "purchase", "search")
 ACTION_CODE: dict[str, int] = {name: code for code, name in enumerate(ACTIONS)}
 
+# An item's attribute names (the item tower's attribute vocabulary): each of its
+# categories ("Toys|Puzzles" holds two) and each of its attributes as "key=value".
+CATEGORY_SEPARATOR = "|"
+
+
+def attribute_names(category: str | list[str] | tuple[str, ...] | None,
+                    attributes: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The attribute names of one item, in order, each once; empty names dropped."""
+    if isinstance(category, str):
+        names = [name.strip() for name in category.split(CATEGORY_SEPARATOR)]
+    else:
+        names = [str(name).strip() for name in category or ()]
+    names += [f"{key}={value}" for key, value in (attributes or {}).items()]
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
+def attribute_text(category: str | list[str] | tuple[str, ...] | None,
+                   attributes: Mapping[str, Any] | None = None) -> str:
+    """``attribute_names`` as the one string per item ``ItemContent.categories`` carries."""
+    return CATEGORY_SEPARATOR.join(attribute_names(category, attributes))
+
+
 # Context features per candidate, in this order (the ranker's last input).
 CONTEXT_FEATURES: tuple[str, ...] = ("log_popularity", "recency_days", "retrieval_score")
 
@@ -32,7 +55,7 @@ class ItemContent:
     image: (N, image_dim) float32, zero rows where an item has no image
     has_text, has_image: (N,) bool
     item_ids: the domain ids (strings); a model maps known ones to its vocabulary
-    categories: one category string per item ("" when unknown)
+    categories: per item, its attribute names joined by ``|`` (``attribute_text``; "" when none)
     """
 
     item_ids: list[str]

@@ -20,6 +20,7 @@ from model.serving.contract import (
     TRAINED_TEXT_FIELDS,
     ItemContent,
     ItemContext,
+    attribute_names,
 )
 from model.serving.covisit import FILE_NAME as TRANSITIONS_FILE
 from model.serving.covisit import CoVisitTable
@@ -27,8 +28,6 @@ from model.serving.networks import INPUT_NAMES, TowerConfig
 from model.serving.ranker_parts import FILE_NAME as RANKER_PARTS_FILE
 from model.serving.ranker_parts import RankerParts
 from model.serving.runtime import load_session
-
-CATEGORY_SEPARATOR = "|"
 
 
 class TrainedModel:
@@ -109,7 +108,7 @@ class TrainedModel:
             if index > 0 and known.any():
                 rows.append(known[known > 0].tolist())
                 continue
-            names = [name.strip() for name in category.split(CATEGORY_SEPARATOR)] if category else []
+            names = attribute_names(category)
             rows.append([self.attribute_index[name] for name in names if name in self.attribute_index])
         width = max([len(row) for row in rows] + [1])
         matrix = np.zeros((len(rows), width), dtype=np.int64)

@@ -32,7 +32,7 @@ import torch
 
 from core.text import CONTENT_TEXT_FIELDS, compose_text
 from model.nets.towers import TowerConfig, attribute_mixing
-from model.serving.contract import ItemContent
+from model.serving.contract import CATEGORY_SEPARATOR, ItemContent
 from model.training.content_vectors import ContentVectors, encode_texts
 from model.training.data import (
     InteractionData,
@@ -156,9 +156,12 @@ def rule_item_vectors(data: InteractionData, content: ContentVectors, towers_dir
 
     titles = data.titles or [""] * (data.n_items + 1)
     descriptions = data.descriptions or [""] * (data.n_items + 1)
-    categories = ["|".join(data.attribute_names[a - 1] for a in row if a > 0) for row in data.attributes]
-    texts = [compose_text(CONTENT_TEXT_FIELDS, {"title": t, "category": c, "description": d})
-             for t, c, d in zip(titles, categories, descriptions)]
+    names = [[data.attribute_names[a - 1] for a in row if a > 0] for row in data.attributes]
+    categories = [CATEGORY_SEPARATOR.join(row) for row in names]
+    # The rule model's text holds the category, not the ``key=value`` attributes (``CatalogItem.text_for``).
+    texts = [compose_text(CONTENT_TEXT_FIELDS, {"title": t, "category": CATEGORY_SEPARATOR.join(
+                 name for name in row if "=" not in name), "description": d})
+             for t, row, d in zip(titles, names, descriptions)]
     text, has_text = encode_texts(texts, towers_dir, cache_dir, progress)
     has_text[0] = False
     model = RuleModel(towers_dir.parent / "rule", text_dim=text.shape[1], image_dim=content.image.shape[1])

@@ -12,7 +12,13 @@ optional except the id: ``item_id`` (or ``id``), ``title``, ``description``,
 (a string map; each pair becomes the attribute ``key=value``), ``image`` (a
 path relative to the image root, an absolute path or a ``file://`` URI under
 it, or ``{"image_uri": ...}`` as on ``catalog.items``). ``--catalogue-fields``
-renames source fields, e.g. ``category=genres,image=poster``.
+renames source fields, e.g. ``category=genres,image=poster``, and makes other
+source fields attributes: ``attributes.KEY=SOURCE`` gives each item the
+attribute ``KEY=<its SOURCE value>``, and ``attributes.KEY=SOURCE:year`` the
+year (four digits) found in that value, e.g. ``attributes.year=release_date:year``
+turns ``"01-Jan-1995"`` into ``year=1995``. An item without the field has no
+such attribute; a value without a year is a bad row. On ``catalog.items`` the
+same attribute is ``"attributes": {"year": "1995"}``.
 
 Every bad row raises ``ConfigError`` naming the file and the line.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +35,16 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from core.errors import ConfigError
-from model.serving.contract import ACTIONS
+from model.serving.contract import ACTIONS, CATEGORY_SEPARATOR, attribute_names
 
 USER_COLUMNS = ("user_id", "user")
 ITEM_COLUMNS = ("item_id", "item")
 TIME_COLUMNS = ("timestamp", "time")
 ACTION_COLUMN = "action"
 CATALOGUE_FIELDS = ("item_id", "title", "description", "category", "attributes", "image")
-CATEGORY_SEPARATOR = "|"
+ATTRIBUTE_PREFIX = "attributes."  # --catalogue-fields attributes.KEY=SOURCE[:FORM]
+ATTRIBUTE_FORMS = ("year",)
+YEAR = re.compile(r"(?<!\d)(\d{4})(?!\d)")
 VALID_ACTIONS = tuple(action for action in ACTIONS if action not in ("pad", "search"))
 
 
@@ -141,16 +150,23 @@ def read_interactions(path: Path) -> list[Interaction]:
 
 
 def parse_field_map(text: str | None) -> dict[str, str]:
-    """``category=genres,image=poster`` -> {"category": "genres", "image": "poster"}."""
+    """``category=genres,image=poster`` -> {"category": "genres", "image": "poster"};
+    ``attributes.year=release_date:year`` -> {"attributes.year": "release_date:year"}."""
     mapping: dict[str, str] = {}
     for part in (text or "").split(","):
         if not part.strip():
             continue
         ours, _, theirs = part.partition("=")
         ours, theirs = ours.strip(), theirs.strip()
-        if ours not in CATALOGUE_FIELDS or not theirs:
+        if ours.startswith(ATTRIBUTE_PREFIX):
+            key, (source, _, form) = ours[len(ATTRIBUTE_PREFIX):], theirs.partition(":")
+            if not key or not source or "=" in key or CATEGORY_SEPARATOR in key or \
+                    (form and form not in ATTRIBUTE_FORMS):
+                raise ConfigError(f"bad catalogue field mapping {part!r}: expected {ATTRIBUTE_PREFIX}KEY=SOURCE "
+                                  f"or {ATTRIBUTE_PREFIX}KEY=SOURCE:FORM with FORM one of {ATTRIBUTE_FORMS}")
+        elif ours not in CATALOGUE_FIELDS or not theirs:
             raise ConfigError(f"bad catalogue field mapping {part!r}: expected FIELD=SOURCE with FIELD one of "
-                              f"{CATALOGUE_FIELDS}")
+                              f"{CATALOGUE_FIELDS}, or {ATTRIBUTE_PREFIX}KEY=SOURCE[:year]")
         mapping[ours] = theirs
     return mapping
 
@@ -184,18 +200,40 @@ def resolve_image(value: Any, image_root: Path | None, where: str) -> Path | Non
 
 
 def _categories(value: Any, attributes: Any, where: str) -> tuple[str, ...]:
-    names: list[str] = []
-    if isinstance(value, str):
-        names = [name.strip() for name in value.split(CATEGORY_SEPARATOR)]
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        names = [v.strip() for v in value]
-    elif value is not None:
+    if value is not None and not isinstance(value, str) and \
+            not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise ConfigError(f"{where}: category must be a string or a list of strings")
-    if attributes is not None:
-        if not isinstance(attributes, dict):
-            raise ConfigError(f"{where}: attributes must be an object of strings")
-        names += [f"{key}={val}" for key, val in attributes.items()]
-    return tuple(dict.fromkeys(name for name in names if name))
+    if attributes is not None and not isinstance(attributes, dict):
+        raise ConfigError(f"{where}: attributes must be an object of strings")
+    return attribute_names(value, attributes)
+
+
+def _mapped_attributes(record: dict[str, Any], mapping: dict[str, str], where: str) -> dict[str, str]:
+    """The ``attributes.KEY=SOURCE[:year]`` attributes of one record; absent sources give none."""
+    out: dict[str, str] = {}
+    for key, spec in mapping.items():
+        source, _, form = spec.partition(":")
+        value = record.get(source)
+        if value is None or value == "":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: {source} must be a string or a number to be attribute {key!r}, "
+                              f"not {type(value).__name__}")
+        text = str(value).strip()
+        if form == "year":
+            found = YEAR.search(text)
+            if found is None:
+                raise ConfigError(f"{where}: {source} {value!r} holds no four-digit year for attribute {key!r}")
+            text = found.group(1)
+        out[key] = text
+    return out
+
+
+def _with(attributes: Any, mapped: dict[str, str]) -> Any:
+    """The record's own attributes plus the mapped ones (an invalid own value is left for ``_categories``)."""
+    if not mapped or not (attributes is None or isinstance(attributes, dict)):
+        return attributes
+    return {**(attributes or {}), **mapped}
 
 
 def _text(value: Any, what: str, where: str) -> str:
@@ -236,6 +274,8 @@ def read_catalogue(path: Path, image_root: Path | None = None,
     if not path.is_file():
         raise ConfigError(f"catalogue file not found: {path}")
     names = {field: (field_map or {}).get(field, field) for field in CATALOGUE_FIELDS}
+    mapped = {key[len(ATTRIBUTE_PREFIX):]: spec for key, spec in (field_map or {}).items()
+              if key.startswith(ATTRIBUTE_PREFIX)}
     entries: list[tuple[str, Any]] = []
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".jsonl":
@@ -261,7 +301,9 @@ def read_catalogue(path: Path, image_root: Path | None = None,
             item_id=item_id,
             title=_text(record.get(names["title"]), "title", where),
             description=_text(record.get(names["description"]), "description", where),
-            categories=_categories(record.get(names["category"]), record.get(names["attributes"]), where),
+            categories=_categories(record.get(names["category"]),
+                                   _with(record.get(names["attributes"]), _mapped_attributes(record, mapped, where)),
+                                   where),
             image=resolve_image(record.get(names["image"]), image_root, where),
         ))
     return out

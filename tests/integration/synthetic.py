@@ -63,7 +63,8 @@ def write_photo_data(root: Path) -> tuple[Path, Path]:
     records = []
     for item in range(1, PHOTO_ITEMS + 1):
         group = (item - 1) // 10
-        record: dict[str, object] = {"item_id": f"i{item:02d}", "title": f"thing {item}", "category": f"g{group}"}
+        record: dict[str, object] = {"item_id": f"i{item:02d}", "title": f"thing {item}", "category": f"g{group}",
+                                     "attributes": {"shelf": f"s{item % 2}"}}
         if item == 27:
             record["title"] = ""
         if item <= 27:

@@ -24,7 +24,7 @@ from core.events import CatalogItem, ClickEvent, ImageEvent, ImageRef
 from core.settings import Settings
 from model.export.fused import Networks
 from model.serving.content import ImageEncoder, TextEncoder
-from model.serving.contract import ACTION_CODE, TRAINED_TEXT_FIELDS
+from model.serving.contract import ACTION_CODE, TRAINED_TEXT_FIELDS, attribute_names
 from tests.integration.helpers import (
     ask_http,
     ask_kafka,
@@ -141,7 +141,7 @@ def photo_catalogue(root: Path) -> dict[str, CatalogItem]:
     return {
         r["item_id"]: CatalogItem(
             event_id=f"cat-{r['item_id']}", event_time=time.time(), item_id=r["item_id"], title=r["title"],
-            category=r["category"],
+            category=r["category"], attributes=r["attributes"],
             image=ImageRef(image_uri=f"file://{root / 'images' / r['image']}") if r.get("image") else None)
         for r in records
     }
@@ -166,7 +166,8 @@ def offline_photo_user(artefact: Path, models_dir: Path, catalogue: dict[str, Ca
     with torch.no_grad():
         item_vectors = networks.item_tower(
             torch.tensor([id_maps["items"][i] for i in ids]),
-            torch.tensor([[id_maps["attributes"][item.category]] for item in items]),
+            torch.tensor([[id_maps["attributes"][name] for name in attribute_names(item.category, item.attributes)]
+                          for item in items]),
             torch.from_numpy(text),
             torch.from_numpy(image),
             torch.tensor([1.0 if item.title else 0.0 for item in items]),

@@ -125,6 +125,29 @@ def test_the_last_event_for_an_item_in_a_batch_wins(world: World) -> None:
     assert hits["b"].payload["title"] == "Better boots"
 
 
+def test_the_model_reads_an_items_attributes_with_its_category(world: World, monkeypatch) -> None:
+    """A trained model places an item it does not know by these names (``attribute_names``), so every
+    path that embeds an item hands them over: a catalogue upsert and a later photo of it."""
+    from core.events import ImageEvent
+    from stream.catalog import apply_catalog_photos
+
+    seen: list[list[str]] = []
+    model = world.services.model
+    original = model.item_vectors
+
+    def recording(content):  # type: ignore[no-untyped-def]
+        seen.append(list(content.categories))
+        return original(content)
+
+    monkeypatch.setattr(model, "item_vectors", recording)
+    apply_catalog(world.services, [CatalogItem(event_id="c0", event_time=T0, item_id="film", title="A film",
+                                               category="Drama|War", attributes={"year": "1995"})])
+    photo = ImageRef(image_b64=photo_b64((10, 200, 10)))
+    apply_catalog_photos(world.services, [ImageEvent(event_id="p0", event_time=T0, purpose="catalog_photo",
+                                                     item_id="film", image=photo)])
+    assert seen == [["Drama|War|year=1995"], ["Drama|War|year=1995"]]
+
+
 # --- interactions ------------------------------------------------------------------
 
 

@@ -127,6 +127,43 @@ def test_catalogue_jsonl_and_field_map_errors(catalogue_dir: Path) -> None:
         parse_field_map("colour=genres")
 
 
+def test_source_fields_become_attributes_and_a_year_is_read_from_a_date(tmp_path: Path) -> None:
+    records = [
+        {"id": "a", "genres": ["Drama"], "release_date": "01-Jan-1995", "lang": "en"},
+        {"id": "b", "genres": "Comedy|Drama", "release_date": 1998, "attributes": {"colour": "red"}},
+        {"id": "c", "release_date": ""},  # no date: no year attribute, as with any missing field
+        {"id": "d", "release_date": "1971-02-04", "lang": None},
+    ]
+    path = write(tmp_path / "c.json", json.dumps(records))
+    mapping = parse_field_map("category=genres,attributes.year=release_date:year,attributes.language=lang")
+    got = {record.item_id: record.categories for record in read_catalogue(path, None, mapping)}
+    assert got == {"a": ("Drama", "year=1995", "language=en"), "b": ("Comedy", "Drama", "colour=red", "year=1998"),
+                   "c": (), "d": ("year=1971",)}
+    # The trainer's vocabulary holds them like any other attribute.
+    interactions = write(tmp_path / "x.tsv", "user\titem\ttime\nu1\ta\t1\nu1\tb\t2\n")
+    data = load_table(interactions, path, None, mapping)
+    assert "year=1995" in data.attribute_names and "year=1971" in data.attribute_names
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("sometime in spring", "holds no four-digit year for attribute 'year'"),
+    (["1995"], "must be a string or a number to be attribute 'year'"),
+])
+def test_a_date_without_a_year_names_file_and_line(tmp_path: Path, value: object, reason: str) -> None:
+    path = write(tmp_path / "c.json", "[\n" + json.dumps({"id": "a", "released": "1990"}) + ",\n"
+                 + json.dumps({"id": "b", "released": value}) + "\n]\n")
+    with pytest.raises(ConfigError) as error:
+        read_catalogue(path, None, parse_field_map("attributes.year=released:year"))
+    assert f"{path}:3:" in str(error.value) and reason in str(error.value)
+
+
+@pytest.mark.parametrize("text", ["attributes.=released", "attributes.year=", "attributes.year=released:month",
+                                  "attributes.a|b=released"])
+def test_a_bad_attribute_mapping_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="bad catalogue field mapping"):
+        parse_field_map(text)
+
+
 def test_an_item_missing_a_modality_gets_the_learned_missing_vector() -> None:
     torch.manual_seed(0)
     config = TowerConfig(n_items=3, n_attributes=2, max_attributes=1, fused_dim=8, text_dim=4, image_dim=6)

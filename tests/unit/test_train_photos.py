@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from model.export.fused import Networks
-from model.serving.contract import ItemContent
+from model.serving.contract import ItemContent, attribute_text
 from model.serving.trained import TrainedModel
 from tests.integration.synthetic import PHOTO_ITEMS as N_ITEMS
 from tests.integration.synthetic import train_photo_model
@@ -52,6 +52,31 @@ def test_served_vectors_use_the_stored_photo_and_a_new_one(artefact: tuple[Path,
     red, blue = stored.image[2], stored.image[25]
     unknown_red, unknown_blue = model.item_vectors(content("new", red)), model.item_vectors(content("new", blue))
     assert not np.allclose(unknown_red, unknown_blue, atol=1e-4)
+
+
+def test_an_item_the_model_does_not_know_is_placed_by_its_category_and_attributes(
+        artefact: tuple[Path, Path]) -> None:
+    """A catalogue item listed after training reads its ``key=value`` attributes as training did."""
+    import torch
+
+    directory, _ = artefact
+    model, networks = TrainedModel(directory), Networks.load(directory)
+    names = json.loads((directory / "id_maps.json").read_text())["attributes"]
+    assert {"g1", "shelf=s0", "shelf=s1"} <= set(names)
+    text, image = np.zeros((1, model.text_dim), np.float32), np.zeros((1, model.image_dim), np.float32)
+
+    def served(category: str, attributes: dict[str, str]) -> np.ndarray:
+        return model.item_vectors(ItemContent(["listed-later"], text, image, np.zeros(1, bool), np.zeros(1, bool),
+                                              [attribute_text(category, attributes)]))
+
+    with torch.no_grad():
+        networks.item_tower.eval()
+        trained = networks.item_tower(torch.tensor([0]), torch.tensor([[names["g1"], names["shelf=s1"]]]),
+                                      torch.from_numpy(text), torch.from_numpy(image), torch.zeros(1), torch.zeros(1))
+    np.testing.assert_allclose(served("g1", {"shelf": "s1"}), trained.numpy(), atol=1e-5)
+    assert not np.allclose(served("g1", {"shelf": "s1"}), served("g1", {"shelf": "s0"}), atol=1e-4)
+    # A value the model never saw is left out, as an unknown category is.
+    np.testing.assert_allclose(served("g1", {"shelf": "s9"}), served("g1", {}), atol=1e-6)
 
 
 def test_the_cache_holds_every_photo(artefact: tuple[Path, Path], models_dir: Path) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.events import CatalogItem
-from finetune.catalogue import CatalogueLog, attribute_names
+from finetune.catalogue import CatalogueLog, entry_attribute_names
 from model.export.fused import Networks
 from model.serving.networks import TowerConfig
 from model.training.vocab import grow, grow_networks
@@ -53,12 +53,16 @@ def test_the_catalogue_log_keeps_each_items_newest_upsert_and_forgets_deleted_on
     events = [
         CatalogItem(event_id="1", event_time=1.0, item_id="a", title="Old title", category="Toys|Games"),
         CatalogItem(event_id="2", event_time=2.0, item_id="b", title="B", category="Books"),
-        CatalogItem(event_id="3", event_time=3.0, item_id="a", title="New title", category="Toys|Games"),
+        CatalogItem(event_id="3", event_time=3.0, item_id="a", title="New title", category="Toys|Games",
+                    attributes={"year": "1995"}),
         CatalogItem(event_id="4", event_time=4.0, item_id="b", op="delete"),
     ]
     bad = log.apply([event.to_bytes() for event in events] + [b"{not json"], max_bytes=1 << 20)
     assert bad == 1
     items = log.read()
-    assert items == {"a": {"title": "New title", "description": "", "category": "Toys|Games"}}
-    assert attribute_names(items["a"]) == ["Toys", "Games"]
+    assert items == {"a": {"title": "New title", "description": "", "category": "Toys|Games",
+                           "attributes": {"year": "1995"}}}
+    # The names a trained model reads for an item it does not know: categories, then key=value.
+    assert entry_attribute_names(items["a"]) == ("Toys", "Games", "year=1995")
+    assert entry_attribute_names({"title": "written before attributes were kept", "category": "Books"}) == ("Books",)
     assert json.loads((tmp_path / "catalogue.json").read_text()) == items
