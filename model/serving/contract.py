@@ -43,6 +43,13 @@ def attribute_text(category: str | list[str] | tuple[str, ...] | None,
     return CATEGORY_SEPARATOR.join(attribute_names(category, attributes))
 
 
+def sigmoid(logit: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-x) as float32 without overflow: e^-|x| never exceeds 1."""
+    logit = np.asarray(logit, np.float32)
+    small = np.exp(-np.abs(logit))
+    return np.where(logit >= 0, 1.0 / (1.0 + small), small / (1.0 + small)).astype(np.float32)
+
+
 # Context features per candidate, in this order (the ranker's last input).
 CONTEXT_FEATURES: tuple[str, ...] = ("log_popularity", "recency_days", "retrieval_score")
 

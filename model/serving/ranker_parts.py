@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.serving.contract import CONTEXT_FEATURES
+from model.serving.contract import CONTEXT_FEATURES, sigmoid
 
 FILE_NAME = "ranker_parts.npz"
 RETRIEVAL_SCORE = CONTEXT_FEATURES.index("retrieval_score")
@@ -106,4 +106,4 @@ class RankerParts:
                    + (self._w_user @ user + self._bias)[None, :])  # (N, h)
             correction = gelu(pre) @ self._out_weight + self._out_bias  # (N,)
             logit = logit + self._blend * correction
-        return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+        return sigmoid(logit)

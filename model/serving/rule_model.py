@@ -21,6 +21,7 @@ from model.serving.contract import (
     ACTION_CODE,
     CONTENT_TEXT_FIELDS,
     ItemContent,
+    sigmoid,
 )
 
 RULE_VERSION = "rule-3"
@@ -121,7 +122,7 @@ class RuleModel:
         )
         if query_vector is not None and candidate_text is not None:
             logit = logit + 4.0 * (candidate_text @ np.asarray(query_vector, np.float32))
-        return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+        return sigmoid(logit)
 
     def score(
         self,

@@ -128,3 +128,18 @@ def test_the_rankers_correction_is_kept_only_when_it_earns_its_place() -> None:
     assert choose_blend(toys, min_gain=0.01) == 0.0
     assert choose_blend({0.0: 0.050, 0.25: 0.052, 0.5: 0.055, 1.0: 0.055}, min_gain=0.01) == 0.5  # ties: smaller
     assert choose_blend({0.0: 0.050, 0.25: 0.049, 0.5: 0.048, 1.0: 0.047}, min_gain=0.0) == 0.0
+
+
+def test_the_sigmoid_is_exact_and_quiet_far_from_zero() -> None:
+    """Scores of strongly negative logits stay ordered, without an overflow warning."""
+    import warnings
+
+    from model.serving.contract import sigmoid
+
+    logits = np.array([-200, -95, -87, -20, -1, 0, 1, 20, 200], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = sigmoid(logits)
+    reference = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-30)
+    assert scores.dtype == np.float32 and np.all(np.diff(scores) >= 0) and scores[1] < scores[2]
