@@ -199,13 +199,14 @@ def resolve_image(value: Any, image_root: Path | None, where: str) -> Path | Non
     return resolved
 
 
-def _categories(value: Any, attributes: Any, where: str) -> tuple[str, ...]:
+def _categories(value: Any, attributes: Any, mapped: dict[str, str], where: str) -> tuple[str, ...]:
+    """The record's categories, then its own attributes and the mapped ones as ``key=value``."""
     if value is not None and not isinstance(value, str) and \
             not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise ConfigError(f"{where}: category must be a string or a list of strings")
     if attributes is not None and not isinstance(attributes, dict):
         raise ConfigError(f"{where}: attributes must be an object of strings")
-    return attribute_names(value, attributes)
+    return attribute_names(value, {**(attributes or {}), **mapped})
 
 
 def _mapped_attributes(record: dict[str, Any], mapping: dict[str, str], where: str) -> dict[str, str]:
@@ -227,13 +228,6 @@ def _mapped_attributes(record: dict[str, Any], mapping: dict[str, str], where: s
             text = found.group(1)
         out[key] = text
     return out
-
-
-def _with(attributes: Any, mapped: dict[str, str]) -> Any:
-    """The record's own attributes plus the mapped ones (an invalid own value is left for ``_categories``)."""
-    if not mapped or not (attributes is None or isinstance(attributes, dict)):
-        return attributes
-    return {**(attributes or {}), **mapped}
 
 
 def _text(value: Any, what: str, where: str) -> str:
@@ -301,9 +295,8 @@ def read_catalogue(path: Path, image_root: Path | None = None,
             item_id=item_id,
             title=_text(record.get(names["title"]), "title", where),
             description=_text(record.get(names["description"]), "description", where),
-            categories=_categories(record.get(names["category"]),
-                                   _with(record.get(names["attributes"]), _mapped_attributes(record, mapped, where)),
-                                   where),
+            categories=_categories(record.get(names["category"]), record.get(names["attributes"]),
+                                   _mapped_attributes(record, mapped, where), where),
             image=resolve_image(record.get(names["image"]), image_root, where),
         ))
     return out
