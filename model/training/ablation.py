@@ -252,12 +252,19 @@ def share_a_category(attributes: np.ndarray, n_attributes: int) -> np.ndarray:
     return shared
 
 
+def categories_only(attributes: np.ndarray, names: list[str]) -> np.ndarray:
+    """(P, A) attribute indices with the ``key=value`` attributes (a release year) emptied:
+    "the same genre" is asked of categories alone."""
+    categories = np.flatnonzero(["=" not in name for name in names]) + 1
+    return np.where(np.isin(attributes, categories), attributes, 0)
+
+
 def visual_search(data: InteractionData, content: ContentVectors, towers_dir: Path, cache_dir: Path | None,
                   crop: float = 0.6, progress: bool = True) -> dict[str, Any]:
     """Query the photo index with each item's photo, and with a centre crop of it.
 
     Reports how often the item itself is in the top 10, and the share of the
-    top 10 other items that share a category with it (beside what 10 random
+    top 10 other items that share a category (not a ``key=value`` attribute) with it (beside what 10 random
     items give), in the raw image-vector space the worker's visual search uses.
     """
     from model.training.content_vectors import encode_images
@@ -266,8 +273,7 @@ def visual_search(data: InteractionData, content: ContentVectors, towers_dir: Pa
     index = content.image[with_photo]  # (P, I) unit vectors
     images = data.images or [None] * (data.n_items + 1)
     cropped, has_crop = encode_images([images[i] for i in with_photo], towers_dir, cache_dir, progress, crop)
-    categories = data.attributes[with_photo]  # (P, A)
-    shared = share_a_category(categories, data.n_attributes)
+    shared = share_a_category(categories_only(data.attributes[with_photo], data.attribute_names), data.n_attributes)
     result: dict[str, Any] = {"photos": len(with_photo), "crop_share": crop}
     for name, queries in (("poster", index), ("crop", cropped[has_crop])):
         rows = np.arange(len(with_photo))[has_crop] if name == "crop" else np.arange(len(with_photo))

@@ -9,6 +9,7 @@ from model.training.ablation import (
     cold_split,
     random_metrics,
     rank_metrics,
+    categories_only,
     share_a_category,
 )
 from model.training.data import InteractionData
@@ -59,3 +60,12 @@ def test_items_share_a_category_only_through_a_real_one() -> None:
     shared = share_a_category(attributes, 3)
     assert shared.tolist() == [[False, True, False, False], [True, False, False, False],
                                [False, False, False, False], [False, False, False, False]]
+
+
+def test_a_shared_year_is_not_a_shared_category() -> None:
+    names = ["Drama", "year=1995", "Comedy"]  # attribute ids 1, 2, 3
+    attributes = np.array([[1, 2], [3, 2], [1, 0]])
+    kept = categories_only(attributes, names)
+    assert kept.tolist() == [[1, 0], [3, 0], [1, 0]]
+    shared = share_a_category(kept, len(names))
+    assert shared.tolist() == [[False, False, True], [False, False, False], [True, False, False]]
