@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from model.training.ablation import (
+    categories_only,
     cold_items,
     cold_split,
     random_metrics,
     rank_metrics,
-    categories_only,
     share_a_category,
 )
 from model.training.data import InteractionData
