@@ -77,6 +77,11 @@ class CollectionSpec:
     store opened with int8 quantization keeps an int8 copy of them in RAM for
     the graph walk and rescores the best hits with the stored vectors, so the
     scores it returns are exact.
+    Vectors named in ``cold`` stay on disk and are read through the page cache
+    when asked for: content vectors, which no request searches on its hot path.
+    Without it the engine keeps every point's slot of them resident: at a
+    million items with 1280-d photo and 384-d text slots that is 3.2 GB of a
+    worker's memory, photos or not (docs/performance.md, "Large catalogue").
     """
 
     name: str
@@ -84,6 +89,7 @@ class CollectionSpec:
     dot: frozenset[str] = frozenset()
     half: frozenset[str] = frozenset()
     quantized: frozenset[str] = frozenset()
+    cold: frozenset[str] = frozenset()
 
     def distance(self, vector_name: str) -> str:
         return "dot" if vector_name in self.dot else "cosine"
@@ -102,6 +108,9 @@ class CollectionSpec:
         if not set(self.quantized) <= set(self.vectors):
             raise ConfigError(f"collection {self.name!r}: quantized names unknown vectors "
                               f"{set(self.quantized) - set(self.vectors)}")
+        if not set(self.cold) <= set(self.vectors) - set(self.quantized):
+            raise ConfigError(f"collection {self.name!r}: cold names unknown or searched vectors "
+                              f"{set(self.cold) - (set(self.vectors) - set(self.quantized))}")
         for vector_name, dim in self.vectors.items():
             if not vector_name or not isinstance(dim, int) or dim < 1:
                 raise ConfigError(

@@ -201,6 +201,7 @@ class EdgeStore(VectorStore):
                     distance=qe.Distance.Dot if name in spec.dot else qe.Distance.Cosine,
                     datatype=qe.VectorStorageDatatype.Float16 if name in half else None,
                     quantization_config=_INT8 if name in quantized else None,
+                    memory=qe.Memory.Cold if name in spec.cold else None,
                 )
                 for name, dim in spec.vectors.items()
             },

@@ -129,6 +129,7 @@ class RemoteStore(VectorStore):
                 datatype=models.Datatype.FLOAT16 if name in spec.half else None,
                 # The server keeps the int8 copy and builds it with the segment (stream.store.base).
                 quantization_config=_INT8 if self._quantize and name in spec.quantized else None,
+                on_disk=True if name in spec.cold else None,
             )
             for name, dim in spec.vectors.items()
         }

@@ -671,6 +671,43 @@ def test_a_float32_edge_collection_opens_under_a_half_spec(tmp_path: Path) -> No
     reopened.close()
 
 
+COLD = CollectionSpec("content", {"image": 24, "text": 16, "fused": 8}, dot=frozenset({"fused"}),
+                      half=frozenset({"image", "text"}), quantized=frozenset({"fused"}),
+                      cold=frozenset({"image", "text"}))
+
+
+def test_cold_vectors_are_kept_and_searched_as_any_other(store: VectorStore) -> None:
+    """Left on disk, content vectors still read back, rank and survive an index build."""
+    store.ensure_collection(COLD)
+    rng = np.random.default_rng(9)
+    image = unit_rows(rng.standard_normal((400, 24)).astype(np.float32))
+    fused = rng.standard_normal((400, 8)).astype(np.float32)
+    store.upsert(COLD.name, [Point(f"item-{i}", {"fused": fused[i], **({"image": image[i]} if i % 2 else {})}, {})
+                             for i in range(400)])
+    store.optimize(COLD.name)
+    back = store.retrieve(COLD.name, ["item-7", "item-8"], with_vectors=True)
+    np.testing.assert_allclose(back["item-7"].vectors["image"], image[7], atol=1e-3)
+    assert "image" not in back["item-8"].vectors and "text" not in back["item-7"].vectors
+    query = rng.standard_normal(24).astype(np.float32)
+    found = [h.id for h in store.search(COLD.name, "image", query, 10, exact=True)]
+    assert found == brute_force(image, query, 10, np.arange(400) % 2 == 1)
+
+
+def test_an_edge_collection_keeps_its_cold_vectors_on_disk(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path)
+    store.ensure_collection(COLD)
+    store.close()
+    vectors = json.loads((tmp_path / COLD.name / "edge_config.json").read_text())["vectors"]
+    assert {name: vectors[name].get("memory") for name in COLD.vectors} == {
+        "image": "cold", "text": "cold", "fused": None}
+
+
+@pytest.mark.parametrize("cold", [{"fused"}, {"photo"}])
+def test_a_searched_or_unknown_vector_cannot_be_cold(cold: set[str]) -> None:
+    with pytest.raises(ConfigError, match="cold names unknown or searched vectors"):
+        CollectionSpec("content", COLD.vectors, quantized=frozenset({"fused"}), cold=frozenset(cold))
+
+
 QUANTIZED = CollectionSpec("ranked", {"fused": 32, "text": 8}, dot=frozenset({"fused"}), quantized=frozenset({"fused"}))
 
 
