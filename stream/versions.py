@@ -54,7 +54,7 @@ def collection_specs(collections: Collections, model: ServingModel) -> list[Coll
             dot=frozenset({"fused"}),
             half=frozenset({"text", "image"}),  # content vectors; the retrieval space stays float32
             quantized=frozenset({"fused"}),  # every request's candidate search
-            cold=frozenset({"text", "image"}),  # read per item, never scanned per request
+            cold=frozenset({"text", "image"}),  # read per item; only a visual search scans photos
         ),
         CollectionSpec(collections.users, {"user": model.fused_dim}, dot=frozenset({"user"})),
         CollectionSpec(collections.queries, {"fused": model.fused_dim}, dot=frozenset({"fused"})),

@@ -78,7 +78,8 @@ class CollectionSpec:
     the graph walk and rescores the best hits with the stored vectors, so the
     scores it returns are exact.
     Vectors named in ``cold`` stay on disk and are read through the page cache
-    when asked for: content vectors, which no request searches on its hot path.
+    when asked for: content vectors, which a recommendation never searches (a
+    visual search scans the photos through the page cache).
     Without it the engine keeps every point's slot of them resident: at a
     million items with 1280-d photo and 384-d text slots that is 3.2 GB of a
     worker's memory, photos or not (docs/performance.md, "Large catalogue").
