@@ -116,6 +116,12 @@ def leave_one_out(data: InteractionData) -> LeaveOneOut:
     )
 
 
+def unsplit_sequences(data: InteractionData, split: LeaveOneOut) -> list[np.ndarray]:
+    """The sequences leave-one-out leaves out (fewer than 3 items): they still hold transitions."""
+    kept = set(split.users.tolist())
+    return [sequence for user, sequence in enumerate(data.sequences) if user not in kept]
+
+
 def _sorted_ids(ids: set[str]) -> list[str]:
     if all(item.isdigit() for item in ids):
         return sorted(ids, key=int)

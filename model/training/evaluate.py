@@ -20,7 +20,13 @@ from model.serving.contract import ItemContext
 from model.serving.covisit import build_table, fused_relevance, history_scores, ranked
 from model.serving.rerank import mmr
 from model.serving.trained import TrainedModel
-from model.training.data import InteractionData, LeaveOneOut, item_counts, left_pad
+from model.training.data import (
+    InteractionData,
+    LeaveOneOut,
+    item_counts,
+    left_pad,
+    unsplit_sequences,
+)
 from model.training.metrics import (
     MISSED,
     coverage,
@@ -211,9 +217,7 @@ def evaluate_trained(
 def covisit_sequences(data: InteractionData, split: LeaveOneOut, split_name: str) -> list[np.ndarray]:
     """What a co-visit table may learn from when ``split_name``'s targets are asked for: every
     evaluated user's input sequence and the whole of the sequences too short for the split."""
-    kept = set(split.users.tolist())
-    short = [sequence for user, sequence in enumerate(data.sequences) if user not in kept]
-    return list(split.inputs(split_name)) + short
+    return list(split.inputs(split_name)) + unsplit_sequences(data, split)
 
 
 def _fuse_covisits(weight: float, data: InteractionData, split: LeaveOneOut, split_name: str,

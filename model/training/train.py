@@ -60,6 +60,7 @@ from model.training.data import (
     leave_one_out,
     newest_items,
     read_data,
+    unsplit_sequences,
 )
 from model.training.ranker import (
     RankerInputs,
@@ -233,12 +234,6 @@ def table_through(data: InteractionData) -> dict[str, float]:
         return {}
     newest = [float(times.max()) for times in data.timestamps if len(times)]
     return {"through": max(newest)} if newest else {}
-
-
-def unsplit_sequences(data: InteractionData, split: LeaveOneOut) -> list[np.ndarray]:
-    """The sequences leave-one-out leaves out (fewer than 3 items): they still hold transitions."""
-    kept = set(split.users.tolist())
-    return [sequence for user, sequence in enumerate(data.sequences) if user not in kept]
 
 
 def train_artefact(

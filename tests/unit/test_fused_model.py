@@ -23,7 +23,7 @@ from model.serving.trained import TrainedModel
 from model.training.data import InteractionData
 from model.training.ranker import RankerSettings
 from model.training.retrieval import RetrievalSettings
-from model.training.train import table_through, train_artefact, unsplit_sequences
+from model.training.train import table_through, train_artefact
 from tests.unit.test_user_batches import assert_length_groups_exact
 
 N_ITEMS = 30
@@ -294,7 +294,7 @@ def test_the_artefact_carries_the_item_transitions_of_its_training_data(artefact
 
 
 def test_the_co_visit_choice_sees_the_sequences_too_short_for_the_split() -> None:
-    from model.training.data import leave_one_out
+    from model.training.data import leave_one_out, unsplit_sequences
 
     data = successor_data(users=4)
     data = InteractionData(
