@@ -18,6 +18,7 @@ from stream.store.base import (
     Point,
     SearchFilter,
     VectorStore,
+    int8_vectors,
     point_id,
     point_ids,
     point_uuid,
@@ -34,6 +35,7 @@ __all__ = [
     "Point",
     "SearchFilter",
     "VectorStore",
+    "int8_vectors",
     "open_store",
     "point_id",
     "point_ids",
@@ -49,7 +51,7 @@ def open_store(
     api_key: str | None = None,
     hnsw_ef: int = 256,
     location: str | None = None,
-    quantization: str = "int8",
+    quantization: str = "auto",
 ) -> VectorStore:
     """Open a store; ``ConfigError`` for a bad combination, ``StoreUnavailableError`` if down.
 
@@ -57,8 +59,9 @@ def open_store(
     - ``qdrant``: needs ``url`` (a server, with optional ``api_key``) or
       ``location`` (``":memory:"`` for tests); not both.
 
-    ``quantization`` (``int8`` or ``none``) is how collections created from now
-    on keep the vectors their specs name in ``quantized`` (``CollectionSpec``).
+    ``quantization`` (``auto``, ``int8`` or ``none``) is how collections created
+    from now on keep the vectors their specs name in ``quantized``
+    (``CollectionSpec``, ``int8_vectors``).
     """
     # Imported here so a deployment of one backend does not load the other.
     if backend == "edge":

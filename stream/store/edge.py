@@ -57,7 +57,8 @@ from stream.store.base import (
     point_id,
     stored_payload,
     to_hit,
-    uses_int8,
+    check_quantization,
+    int8_vectors,
     wanted_vectors,
 )
 
@@ -113,11 +114,11 @@ class EdgeStore(VectorStore):
         indexing_threshold_kb: int | None = None,
         full_scan_threshold_kb: int = 10_000,
         max_search_threads: int | None = None,
-        quantization: str = "int8",
+        quantization: str = "auto",
     ) -> None:
         if hnsw_ef < 1:
             raise ConfigError(f"hnsw_ef must be positive, got {hnsw_ef}")
-        self._quantize = uses_int8(quantization)
+        self._quantization = check_quantization(quantization)
         self._data_dir = Path(data_dir)
         self._hnsw_ef = hnsw_ef
         self._hnsw = qe.HnswIndexConfig(
@@ -148,7 +149,7 @@ class EdgeStore(VectorStore):
             if path.is_dir() and any(path.iterdir()):
                 stored = _stored_config(path)
                 config = self._edge_config(spec, half=_stored_half(stored, spec),
-                                           quantized=_stored_quantized(stored, spec, self._quantize))
+                                           quantized=_stored_quantized(stored, spec, self._quantization))
                 shard = _open_existing(path, config, spec)
                 if not (path / _FORMAT_FILE).is_file():
                     try:
@@ -163,7 +164,7 @@ class EdgeStore(VectorStore):
                     _write_format(path)
             else:
                 config = self._edge_config(spec, half=spec.half,
-                                           quantized=spec.quantized if self._quantize else frozenset())
+                                           quantized=int8_vectors(spec, self._quantization))
                 shard = _guard(
                     f"create collection {spec.name!r}",
                     lambda: qe.EdgeShard.create(str(path), config),
@@ -552,7 +553,7 @@ def _stored_config(path: Path) -> dict[str, Any] | None:
     return stored if isinstance(stored, dict) else None
 
 
-def _stored_quantized(stored: dict[str, Any] | None, spec: CollectionSpec, quantize: bool) -> frozenset[str]:
+def _stored_quantized(stored: dict[str, Any] | None, spec: CollectionSpec, quantization: str) -> frozenset[str]:
     """The vectors of ``spec.quantized`` that the shard keeps an int8 copy of.
 
     The engine would accept a new quantization for an existing shard, but its
@@ -560,10 +561,11 @@ def _stored_quantized(stored: dict[str, Any] | None, spec: CollectionSpec, quant
     seconds at 100k items, never inside a serving worker): an existing
     collection keeps how it was built, and the next rebuild applies the setting.
     """
+    wanted = int8_vectors(spec, quantization)
     if stored is None:
-        return spec.quantized if quantize else frozenset()
+        return wanted
     kept = frozenset(name for name in spec.quantized if (stored.get(name) or {}).get("quantization_config"))
-    if kept != (spec.quantized if quantize else frozenset()):
+    if kept != wanted:
         log.info("collection %s keeps its %s vectors as built (int8 copy: %s); a rebuild applies "
                  "STREAMREC_QUANTIZATION", spec.name, ", ".join(sorted(spec.quantized)), bool(kept))
     return kept

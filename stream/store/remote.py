@@ -44,7 +44,8 @@ from stream.store.base import (
     point_id,
     stored_payload,
     to_hit,
-    uses_int8,
+    check_quantization,
+    int8_vectors,
     wanted_vectors,
 )
 
@@ -66,10 +67,10 @@ _PAYLOAD_INDEXES = {
 class RemoteStore(VectorStore):
     """A ``VectorStore`` over a ``QdrantClient``; fails fast if the server is unreachable."""
 
-    def __init__(self, client: QdrantClient, *, hnsw_ef: int = 256, quantization: str = "int8") -> None:
+    def __init__(self, client: QdrantClient, *, hnsw_ef: int = 256, quantization: str = "auto") -> None:
         if hnsw_ef < 1:
             raise ConfigError(f"hnsw_ef must be positive, got {hnsw_ef}")
-        self._quantize = uses_int8(quantization)
+        self._quantization = check_quantization(quantization)
         self._client = client
         self._hnsw_ef = hnsw_ef
         options = client.init_options
@@ -122,13 +123,14 @@ class RemoteStore(VectorStore):
             )
 
     def _create(self, spec: CollectionSpec) -> None:
+        int8 = int8_vectors(spec, self._quantization)
         vectors_config = {
             name: models.VectorParams(
                 size=dim,
                 distance=models.Distance.DOT if name in spec.dot else models.Distance.COSINE,
                 datatype=models.Datatype.FLOAT16 if name in spec.half else None,
                 # The server keeps the int8 copy and builds it with the segment (stream.store.base).
-                quantization_config=_INT8 if self._quantize and name in spec.quantized else None,
+                quantization_config=_INT8 if name in int8 else None,
                 on_disk=True if name in spec.cold else None,
             )
             for name, dim in spec.vectors.items()

@@ -9,6 +9,7 @@ few thousand points really builds and searches an HNSW graph.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ from qdrant_client import QdrantClient
 
 from core.errors import ConfigError, StoreInUseError, StoreUnavailableError
 from stream.store import CollectionSpec, Point, SearchFilter, VectorStore, open_store, point_id, point_ids
-from stream.store.base import check_distinct_points, point_uuid
+from stream.store.base import INT8_AUTO_MIN_DIM, check_distinct_points, int8_vectors, point_uuid
 from stream.store.edge import EdgeStore
 from stream.store.remote import RemoteStore
 
@@ -767,6 +768,33 @@ def test_an_existing_collection_keeps_how_it_was_built(tmp_path: Path) -> None:
     assert _stored_quantization(tmp_path) is None
     assert reopened.count(QUANTIZED.name) == 500
     reopened.close()
+
+
+def test_auto_copies_only_a_wide_searched_space_to_int8(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    wide = CollectionSpec("wide", {"fused": INT8_AUTO_MIN_DIM, "text": 384}, quantized=frozenset({"fused"}))
+    narrow = CollectionSpec("narrow", {"fused": INT8_AUTO_MIN_DIM - 1, "text": 384}, quantized=frozenset({"fused"}))
+    assert int8_vectors(wide, "auto") == {"fused"}  # an unsearched vector never gets a copy, however wide
+    assert int8_vectors(narrow, "auto") == frozenset()
+    assert int8_vectors(narrow, "int8") == {"fused"}
+    assert int8_vectors(wide, "none") == frozenset()
+    # What the engine is asked to build follows it.
+    store = EdgeStore(tmp_path)  # the default is auto
+    for spec in (wide, narrow):
+        store.ensure_collection(spec)
+        store.upsert(spec.name, [Point("a", {name: np.ones(dim, np.float32) for name, dim in spec.vectors.items()}, {})])
+    store.close()
+    built = {spec.name: json.loads((tmp_path / spec.name / "edge_config.json").read_text())["vectors"]["fused"]
+             for spec in (wide, narrow)}
+    assert built["wide"].get("quantization_config") is not None
+    assert built["narrow"].get("quantization_config") is None
+    # Reopened under auto, each is as auto wants it: no note that a rebuild would change it.
+    reopened = EdgeStore(tmp_path)
+    with caplog.at_level(logging.INFO, logger="stream.store.edge"):
+        for spec in (wide, narrow):
+            reopened.ensure_collection(spec)
+            assert reopened.count(spec.name) == 1
+    reopened.close()
+    assert not [r for r in caplog.records if "keeps its" in r.getMessage()]
 
 
 def test_an_unknown_quantization_is_refused() -> None:
