@@ -130,6 +130,12 @@ class Settings(BaseSettings):
         None, description="EfficientNet-Lite0 state dict for the image tower; default the packaged ImageNet weights."
     )
     onnx_threads: int = Field(1, ge=1, le=256)
+    blas_threads: int = Field(
+        1, ge=1, le=256, description="Threads of numpy's BLAS in a worker process. A request multiplies "
+        "a few hundred candidate rows at a time, where a second thread gains nothing, and an idle BLAS "
+        "thread spins on a core: with its default of one per core, two worker processes on 2 cores "
+        "answered 85-104 requests/s instead of 325 (docs/performance.md, \"BLAS threads\").",
+    )
     onnx_int8: bool = Field(
         False, description="Serve a trained model's int8 copies (*.int8.onnx) where the artefact has them."
     )

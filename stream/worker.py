@@ -89,6 +89,7 @@ def run_process(settings: Settings, ownership: Ownership, *, loglevel: str) -> N
     from stream.services import Services
     from stream.swap import reconcile
 
+    limit_blas_threads(settings.blas_threads)
     own = ownership.settings_for(settings)
     own.data_dir.mkdir(parents=True, exist_ok=True)
     partitions = 0
@@ -103,6 +104,19 @@ def run_process(settings: Settings, ownership: Ownership, *, loglevel: str) -> N
         worker.execute_from_commandline()
     finally:
         services.close()
+
+
+def limit_blas_threads(threads: int) -> None:
+    """Give numpy's BLAS ``threads`` threads in this process, for the rest of its life.
+
+    OpenBLAS starts one thread per core and lets them spin between calls; a
+    worker's products are small (candidates x retrieval width), so the spare
+    threads only take cores from the event loop, the broker and the other
+    worker processes.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def _die_with_parent() -> None:

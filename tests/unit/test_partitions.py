@@ -1,6 +1,10 @@
 """Which process owns which partition, and the data-dir layout a count of processes needs."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +66,23 @@ def test_a_replica_of_a_group_runs_one_process(tmp_path: Path) -> None:
         run_worker(load_settings(data_dir=tmp_path, replica=0), processes=2)
     with pytest.raises(ConfigError, match="--processes must be at least 1"):
         run_worker(load_settings(data_dir=tmp_path), processes=0)
+
+
+def test_a_worker_process_gives_numpy_one_blas_thread() -> None:
+    # In a fresh interpreter: the limit holds for the process's life, and this one keeps its own.
+    script = (
+        "import json, numpy\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from stream.worker import limit_blas_threads\n"
+        "before = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+        "limit_blas_threads(1)\n"
+        "numpy.ones((300, 64)) @ numpy.ones((64, 256))\n"
+        "after = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+        "print(json.dumps([before, after]))\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}  # as OpenBLAS starts on 2 cores, wherever this runs
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2], env=env)
+    before, after = json.loads(out.stdout)
+    assert before and all(n == 2 for n in before)
+    assert after == [1] * len(before)
