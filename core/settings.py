@@ -134,7 +134,7 @@ class Settings(BaseSettings):
         1, ge=1, le=256, description="Threads of numpy's BLAS in a worker process. A request multiplies "
         "a few hundred candidate rows at a time, where a second thread gains nothing, and an idle BLAS "
         "thread spins on a core: with its default of one per core, two worker processes on 2 cores "
-        "answered 85-104 requests/s instead of 325 (docs/performance.md, \"BLAS threads\").",
+        "answered 100-104 requests/s instead of 304 (docs/performance.md, \"BLAS threads\").",
     )
     onnx_int8: bool = Field(
         False, description="Serve a trained model's int8 copies (*.int8.onnx) where the artefact has them."

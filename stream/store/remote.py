@@ -36,16 +36,16 @@ from stream.store.base import (
     check_limit,
     check_payload,
     check_price_bounds,
+    check_quantization,
     check_query_matrix,
     check_same_spec,
     check_same_vectors,
     check_vector,
+    int8_vectors,
     named_vectors,
     point_id,
     stored_payload,
     to_hit,
-    check_quantization,
-    int8_vectors,
     wanted_vectors,
 )
 
