@@ -91,6 +91,10 @@ class Metrics:
             "streamrec_worker_healthy", "1 when the worker can reach broker and store.",
             registry=registry,
         )
+        self.blas_threads = Gauge(
+            "streamrec_blas_threads", "Threads numpy's BLAS runs with in this worker process "
+            "(STREAMREC_BLAS_THREADS).", registry=registry,
+        )
         # --- drift against the serving model's reference window (exporter.drift) ---
         self.drift_score_psi = Gauge(
             "streamrec_drift_score_psi", "PSI of ranking scores vs the reference window.", registry=registry,

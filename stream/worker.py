@@ -97,6 +97,7 @@ def run_process(settings: Settings, ownership: Ownership, *, loglevel: str) -> N
         partitions = asyncio.run(topic_partitions(settings))
         (own.data_dir / "pid").write_text(f"{os.getpid()}\n")
     services = Services.open(own)
+    services.metrics.blas_threads.set(blas_threads())
     reconcile(services)  # stored vectors of a version promoted while this worker was down
     app = create_app(own, services, ownership, partitions=partitions)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
@@ -117,6 +118,13 @@ def limit_blas_threads(threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=threads, user_api="blas")
+
+
+def blas_threads() -> int:
+    """The most threads any BLAS loaded in this process runs with (0 if none is loaded)."""
+    from threadpoolctl import threadpool_info
+
+    return max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=0)
 
 
 def _die_with_parent() -> None:

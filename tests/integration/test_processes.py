@@ -138,11 +138,14 @@ def test_each_process_owns_its_partitions_and_answers_for_every_user(four: Setti
         # One scrape of the shared port holds every process's series, whichever process takes it.
         for _ in range(4):
             with urllib.request.urlopen(f"http://{four.http_host}:{four.http_port}/metrics", timeout=15) as reply:
-                scraped = {(s.labels.get(PROCESS_LABEL), s.value)
-                           for family in text_string_to_metric_families(reply.read().decode())
-                           for s in family.samples
-                           if s.name == "streamrec_events_processed_total" and s.labels.get("topic") == "clicks"}
+                samples = [s for family in text_string_to_metric_families(reply.read().decode())
+                           for s in family.samples]
+            scraped = {(s.labels.get(PROCESS_LABEL), s.value) for s in samples
+                       if s.name == "streamrec_events_processed_total" and s.labels.get("topic") == "clicks"}
             assert scraped == {("0", expected[0]), ("1", expected[1])}
+            # Each process runs numpy's BLAS on one thread (STREAMREC_BLAS_THREADS).
+            assert {(s.labels.get(PROCESS_LABEL), s.value) for s in samples
+                    if s.name == "streamrec_blas_threads"} == {("0", 1.0), ("1", 1.0)}
 
 
 def test_two_processes_recommend_as_one_does(four: Settings, tmp_path: Path) -> None:
