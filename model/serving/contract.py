@@ -24,6 +24,7 @@ ACTION_CODE: dict[str, int] = {name: code for code, name in enumerate(ACTIONS)}
 # An item's attribute names (the item tower's attribute vocabulary): each of its
 # categories ("Toys|Puzzles" holds two) and each of its attributes as "key=value".
 CATEGORY_SEPARATOR = "|"
+KEY_VALUE = "="  # an attribute ``key=value`` (e.g. ``year=1995``), beside plain categories
 
 
 def attribute_names(category: str | list[str] | tuple[str, ...] | None,
@@ -33,7 +34,7 @@ def attribute_names(category: str | list[str] | tuple[str, ...] | None,
         names = [name.strip() for name in category.split(CATEGORY_SEPARATOR)]
     else:
         names = [str(name).strip() for name in category or ()]
-    names += [f"{key}={value}" for key, value in (attributes or {}).items()]
+    names += [f"{key}{KEY_VALUE}{value}" for key, value in (attributes or {}).items()]
     return tuple(dict.fromkeys(name for name in names if name))
 
 

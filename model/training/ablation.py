@@ -32,7 +32,7 @@ import torch
 
 from core.text import CONTENT_TEXT_FIELDS, compose_text
 from model.nets.towers import TowerConfig, attribute_mixing
-from model.serving.contract import CATEGORY_SEPARATOR, ItemContent
+from model.serving.contract import CATEGORY_SEPARATOR, KEY_VALUE, ItemContent
 from model.training.content_vectors import ContentVectors, encode_texts
 from model.training.data import (
     InteractionData,
@@ -255,7 +255,7 @@ def share_a_category(attributes: np.ndarray, n_attributes: int) -> np.ndarray:
 def categories_only(attributes: np.ndarray, names: list[str]) -> np.ndarray:
     """(P, A) attribute indices with the ``key=value`` attributes (a release year) emptied:
     "the same genre" is asked of categories alone."""
-    categories = np.flatnonzero(["=" not in name for name in names]) + 1
+    categories = np.flatnonzero([KEY_VALUE not in name for name in names]) + 1
     return np.where(np.isin(attributes, categories), attributes, 0)
 
 
