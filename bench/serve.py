@@ -318,6 +318,18 @@ class WorkerWindow:
         value = bucket_quantile(quantile, buckets)
         return None if value is None else round(value * 1000, 2)
 
+    def delta(self, name: str, **match: str) -> float:
+        """How much a counter (or a histogram's ``_count`` or ``_sum``) grew, summed over the other labels."""
+        return self.second.total(name, **match) - self.first.total(name, **match)
+
+    def full_collections(self) -> dict[str, object]:
+        """The garbage collector's full walks in the block (``stream.gc_policy``): how many, how long."""
+        count = self.delta("streamrec_gc_pause_seconds_count", generation="2")
+        total = self.delta("streamrec_gc_pause_seconds_sum", generation="2")
+        return {"gc_full_collections": int(count),
+                "gc_full_pause_mean_ms": round(1000 * total / count, 2) if count else None,
+                "gc_full_pause_p99_ms": self.quantile_ms("streamrec_gc_pause_seconds", 0.99, generation="2")}
+
 
 def wrk_phase(settings: Settings, worker: WorkerProcess, user_ids: list[str],
               args: argparse.Namespace) -> dict[str, object]:
@@ -520,20 +532,21 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
     prepared = prepare(args, settings, folder)
     worker, seeded = prepared.worker, prepared.seeded
     try:
-        print("HTTP load ...", flush=True)
         server_ms: list[float] = []
-        with WorkerWindow(worker) as http_window, PerProcess(worker, "http") as http_share:
-            http = asyncio.run(http_load(settings, prepared.user_ids, clients=args.clients, requests=args.requests,
-                                         seed=args.seed, server_ms=server_ms))
-        print("Kafka load ...", flush=True)
-        with WorkerWindow(worker) as kafka_window, PerProcess(worker, "kafka") as kafka_share:
-            kafka = asyncio.run(kafka_load(settings, prepared.user_ids, clients=args.clients, requests=args.requests,
-                                           seed=args.seed))
-        with PerProcess(worker, "http") as wrk_share:
-            by_wrk = wrk_phase(settings, worker, prepared.user_ids, args)
-        if by_wrk:
-            by_wrk.update(wrk_share.figures("wrk"))
-        served = worker.metric("streamrec_request_latency_seconds_count")
+        with WorkerWindow(worker) as whole_load:  # the three loads
+            print("HTTP load ...", flush=True)
+            with WorkerWindow(worker) as http_window, PerProcess(worker, "http") as http_share:
+                http = asyncio.run(http_load(settings, prepared.user_ids, clients=args.clients, requests=args.requests,
+                                             seed=args.seed, server_ms=server_ms))
+            print("Kafka load ...", flush=True)
+            with WorkerWindow(worker) as kafka_window, PerProcess(worker, "kafka") as kafka_share:
+                kafka = asyncio.run(kafka_load(settings, prepared.user_ids, clients=args.clients, requests=args.requests,
+                                               seed=args.seed))
+            with PerProcess(worker, "http") as wrk_share:
+                by_wrk = wrk_phase(settings, worker, prepared.user_ids, args)
+            if by_wrk:
+                by_wrk.update(wrk_share.figures("wrk"))
+            served = worker.metric("streamrec_request_latency_seconds_count")
     finally:
         worker.stop()
     stores = process_settings(settings, args.processes)
@@ -556,6 +569,7 @@ def run(args: argparse.Namespace, settings: Settings, folder: Path) -> dict[str,
         "http_loop_lag_p99_ms": http_window.quantile_ms("streamrec_event_loop_lag_seconds", 0.99),
         "kafka_loop_lag_p99_ms": kafka_window.quantile_ms("streamrec_event_loop_lag_seconds", 0.99),
         **by_wrk,
+        **whole_load.full_collections(),
         "recall_at_100": round(recall["recall"], 4),
         "ann_search_p50_ms": round(recall["ann_p50_ms"], 3),
         "ann_search_p99_ms": round(recall["ann_p99_ms"], 3),

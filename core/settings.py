@@ -160,6 +160,18 @@ class Settings(BaseSettings):
         description="When the worker's event loop is held this long, write every thread's stack to stderr "
                     "(what held it; 0: off). streamrec_event_loop_lag_seconds is measured either way.",
     )
+    gc_freeze_s: float = Field(
+        10.0, ge=0.0, le=86_400.0,
+        description="Every this many seconds a worker process freezes the objects that survived since the "
+                    "last time, so the garbage collector's walks (which hold the event loop) skip them; "
+                    "0: the interpreter's own policy, whose full walks over a worker took 59 ms on average "
+                    "and up to 140 ms (docs/performance.md, \"Garbage collector pauses\").",
+    )
+    gc_full_s: float = Field(
+        3600.0, ge=0.0, le=604_800.0,
+        description="Every this many seconds, one full collection over everything, frozen objects too: a "
+                    "reference cycle among frozen objects is freed only then (0: never).",
+    )
     candidates: int = Field(
         200, ge=1, le=10_000,
         description="Items the ANN search retrieves per request. The engine searches with "

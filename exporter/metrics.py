@@ -139,6 +139,16 @@ class Metrics:
             "How late the worker's event loop woke from a short sleep: time it was held by other work.",
             buckets=LATENCY_BUCKETS, registry=registry,
         )
+        self.gc_pause = Histogram(
+            "streamrec_gc_pause_seconds",
+            "How long each cyclic garbage collection held the process, by generation (2: a full walk).",
+            ["generation"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.gc_frozen_objects = Gauge(
+            "streamrec_gc_frozen_objects",
+            "Objects the garbage collector no longer walks (STREAMREC_GC_FREEZE_S; stream.gc_policy).",
+            registry=registry,
+        )
         self.requests_failed = Counter(
             "streamrec_requests_failed_total",
             "Recommendation requests answered with an error, by path.",

@@ -11,6 +11,7 @@ from core.settings import Settings
 from stream import kafka, swap
 from stream.agents import catalog, clicks, images, lessons, recommend, searches
 from stream.agents.base import DeadLetters
+from stream.gc_policy import run_policy
 from stream.http_api import HealthState, serve_http
 from stream.lag import LAG_TOPICS, measure_lag
 from stream.loop_watch import watch_loop
@@ -126,15 +127,20 @@ def create_app(settings: Settings, services: Services, ownership: Ownership = SI
         log.info("HTTP on http://%s:%d", settings.http_host, settings.http_port)
         app.http_runner = runner  # type: ignore[attr-defined]
 
-    loop_watch_stop = asyncio.Event()
+    background_stop = asyncio.Event()
 
     @app.task
     async def loop_lag() -> None:
-        await watch_loop(services.metrics, loop_watch_stop, dump_after_ms=settings.loop_stall_dump_ms)
+        await watch_loop(services.metrics, background_stop, dump_after_ms=settings.loop_stall_dump_ms)
+
+    @app.task
+    async def garbage_collector() -> None:
+        await run_policy(services.metrics, background_stop, freeze_s=settings.gc_freeze_s,
+                         full_s=settings.gc_full_s)
 
     @app.on_before_shutdown.connect
     async def stop_loop_lag(app: faust.App, **_: object) -> None:
-        loop_watch_stop.set()
+        background_stop.set()
 
     @app.timer(HEALTH_INTERVAL_S)
     async def check_health() -> None:

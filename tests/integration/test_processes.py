@@ -146,6 +146,13 @@ def test_each_process_owns_its_partitions_and_answers_for_every_user(four: Setti
             # Each process runs numpy's BLAS on one thread (STREAMREC_BLAS_THREADS).
             assert {(s.labels.get(PROCESS_LABEL), s.value) for s in samples
                     if s.name == "streamrec_blas_threads"} == {("0", 1.0), ("1", 1.0)}
+            # Each process froze its start-up objects out of the garbage collector's walks
+            # (STREAMREC_GC_FREEZE_S), and observed that collection's pause.
+            frozen = {s.labels.get(PROCESS_LABEL): s.value for s in samples if s.name == "streamrec_gc_frozen_objects"}
+            assert set(frozen) == {"0", "1"} and min(frozen.values()) > 10_000, frozen
+            assert {s.labels.get(PROCESS_LABEL) for s in samples
+                    if s.name == "streamrec_gc_pause_seconds_count" and s.labels.get("generation") == "2"
+                    and s.value >= 1} == {"0", "1"}
 
 
 def test_two_processes_recommend_as_one_does(four: Settings, tmp_path: Path) -> None:
