@@ -42,6 +42,32 @@ def test_a_held_loop_shows_as_lag_and_its_stack_is_dumped_while_held(tmp_path: P
     assert "_hold_the_loop_for" in text, text
 
 
+def _spin_in_python_for(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_loop_held_by_python_code_is_dumped_with_that_code_on_top(tmp_path: Path) -> None:
+    """Pure Python keeps the GIL but lets other threads in between: the watchdog sees the spinning frame."""
+    metrics = Metrics(CollectorRegistry())
+    dump = tmp_path / "stacks.txt"
+    with dump.open("w") as out:
+        async def hold() -> None:
+            stop = asyncio.Event()
+            watching = asyncio.create_task(watch_loop(metrics, stop, interval_s=0.01, dump_after_ms=100, dump_to=out))
+            await asyncio.sleep(0.05)
+            _spin_in_python_for(0.4)
+            stop.set()
+            await watching
+
+        asyncio.run(hold())
+    text = dump.read_text()
+    assert text.count("event loop held for") == 1, "one dump per stall"
+    loop_stack = text.split("(the event loop), most recent call last:")[1].split("Thread 0x")[0]
+    assert "_spin_in_python_for" in loop_stack, text
+
+
 def test_a_free_loop_dumps_nothing(tmp_path: Path) -> None:
     metrics = Metrics(CollectorRegistry())
     dump = tmp_path / "stacks.txt"
