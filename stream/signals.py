@@ -85,10 +85,16 @@ other process learns it (``learn_from_peers``) as one entry of its own log whose
 position is ``process/<origin>`` -> the origin's seq. A lesson at or below that
 position is a redelivery and is skipped, so each process learns each lesson
 once, across restarts, and the lesson consumer commits its offsets after the
-entries are written. Lessons not yet acknowledged by the broker stay pending
-(retried with the next batch and every second) and hold back the snapshot;
-after a restart every own lesson of the log's tail (since the snapshot) is sent
-again: what was sent before is skipped by the receivers' positions. Catalogue
+entries are written. A batch does not wait for the broker: its lesson joins
+the pending ones and the exchange task sends them (``pending``, then
+``acknowledged``), oldest first, one send at a time, so that lessons gathered meanwhile go out together
+(one record batch instead of one per click batch, which slowed the embedded
+broker's single lessons partition down until the processes' freshness p99
+tripled within three minutes: docs/performance.md, "Lessons without the
+wait"). Pending lessons stay until the broker acknowledges them (retried every
+second); a snapshot keeps them in its marker, and after a restart those and
+every own lesson of the log's tail are sent again: what was sent before is
+skipped by the receivers' positions. Catalogue
 deletions and co-visit resets are not shared: every process applies the whole
 catalogue and every swap itself.
 """
@@ -255,7 +261,8 @@ class Restored:
     log: list[int]  # seqs of the entries after it, oldest first
     stale: list[str]  # ids an interrupted compaction left, to delete
     seconds: float
-    own: list[dict[str, Any]] = field(default_factory=list)  # this process's click lessons in the log, as shared
+    # This process's click lessons, as shared: those the snapshot kept unacknowledged, then the log's.
+    own: list[dict[str, Any]] = field(default_factory=list)
 
 
 def restore(store: VectorStore, collection: str, trending: Trending, covisit: StreamTransitions) -> Restored:
@@ -291,7 +298,7 @@ def restore(store: VectorStore, collection: str, trending: Trending, covisit: St
     live = [seq for seq in logged if seq > base]
     stale = [_log_id(seq) for seq in logged if seq <= base]
     stale += [point_id for point_id in ids if point_id.startswith(PART_PREFIX) and _seq_of(point_id) != base]
-    own: list[dict[str, Any]] = []
+    own: list[dict[str, Any]] = list(marker.payload.get("unsent", [])) if marker is not None else []
     for page in _pages(live, READ_PAGE):
         entries = store.retrieve(collection, [_log_id(seq) for seq in page])
         for seq in page:
@@ -342,7 +349,7 @@ class SignalLog:
         self._origin: int | None = None  # this process's index once it shares its lessons
         self._unsent: list[dict[str, Any]] = []  # lessons to send to the peers, oldest first
         self._sent_seq = 0  # the seq of the newest own lesson the broker acknowledged
-        self._send: Callable[[list[bytes]], None] | None = None
+        self._wake: Callable[[], None] | None = None
         # Agents change signals under services.write_lock already; this keeps
         # the log's order and memory's the same for any other caller too.
         self._lock = threading.Lock()
@@ -400,14 +407,15 @@ class SignalLog:
             self._positions.update(learnt.positions)
             if self._origin is not None:
                 self._unsent.append(_shared({"seq": _seq_of(entry), **_payload_of(learnt)}))
-                self._send_unsent()
+                if self._wake is not None:
+                    self._wake()
             self._compact_if_due()
 
     # -- lessons shared between worker processes ----------------------------------------
 
     def share(self, origin: int) -> None:
         """From now on, this log's click lessons are for the peers too (as process ``origin``);
-        the lessons of the log's tail are sent again when ``send_with`` is given a sender."""
+        the restored ones (see ``Restored.own``) are pending again."""
         with self._lock:
             self._origin = origin
             self._unsent = self._restored_own + self._unsent
@@ -417,29 +425,39 @@ class SignalLog:
                 # everything this process sent before, even what a snapshot compacted away.
                 self._unsent.append({"seq": self._seq, "at": time.time(), "trending": [], "transitions": []})
 
-    def send_with(self, send: Callable[[list[bytes]], None]) -> None:
-        """``send(values)`` returns once the broker has every value (raises otherwise)."""
+    def on_pending(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` (from the thread that applied a batch) whenever a batch leaves a lesson pending."""
         with self._lock:
-            self._send = send
-            self._send_unsent()
+            self._wake = wake
 
-    def send_unsent(self) -> int:
-        """Try again to send what the broker has not acknowledged; returns how many are still unsent."""
+    def pending(self) -> tuple[int, list[bytes]]:
+        """The pending lessons as they go to the broker, oldest first, and the newest one's seq (0: none)."""
         with self._lock:
-            self._send_unsent()
+            if not self._unsent:
+                return 0, []
+            values = [json.dumps({"origin": self._origin, **lesson}).encode() for lesson in self._unsent]
+            return int(self._unsent[-1]["seq"]), values
+
+    def acknowledged(self, seq: int) -> int:
+        """The broker holds every pending lesson up to ``seq``; returns how many are still pending."""
+        with self._lock:
+            self._unsent = [lesson for lesson in self._unsent if int(lesson["seq"]) > seq]
+            self._sent_seq = max(self._sent_seq, seq)
             return len(self._unsent)
 
-    def _send_unsent(self) -> None:
-        if not self._unsent or self._send is None:
-            return
-        values = [json.dumps({"origin": self._origin, **lesson}).encode() for lesson in self._unsent]
+    def send_unsent(self, send: Callable[[list[bytes]], None]) -> int:
+        """``pending``, ``send(values)`` (returns once the broker has them all, raises otherwise), then
+        ``acknowledged``; returns how many are still pending. The worker does the same asynchronously
+        (``stream.agents.lessons``): one sender at a time, so the lessons go out in their order."""
+        seq, values = self.pending()
+        if not values:
+            return 0
         try:
-            self._send(values)
-        except Exception as error:  # kept, and sent with the next batch or by the retry timer
+            send(values)
+        except Exception as error:  # kept, and sent with the next call
             log.warning("%d signal lessons not shared with the other processes yet (%s)", len(values), error)
-            return
-        self._sent_seq = max(self._sent_seq, int(self._unsent[-1]["seq"]))
-        self._unsent = []
+            return self.unsent_count
+        return self.acknowledged(seq)
 
     @property
     def sent_seq(self) -> int:
@@ -522,8 +540,8 @@ class SignalLog:
             self._unretracted = entry
 
     def _compact_if_due(self) -> None:
-        if len(self._log) < self._snapshot_every or self._unsent:
-            return  # unsent lessons are sent again from the log's tail after a restart: keep it
+        if len(self._log) < self._snapshot_every:
+            return
         try:
             self._write_snapshot()
         except StoreUnavailableError as error:
@@ -543,7 +561,9 @@ class SignalLog:
             self._stale.extend(part_ids)
             raise
         marker = {"seq": seq, "parts": len(parts), "origin": origin,
-                  "positions": {source: list(position) for source, position in self._positions.items()}}
+                  "positions": {source: list(position) for source, position in self._positions.items()},
+                  # Own lessons the broker has not acknowledged: sent again after a restart.
+                  "unsent": self._restored_own + self._unsent}
         self._store.upsert(self._collection, [Point(MARKER, {}, marker)])
         # From here on a restart starts from this snapshot: the rest is garbage.
         previous = [_part_id(self._snapshot[0], n) for n in range(self._snapshot[1])] if self._snapshot else []

@@ -11,6 +11,7 @@ commits only after the lessons are in its log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -36,6 +37,11 @@ MAX_LESSONS_PER_POLL = 256
 # (trending and co-visits steer candidates, not the user's own state); an idle
 # fetch every 50 ms costs a tenth of one every 5 ms on the embedded broker.
 LESSONS_FETCH_WAIT_MS = 50
+# The lessons pending when a send starts, and those of the next 100 ms, go out as
+# one record batch: one batch per click batch slowed the embedded broker's single
+# lessons partition until two processes' freshness p99 tripled within three
+# minutes (docs/performance.md, "Lessons without the wait").
+LESSONS_LINGER_MS = 100
 
 
 def lessons_topic(settings: Settings) -> str:
@@ -89,17 +95,18 @@ async def exchange_lessons(services: Services, origin: int, stop: asyncio.Event,
     settings = services.settings
     gauges = ExchangeGauges(services, origin)
     topic = lessons_topic(settings)
-    producer = kafka.producer(settings, linger_ms=0)
+    producer = kafka.producer(settings, linger_ms=LESSONS_LINGER_MS)
     await producer.start()
     loop = asyncio.get_running_loop()
+    pending = asyncio.Event()
     key = str(origin).encode()
 
     async def send_all(values: list[bytes]) -> None:
         sent = [await producer.send(topic, value, key=key) for value in values]
         await asyncio.gather(*sent)
 
-    def send(values: list[bytes]) -> None:  # called from the threads that apply click batches
-        asyncio.run_coroutine_threadsafe(send_all(values), loop).result(SEND_TIMEOUT_S)
+    def wake() -> None:  # called from the threads that apply click batches
+        loop.call_soon_threadsafe(pending.set)
 
     async def handle(records: list[ConsumerRecord]) -> None:
         lessons = []
@@ -120,20 +127,36 @@ async def exchange_lessons(services: Services, origin: int, stop: asyncio.Event,
                 delay = min(delay * 2, 10.0)
         gauges.learnt_from({int(lesson["origin"]) for lesson in lessons})
 
-    async def retry_unsent() -> None:
+    async def send_pending() -> None:
+        """Whenever a batch leaves a lesson (and every second, for those the broker refused).
+
+        No thread waits for the broker (the log's lock, which a batch holds while it
+        stores its users, is taken in one); one send at a time keeps the order.
+        """
         while not stop.is_set():
-            await asyncio.sleep(RETRY_INTERVAL_S)
-            await asyncio.to_thread(services.signals.send_unsent)
-    
-    await asyncio.to_thread(services.signals.send_with, send)
-    retry = asyncio.create_task(retry_unsent())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pending.wait(), RETRY_INTERVAL_S)
+            pending.clear()
+            seq, values = await asyncio.to_thread(services.signals.pending)
+            if not values:
+                continue
+            try:
+                await asyncio.wait_for(send_all(values), SEND_TIMEOUT_S)
+            except Exception as error:  # kept pending, and sent with the next round
+                log.warning("%d signal lessons not shared with the other processes yet (%s)", len(values), error)
+                continue
+            await asyncio.to_thread(services.signals.acknowledged, seq)
+
+    services.signals.on_pending(wake)
+    pending.set()  # what a restart left pending goes out first
+    sender = asyncio.create_task(send_pending())
     consumer = kafka.consumer(settings, group_id=f"{settings.app_id}.lessons.{origin}",
                               max_records=MAX_LESSONS_PER_POLL, fetch_max_wait_ms=LESSONS_FETCH_WAIT_MS)
     try:
         await run_consumer(consumer, handle, stop, name="lesson", ready=ready,
                            assign=[TopicPartition(topic, 0)])
     finally:
-        retry.cancel()
+        sender.cancel()
         await producer.stop()
 
 

@@ -366,12 +366,12 @@ def test_peers_learn_each_lesson_once_and_hold_what_one_worker_would(tmp_path: P
     first.signals.share(0)
     second.signals.share(1)
     box: list[dict[str, Any]] = []
-    first.signals.send_with(_mailbox(box))
-    second.signals.send_with(_mailbox(box))
     for worker in (alone, first):
         walk(worker, "a", ["x", "y", "z"])
     for worker in (alone, second):
         walk(worker, "b", ["y", "x", "w"], at=T0 + 50)
+    assert box == [], "applying a batch does not wait for the broker: the lessons are pending"
+    assert first.signals.send_unsent(_mailbox(box)) == 0 and second.signals.send_unsent(_mailbox(box)) == 0
     assert [(lesson["origin"], lesson["seq"]) for lesson in box] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
     assert first.signals.learn_from_peers(box) == 3  # its own lessons are skipped
     assert second.signals.learn_from_peers(box) == 3
@@ -402,24 +402,56 @@ def test_lessons_the_broker_refused_are_sent_later_and_again_after_a_restart(bar
     worker.signals.share(0)
     box: list[dict[str, Any]] = []
     refuse = [True]
-    worker.signals.send_with(_mailbox(box, refuse=refuse))
     walk(worker, "a", ["x", "y", "z"])
+    assert worker.signals.send_unsent(_mailbox(box, refuse=refuse)) == 3
     assert box == [] and worker.signals.unsent_count == 3
-    assert any(point_id.startswith("log:") for point_id in worker.ids()), "no snapshot while lessons are unsent"
+    # A snapshot (every 2 entries here) does not wait for the broker: it keeps the pending lessons.
+    assert "log:000000000001" not in worker.ids() and "log:000000000002" not in worker.ids()
     refuse[0] = False
-    assert worker.signals.send_unsent() == 0
+    assert worker.signals.send_unsent(_mailbox(box, refuse=refuse)) == 0
     assert [lesson["seq"] for lesson in box] == [1, 2, 3] and worker.signals.sent_seq == 3
     worker.store.close()
 
-    # After a restart the log's own lessons go out again (peers skip what they had) and an
-    # empty lesson at the log's seq says where this worker stands.
+    # After a restart the lessons pending at the snapshot and the log's own lessons since go
+    # out again (peers skip what they had); an empty lesson at the log's seq would say where
+    # this worker stands if it had none.
     restarted = Worker(bare(replica=0, signals_snapshot_every=2))
     restarted.signals.share(0)
     again: list[dict[str, Any]] = []
-    restarted.signals.send_with(_mailbox(again))
+    assert restarted.signals.send_unsent(_mailbox(again)) == 0
     assert [lesson["seq"] for lesson in again] == [1, 2, 3]
     peer = Worker(load_settings(data_dir=bare().data_dir.parent / "peer", trending_half_life_s=HALF_LIFE_S,
                                 replica=1))
     peer.signals.share(1)
     assert peer.signals.learn_from_peers(box + again) == 3
     assert peer.trending.entries() == restarted.trending.entries()
+
+
+def test_a_batch_does_not_wait_for_a_send_and_its_lesson_follows_in_order(bare: Callable[..., Settings]) -> None:
+    import json
+    import threading
+
+    worker = Worker(bare(replica=0))
+    worker.signals.share(0)
+    box: list[dict[str, Any]] = []
+    in_send, release = threading.Event(), threading.Event()
+    woken: list[int] = []
+
+    def slow_broker(values: list[bytes]) -> None:
+        in_send.set()
+        assert release.wait(10), "the test never released the send"
+        box.extend(json.loads(value) for value in values)
+
+    worker.signals.on_pending(lambda: woken.append(worker.signals.unsent_count))
+    walk(worker, "a", ["x", "y"])
+    assert woken == [1, 2], "each batch's lesson wakes the sender"
+    sending = threading.Thread(target=worker.signals.send_unsent, args=(slow_broker,))
+    sending.start()
+    assert in_send.wait(10)
+    walk(worker, "a", ["z"])  # applied while the broker has not answered the first send
+    assert worker.signals.unsent_count == 3
+    release.set()
+    sending.join(10)
+    assert [lesson["seq"] for lesson in box] == [1, 2] and worker.signals.unsent_count == 1
+    assert worker.signals.send_unsent(slow_broker) == 0
+    assert [lesson["seq"] for lesson in box] == [1, 2, 3] and worker.signals.sent_seq == 3
