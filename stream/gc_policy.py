@@ -6,7 +6,7 @@ every one of them in each full (generation 2) collection, and holds the event
 loop, every request and every Kafka fetch while it does: in
 ``streamrec bench serve --items 100000`` a worker made 13-14 full collections
 of 59 ms on average and up to 140 ms (docs/performance.md, "Garbage collector
-pauses"), which is where the HTTP p99.9 of 110-140 ms came from.
+pauses"), which is where the HTTP p99.9 of 108-137 ms came from.
 
 The policy (``run_policy``):
 

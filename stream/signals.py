@@ -86,17 +86,17 @@ position is ``process/<origin>`` -> the origin's seq. A lesson at or below that
 position is a redelivery and is skipped, so each process learns each lesson
 once, across restarts, and the lesson consumer commits its offsets after the
 entries are written. A batch does not wait for the broker: its lesson joins
-the pending ones and the exchange task sends them (``pending``, then
-``acknowledged``), oldest first, one send at a time, so that lessons gathered meanwhile go out together
-(one record batch instead of one per click batch, which slowed the embedded
-broker's single lessons partition down until the processes' freshness p99
-tripled within three minutes: docs/performance.md, "Lessons without the
-wait"). Pending lessons stay until the broker acknowledges them (retried every
-second); a snapshot keeps them in its marker, and after a restart those and
-every own lesson of the log's tail are sent again: what was sent before is
-skipped by the receivers' positions. Catalogue
-deletions and co-visit resets are not shared: every process applies the whole
-catalogue and every swap itself.
+the pending ones, and the exchange task (``stream.agents.lessons``) sends
+them (``pending``, then ``acknowledged``), oldest first, one send at a time,
+so that the lessons gathered meanwhile go out together: one record batch
+instead of one per click batch, which slowed the embedded broker's single
+lessons partition until the processes' freshness p99 tripled within three
+minutes (docs/performance.md, "Lessons without the wait"). Pending lessons
+stay until the broker acknowledges them (retried every second); a snapshot
+keeps them in its marker, and after a restart those and every own lesson of
+the log's tail are sent again: what was sent before is skipped by the
+receivers' positions. Catalogue deletions and co-visit resets are not
+shared: every process applies the whole catalogue and every swap itself.
 """
 from __future__ import annotations
 
@@ -444,20 +444,6 @@ class SignalLog:
             self._unsent = [lesson for lesson in self._unsent if int(lesson["seq"]) > seq]
             self._sent_seq = max(self._sent_seq, seq)
             return len(self._unsent)
-
-    def send_unsent(self, send: Callable[[list[bytes]], None]) -> int:
-        """``pending``, ``send(values)`` (returns once the broker has them all, raises otherwise), then
-        ``acknowledged``; returns how many are still pending. The worker does the same asynchronously
-        (``stream.agents.lessons``): one sender at a time, so the lessons go out in their order."""
-        seq, values = self.pending()
-        if not values:
-            return 0
-        try:
-            send(values)
-        except Exception as error:  # kept, and sent with the next call
-            log.warning("%d signal lessons not shared with the other processes yet (%s)", len(values), error)
-            return self.unsent_count
-        return self.acknowledged(seq)
 
     @property
     def sent_seq(self) -> int:

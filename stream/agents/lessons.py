@@ -37,10 +37,11 @@ MAX_LESSONS_PER_POLL = 256
 # (trending and co-visits steer candidates, not the user's own state); an idle
 # fetch every 50 ms costs a tenth of one every 5 ms on the embedded broker.
 LESSONS_FETCH_WAIT_MS = 50
-# The lessons pending when a send starts, and those of the next 100 ms, go out as
-# one record batch: one batch per click batch slowed the embedded broker's single
-# lessons partition until two processes' freshness p99 tripled within three
-# minutes (docs/performance.md, "Lessons without the wait").
+# A send's lessons go out as one record batch after this linger, and what is left
+# pending meanwhile goes with the next send: about one record batch per 0.1 s.
+# One per click batch slowed the embedded broker's single lessons partition until
+# two processes' freshness p99 tripled within three minutes (docs/performance.md,
+# "Lessons without the wait").
 LESSONS_LINGER_MS = 100
 
 
