@@ -36,6 +36,7 @@ from stream.client import EventPublisher
 
 LATENCY = "streamrec_request_latency_seconds_count"
 PROCESSED = "streamrec_events_processed_total"
+PEER_REQUESTS = "streamrec_peer_user_requests_total"
 
 
 def _clicks(item_ids: list[str], *, users: int, count: int, seed: int) -> list[ClickEvent]:
@@ -118,6 +119,10 @@ def measure(base: Settings, broker: object, folder: Path, processes: int, args: 
         if by_wrk:
             by_wrk["wrk_cpu_share_per_process"] = wrk_cpu.processes
             by_wrk["wrk_cpu_share_broker"] = wrk_cpu.broker
+        # Requests for a user another process owns, over every load: answered where they landed
+        # (from the owner's shared user table) or passed on to the owner.
+        peer_users = {answered: int(sum(per_process(PEER_REQUESTS, {"answered": answered})))
+                      for answered in ("here", "passed_on")}
     return {
         "processes": processes,
         "clicks_per_s": round(len(clicks) / click_seconds, 1),
@@ -128,6 +133,8 @@ def measure(base: Settings, broker: object, folder: Path, processes: int, args: 
         "clicks_cpu_share_per_process": click_cpu.processes,
         "clicks_cpu_share_broker": click_cpu.broker,
         "requests_answered_per_process": [int(a) for a in answered],
+        "peer_user_requests_here": peer_users["here"],
+        "peer_user_requests_passed_on": peer_users["passed_on"],
         **by_wrk,
     }
 

@@ -172,6 +172,18 @@ class Settings(BaseSettings):
         description="Every this many seconds, one full collection over everything, frozen objects too: a "
                     "reference cycle among frozen objects is freed only then (0: never).",
     )
+    user_table_slots: int = Field(
+        65_536, ge=0, le=16_777_216,
+        description="With --processes N, users each process keeps in a table in shared memory (/dev/shm) that "
+                    "the other processes read, so a request is answered where it lands instead of being passed "
+                    "to the user's owner (at most 3/4 of the slots are used; beyond, users are passed on). "
+                    "0: every request for another process's user is passed on.",
+    )
+    user_table_slot_bytes: int = Field(
+        4096, ge=256, le=1_048_576,
+        description="Bytes of one user in the shared user table: its sequence of item ids, its vector and a "
+                    "few fields. A user who needs more is passed on to its owner.",
+    )
     candidates: int = Field(
         200, ge=1, le=10_000,
         description="Items the ANN search retrieves per request. The engine searches with "

@@ -149,6 +149,23 @@ class Metrics:
             "Objects the garbage collector no longer walks (STREAMREC_GC_FREEZE_S; stream.gc_policy).",
             registry=registry,
         )
+        self.peer_user_requests = Counter(
+            "streamrec_peer_user_requests_total",
+            "HTTP requests for a user another worker process owns: answered here from the owner's shared "
+            "user table, or passed on to the owner.",
+            ["answered"], registry=registry,
+        )
+        self.user_table_users = Gauge(
+            "streamrec_user_table_users",
+            "Users this worker process keeps in its shared user table for the other processes.",
+            registry=registry,
+        )
+        self.user_table_refused = Counter(
+            "streamrec_user_table_refused_total",
+            "User states not written to the shared user table (their requests are passed on), by reason: "
+            "full or oversize (STREAMREC_USER_TABLE_SLOTS, STREAMREC_USER_TABLE_SLOT_BYTES).",
+            ["reason"], registry=registry,
+        )
         self.requests_failed = Counter(
             "streamrec_requests_failed_total",
             "Recommendation requests answered with an error, by path.",

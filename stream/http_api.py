@@ -33,8 +33,9 @@ from stream.openapi import (
     openapi_document,
 )
 from stream.partitions import SINGLE, Ownership
-from stream.recommend import recommend
+from stream.recommend import UserElsewhere, recommend
 from stream.services import Services
+from stream.user_table import PeerTables, TableUser
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,6 +76,13 @@ class Peers:
         self.ownership = ownership
         self.partitions = partitions
         self._sessions: dict[int, aiohttp.ClientSession] = {}
+        # The users each other process applied, as it applied them last (stream.user_table).
+        self.tables = None if ownership.root is None else \
+            PeerTables(ownership.root, ownership.index, ownership.count)
+
+    def user(self, index: int, user_id: str) -> TableUser | None:
+        """``user_id`` from process ``index``'s shared user table; None where that table does not hold it."""
+        return None if self.tables is None else self.tables.read(index, user_id)
 
     def owner(self, user_id: str) -> int | None:
         """The process that owns ``user_id`` if it is another one, else None."""
@@ -140,6 +148,8 @@ class Peers:
         for session in self._sessions.values():
             await session.close()
         self._sessions.clear()
+        if self.tables is not None:
+            self.tables.close()
 
 
 def build_http_app(services: Services, health: "HealthState", peers: Peers | None = None) -> web.Application:
@@ -162,8 +172,13 @@ def build_http_app(services: Services, health: "HealthState", peers: Peers | Non
             services.metrics.requests_failed.labels("http").inc()
             return _error(413 if exc.reason == "oversize" else 400, exc.reason, exc.detail)
         holder = owner(request, rec_request.user_id)
+        known = None
         if holder is not None:
-            return await peers.forward(holder, request, body)
+            # Answered here from the owner's shared user table where it holds the user, else by the owner.
+            known = peers.user(holder, rec_request.user_id)
+            if known is None:
+                services.metrics.peer_user_requests.labels("passed_on").inc()
+                return await peers.forward(holder, request, body)
         image_vector = None
         if rec_request.image is not None:
             from stream.catalog import embed_query_image
@@ -173,7 +188,15 @@ def build_http_app(services: Services, health: "HealthState", peers: Peers | Non
                 image_vector = await asyncio.to_thread(embed_query_image, services, rec_request.image)
             except DecodeError as exc:
                 return _error(400, exc.reason, exc.detail)
-        response = await services.answer(recommend, services, rec_request, path="http", image_vector=image_vector)
+        try:
+            response = await services.answer(recommend, services, rec_request, path="http",
+                                             image_vector=image_vector, user=known)
+        except UserElsewhere:  # the owner applied the user under another model version (a swap under way)
+            assert holder is not None
+            services.metrics.peer_user_requests.labels("passed_on").inc()
+            return await peers.forward(holder, request, body)
+        if known is not None:
+            services.metrics.peer_user_requests.labels("here").inc()
         return web.Response(body=response.to_bytes(), content_type="application/json")
 
     async def get_health(request: web.Request) -> web.Response:

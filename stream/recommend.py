@@ -19,6 +19,7 @@ from stream.covisit import fusion_weight
 from stream.item_cache import Gathered
 from stream.services import Services
 from stream.store import SearchFilter, point_ids
+from stream.user_table import TableUser
 from stream.users import QUERY_PREFIX, UserState
 from stream.versions import ServingState
 
@@ -71,13 +72,21 @@ class _Pool:
         self.sources.extend([source] * len(fresh))
 
 
+class UserElsewhere(Exception):
+    """The user state a request was given belongs to another model version than the one serving here."""
+
+
 def recommend(
     services: Services,
     request: RecRequest,
     *,
     path: str,
     image_vector: np.ndarray | None = None,
+    user: TableUser | None = None,
 ) -> RecResponse:
+    """``user``: the user as the process that owns it applied it last (``stream.user_table``);
+    by default the user is read from this process's store. ``UserElsewhere`` where that
+    state is of another model version than this process serves."""
     started = time.perf_counter()
     # One read of the serving state: a hot swap during this request cannot mix versions.
     serving = services.serving
@@ -91,10 +100,18 @@ def recommend(
     # publishes its in-memory effects under: a request sees a batch whole or not at all
     # (its stored user state first, never its trending or co-visits without it).
     with services.visibility.reading():
-        users = store.retrieve(serving.collections.users, [request.user_id], with_vectors=True)
-        hit = users.get(request.user_id)
-        state = UserState.from_payload(request.user_id, hit.payload) if hit else UserState(request.user_id)
-        user_vector = hit.vectors.get("user") if hit else None
+        if user is not None:
+            if (user.collection, user.version) != (serving.collections.users, model.version) \
+                    or (user.vector is not None and user.vector.shape != (model.fused_dim,)):
+                raise UserElsewhere(f"user {request.user_id} is held for {user.version} ({user.collection}), "
+                                    f"this process serves {model.version}")
+            state = UserState(request.user_id, items=user.items, last_event_time=user.last_event_time)
+            user_vector = user.vector
+        else:
+            users = store.retrieve(serving.collections.users, [request.user_id], with_vectors=True)
+            hit = users.get(request.user_id)
+            state = UserState.from_payload(request.user_id, hit.payload) if hit else UserState(request.user_id)
+            user_vector = hit.vectors.get("user") if hit else None
         seen = {e for e in state.items if not e.startswith(QUERY_PREFIX)}
         excluded_set = seen | set(request.filters.exclude_ids)
         flt = SearchFilter(

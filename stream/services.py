@@ -29,6 +29,7 @@ from stream.rwlock import ReadWriteLock
 from stream.signals import SignalLog
 from stream.store import VectorStore, open_store
 from stream.trending import Trending
+from stream.user_table import OwnTable
 from stream.versions import (
     Collections,
     ServingState,
@@ -63,6 +64,8 @@ class Services:
     visibility: ReadWriteLock = field(default_factory=ReadWriteLock)
     # Where requests are answered (``serving_threads``; None: on the event loop).
     serving_pool: ThreadPoolExecutor | None = None
+    # With N processes: the users this process applied, for the other processes to read (stream.user_table).
+    user_table: OwnTable | None = None
 
     async def answer(self, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run a request's work on the serving threads, or on the event loop with ``serving_threads`` 0."""
@@ -134,6 +137,8 @@ class Services:
         )
 
     def close(self) -> None:
+        if self.user_table is not None:
+            self.user_table.close()
         if self.serving_pool is not None:
             self.serving_pool.shutdown(wait=True)
         self.store.flush()

@@ -24,6 +24,7 @@ is applied. ``applied_count`` counts applied events (for exactness checks).
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -169,12 +170,48 @@ def apply_interactions(services: Services, deliveries: list[Delivery[ClickEvent 
                 [Point(s.user_id, {"user": v} if has else {}, s.payload())
                  for s, v, has in zip(changed, vectors, has_vector)],
             )
+            if services.user_table is not None:  # the other processes answer these users from here
+                _share(services, changed, vectors, has_vector)
         if learnt.clicked_lists:
             services.drift.update(clicks=learnt.clicked_lists)
         finished = time.time()
         for state in changed:
             services.metrics.freshness.observe(max(0.0, finished - state.last_event_time))
     return applied
+
+
+def _share(services: Services, states: list[UserState], vectors: np.ndarray, has_vector: np.ndarray) -> None:
+    """Write the batch's users to this process's shared user table (``stream.user_table``)."""
+    table = services.user_table
+    assert table is not None
+    serving = services.serving
+    refused = table.publish(serving.collections.users, serving.model.version, states, vectors, has_vector)
+    for reason, count in refused.items():
+        if count:
+            services.metrics.user_table_refused.labels(reason).inc(count)
+    services.metrics.user_table_users.set(table.users)
+
+
+def share_stored_users(services: Services, chunk: int = 1024) -> int:
+    """Write every user this process holds in its store to its (emptied) shared user table, until the
+    table is full: at start-up, so that the other processes answer them from the first request.
+    Returns how many it wrote."""
+    table = services.user_table
+    if table is None:
+        return 0
+    ids = services.store.scroll_ids(services.collections.users)
+    while batch := list(itertools.islice(ids, chunk)):
+        hits = services.store.retrieve(services.collections.users, batch, with_vectors=["user"])
+        states = [UserState.from_payload(uid, hit.payload) for uid, hit in hits.items()]
+        vectors = [hit.vectors.get("user") for hit in hits.values()]
+        has_vector = np.array([v is not None for v in vectors], bool)
+        dim = services.model.fused_dim
+        matrix = np.stack([np.zeros(dim, np.float32) if v is None else np.asarray(v, np.float32) for v in vectors]) \
+            if vectors else np.zeros((0, dim), np.float32)
+        _share(services, states, matrix, has_vector)
+        if table.users >= table.capacity:
+            break
+    return table.users
 
 
 def _store_queries(services: Services, searches: list[Delivery[SearchEvent]],

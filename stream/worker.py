@@ -24,6 +24,7 @@ from core.errors import ConfigError
 from core.settings import Settings
 from stream.broker import ensure_topics, wait_for_broker
 from stream.partitions import Ownership, check_layout
+from stream.user_table import OwnTable, remove_tables, table_path
 
 log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # waits before restarting a child that keeps dying
@@ -99,12 +100,30 @@ def run_process(settings: Settings, ownership: Ownership, *, loglevel: str) -> N
     services = Services.open(own)
     services.metrics.blas_threads.set(blas_threads())
     reconcile(services)  # stored vectors of a version promoted while this worker was down
+    if not ownership.single:
+        from stream.users import share_stored_users
+
+        services.user_table = own_user_table(settings, ownership)
+        shared = share_stored_users(services)
+        log.info("process %d shares %d stored users with its peers", ownership.index, shared)
     app = create_app(own, services, ownership, partitions=partitions)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()
     finally:
         services.close()
+
+
+def own_user_table(settings: Settings, ownership: Ownership) -> OwnTable | None:
+    """This process's shared user table, emptied (None: off, or no room for it: requests are passed on)."""
+    if not settings.user_table_slots:
+        return None
+    path = table_path(settings.data_dir, ownership.index)
+    try:
+        return OwnTable(path, settings.user_table_slots, settings.user_table_slot_bytes)
+    except OSError as error:
+        log.warning("no shared user table (%s): requests for this process's users are passed on to it", error)
+        return None
 
 
 def limit_blas_threads(threads: int) -> None:
@@ -158,6 +177,8 @@ class Supervisor:
         log.warning("worker process %d of %d started (pid %d)", index, self.count, self.children[index].pid)
 
     def run(self) -> None:
+        # Tables a killed worker on this data dir left behind: no process may read them.
+        remove_tables(self.settings.data_dir, self.count)
         try:
             for index in range(self.count):
                 self.start(index)
@@ -199,6 +220,7 @@ class Supervisor:
                 log.warning("worker process %d did not stop in %.0fs; killing it", index, STOP_GRACE_S)
                 child.kill()
                 child.wait()
+        remove_tables(self.settings.data_dir, self.count)
 
 
 def child_pids(settings: Settings) -> dict[int, int]:

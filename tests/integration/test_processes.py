@@ -26,6 +26,7 @@ from core.settings import Settings
 from exporter.metrics import PROCESS_LABEL
 from stream.broker import ensure_topics
 from stream.partitions import Ownership
+from stream.user_table import PeerTables, table_path
 from tests.integration.helpers import ask_http, publish, user_state, wait_until
 from tests.integration.test_reliability import (
     _counts,
@@ -115,6 +116,9 @@ def test_each_process_owns_its_partitions_and_answers_for_every_user(four: Setti
         assert _per_process(worker, "clicks") == expected
 
         sequences = _expected_sequences(events, four.user_sequence_length)
+        # The process that does not own a user answers it from the owner's shared user table,
+        # with trending and co-visits it learnt from the owner's lessons.
+        wait_until(worker.lessons_exchanged, 60, "every lesson learnt by the other process")
         for user in users:
             other = ownership.socket_address(1 - owner[user])
             # Asked on the process that does not hold the user: passed on to the owner.
@@ -133,6 +137,15 @@ def test_each_process_owns_its_partitions_and_answers_for_every_user(four: Setti
             assert len(direct) == 10 and not set(direct) & set(sequences[user])
             # And on the shared port, whichever process takes the connection.
             assert user_state(four, user)["items"] == sequences[user]
+        # Every user was answered where it was asked; a user no process has applied is passed on.
+        answered = worker.metric_per_process("streamrec_peer_user_requests_total", {"answered": "here"})
+        assert answered == [sum(1 for user in users if owner[user] == 1 - i) for i in range(2)]
+        assert worker.metric_per_process("streamrec_user_table_users") == \
+            [sum(1 for user in users if owner[user] == i) for i in range(2)]
+        stranger = next(f"own-new{n}" for n in range(100) if ownership.owner_of(f"own-new{n}".encode(), PARTITIONS))
+        status, body = _ask(ownership.socket_address(0), stranger, pass_on=True)
+        assert status == 200 and RecResponse.model_validate_json(body).items, body
+        assert worker.metric_per_process("streamrec_peer_user_requests_total", {"answered": "passed_on"})[0] == 1
         health = worker.health()
         assert health is not None and health["healthy"] and health["ready"]
         # One scrape of the shared port holds every process's series, whichever process takes it.
@@ -218,8 +231,18 @@ def test_a_killed_process_is_restarted_and_nothing_is_lost_or_applied_twice(four
         wait_until(lambda: all((user_state(settings, u) or {}).get("applied_count") == c for u, c in counts.items()),
                    300, "every click applied after the restart")
         wait_until(worker.lessons_exchanged, 60, "every lesson learnt by the other process")
+        # The restarted process emptied its shared user table, refilled it from its store and went
+        # on writing: the other process reads each user as its owner holds it now.
+        sequences = _expected_sequences(events, settings.user_sequence_length)
+        tables = PeerTables(settings.data_dir, 0, 2)
+        try:
+            shared = {user: tables.read(Ownership(0, 2).owner_of(user.encode(), PARTITIONS), user) for user in users}
+        finally:
+            tables.close()
+        assert {user: s and s.items for user, s in shared.items()} == {user: sequences[user] for user in users}
     finally:
         worker.stop()
+    assert not [path for path in (table_path(settings.data_dir, i) for i in range(2)) if path.exists()]
     trending, taught, rows = _expected_signals(events, settings)
     owner = {user: Ownership(0, 2).owner_of(user.encode(), PARTITIONS) for user in users}
     expected = _expected_sequences(events, settings.user_sequence_length)
@@ -307,6 +330,8 @@ def test_no_answer_recommends_what_the_user_already_has_while_clicks_stream(four
                 seen += bool(before)
         producer.join()
         assert seen > 0, "no request was answered with a history to check against"
+        # Some were answered by the process that does not own the user, from the owner's shared table.
+        assert sum(stack.worker.metric_per_process("streamrec_peer_user_requests_total", {"answered": "here"})) > 0
 
 
 def test_more_processes_than_partitions_are_refused_at_start(settings: Settings) -> None:
@@ -333,12 +358,17 @@ def test_the_request_benches_seed_every_process_and_count_what_each_answers(four
     try:
         with PerProcess(prepared.worker, "http") as share:
             asyncio.run(http_load(four, prepared.user_ids, clients=2, requests=60, seed=1))
+        peer_users = {answered: prepared.worker.metric_per_process("streamrec_peer_user_requests_total",
+                                                                   {"answered": answered})
+                      for answered in ("here", "passed_on")}
     finally:
         prepared.worker.stop()
     owner = {user: process_owning(user, four, 2) for user in prepared.user_ids}
     assert set(owner.values()) == {0, 1}
-    # Each request is answered by the process that owns its user, passed on or not.
-    assert sum(share.answered) == 60 and min(share.answered) > 0
+    # Each request is answered by the process its connection landed on: every seeded user is in
+    # its owner's shared user table, so none is passed on.
+    assert sum(share.answered) == 60
+    assert sum(peer_users["here"]) > 0 and peer_users["passed_on"] == [0, 0]
     assert len(share.figures("http")["http_cpu_share_per_process"]) == 2
     for index, own in enumerate(process_settings(four, 2)):
         store = open_bench_store(own)

@@ -1,0 +1,156 @@
+"""The shared user table: what an owner writes, its peers read whole, or not at all."""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.errors import ConfigError
+from stream.user_table import (
+    MAX_LOAD,
+    OwnTable,
+    PeerTables,
+    remove_tables,
+    table_path,
+    user_key,
+)
+
+DIM = 8
+
+
+@dataclass
+class State:
+    user_id: str
+    items: list[str] = field(default_factory=list)
+    last_event_time: float = 0.0
+
+
+@pytest.fixture
+def root(tmp_path: Path):
+    """A data dir of two processes; their tables live in /dev/shm under its digest."""
+    yield tmp_path
+    remove_tables(tmp_path, 2)
+
+
+def _own(root: Path, slots: int = 64, slot_bytes: int = 1024) -> OwnTable:
+    return OwnTable(table_path(root, 0), slots, slot_bytes)
+
+
+def _publish(table: OwnTable, states: list[State], vectors: np.ndarray | None = None,
+             version: str = "v1") -> dict[str, int]:
+    if vectors is None:
+        vectors = np.stack([np.full(DIM, len(s.items), np.float32) for s in states])
+    return table.publish("users", version, states, vectors, np.ones(len(states), bool))
+
+
+def test_a_peer_reads_what_the_owner_wrote_last(root: Path) -> None:
+    own, peers = _own(root), PeerTables(root, 1, 2)
+    assert peers.read(0, "u1") is None
+    _publish(own, [State("u1", ["a", "q:e1"], 10.5), State("u2", ["b"], 3.0)])
+    user = peers.read(0, "u1")
+    assert user is not None
+    assert (user.user_id, user.items, user.last_event_time) == ("u1", ["a", "q:e1"], 10.5)
+    assert (user.collection, user.version) == ("users", "v1")
+    np.testing.assert_array_equal(user.vector, np.full(DIM, 2, np.float32))
+    _publish(own, [State("u1", ["a", "q:e1", "c"], 11.0)], version="v2")
+    user = peers.read(0, "u1")
+    assert user is not None and user.items == ["a", "q:e1", "c"] and user.version == "v2"
+    assert peers.read(0, "u2").items == ["b"]  # type: ignore[union-attr]
+    assert peers.read(0, "u3") is None
+    assert peers.read(1, "u1") is None  # process 1 has no table: passed on
+    # A user stored without a vector (only items not yet listed) reads as cold.
+    own.publish("users", "v1", [State("cold", ["x"])], np.zeros((1, DIM), np.float32), np.zeros(1, bool))
+    assert peers.read(0, "cold").vector is None  # type: ignore[union-attr]
+    assert own.users == 3
+    peers.close()
+    own.close()
+
+
+def test_a_full_table_and_an_oversize_state_refuse_and_their_users_are_passed_on(root: Path) -> None:
+    own, peers = _own(root, slots=16, slot_bytes=256), PeerTables(root, 1, 2)
+    users = [State(f"user-{n}", ["i"]) for n in range(40)]
+    refused = _publish(own, users)
+    assert refused == {"full": 40 - int(16 * MAX_LOAD), "oversize": 0}
+    readable = [u.user_id for u in users if peers.read(0, u.user_id) is not None]
+    assert readable == [u.user_id for u in users[:int(16 * MAX_LOAD)]]  # every kept user found past collisions
+    long = State("user-0", [f"item-{n:04d}" for n in range(60)])
+    assert _publish(own, [long]) == {"full": 0, "oversize": 1}
+    # Its older state is not served in its place.
+    assert peers.read(0, "user-0") is None
+    assert peers.read(0, "user-1") is not None
+    own.close()
+
+
+def test_a_slot_being_written_or_damaged_is_not_read(root: Path) -> None:
+    own, peers = _own(root), PeerTables(root, 1, 2)
+    _publish(own, [State("u1", ["a"])])
+    slot = own._slot_of[user_key("u1")]
+    table = own._table
+    table.heads[slot, 0] += 1  # a write under way
+    assert peers.read(0, "u1") is None
+    table.heads[slot, 0] += 1
+    assert peers.read(0, "u1") is not None
+    table.records[slot, 20] ^= 0xFF  # torn: the CRC no longer holds
+    assert peers.read(0, "u1") is None
+    own.close()
+
+
+def test_a_restarted_owner_empties_its_table_under_its_readers(root: Path) -> None:
+    own, peers = _own(root), PeerTables(root, 1, 2)
+    _publish(own, [State("u1", ["a"])])
+    assert peers.read(0, "u1") is not None
+    restarted = _own(root)  # same file, same mapping for the reader
+    assert peers.read(0, "u1") is None
+    _publish(restarted, [State("u1", ["a", "b"])])
+    assert peers.read(0, "u1").items == ["a", "b"]  # type: ignore[union-attr]
+    # Another geometry: the old file is marked retired and the reader opens the new one.
+    resized = _own(root, slots=128)
+    _publish(resized, [State("u1", ["c"])])
+    assert peers.read(0, "u1").items == ["c"]  # type: ignore[union-attr]
+    own.close(), restarted.close(), resized.close()
+    peers.close()
+
+
+def test_a_table_too_small_to_hold_a_user_is_refused(root: Path) -> None:
+    with pytest.raises(ConfigError, match="at least 1 slot of 256 bytes"):
+        _own(root, slot_bytes=100)
+
+
+def _writer(root: Path, rounds: int, started: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
+    own = _own(root, slots=64, slot_bytes=2048)
+    started.set()
+    for n in range(1, rounds + 1):
+        # Each write is whole only if its vector, item count and time agree.
+        states = [State(f"u{u}", [f"i{k}" for k in range(n % 50)], float(n)) for u in range(4)]
+        _publish(own, states, np.stack([np.full(DIM, n, np.float32)] * 4))
+    own.close()
+
+
+def test_a_reader_in_another_process_sees_whole_states_while_the_owner_writes(root: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    rounds = 20_000
+    writer = context.Process(target=_writer, args=(root, rounds, started))
+    writer.start()
+    assert started.wait(30)
+    peers = PeerTables(root, 1, 2)
+    seen: set[float] = set()
+    deadline = time.monotonic() + 60
+    while writer.is_alive() and time.monotonic() < deadline:
+        for u in range(4):
+            user = peers.read(0, f"u{u}")
+            if user is None:
+                continue
+            n = user.last_event_time
+            assert user.vector is not None and set(user.vector.tolist()) == {n}
+            assert user.items == [f"i{k}" for k in range(int(n) % 50)]
+            seen.add(n)
+    writer.join(30)
+    assert writer.exitcode == 0
+    assert len(seen) > 10  # read while it wrote, not only at the end
+    assert peers.read(0, "u0").last_event_time == rounds  # type: ignore[union-attr]
+    peers.close()
