@@ -22,8 +22,10 @@ percentiles under the usual keys and each round's p50/p99 with their spread.
 
 With ``--processes N`` the worker runs as N processes on the shared port. A
 probe's clicks go to the process that owns the user, its polls to whichever
-process took the HTTP connection, which passes a request for a user it does
-not own on to the owner: freshness is measured whichever process answers.
+process took the HTTP connection, which answers a user it does not own from
+the owner's shared user table (or passes the request on to the owner where
+that table does not hold the user yet): freshness is measured whichever
+process answers.
 """
 from __future__ import annotations
 

@@ -115,6 +115,10 @@ class Services:
         for path in ("http", "kafka"):
             metrics.request_latency.labels(path)
             metrics.requests_failed.labels(path)
+        for answered in ("here", "passed_on"):
+            metrics.peer_user_requests.labels(answered)
+        for reason in ("full", "oversize"):
+            metrics.user_table_refused.labels(reason)
         metrics.model_info.info({"version": model.version})
         metrics.model_loaded_timestamp.set(time.time())
         trending = Trending(settings.trending_half_life_s)

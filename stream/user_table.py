@@ -153,10 +153,12 @@ class OwnTable:
             raise ConfigError(f"a user table needs at least 1 slot of 256 bytes, not {slots} of {slot_bytes}")
         self.capacity = int(slots * MAX_LOAD)
         size = _Mapped.size(slots, slot_bytes)
-        free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
-        if not path.exists() and free < size:
+        room = os.statvfs(path.parent)
+        existing = path.stat().st_size if path.exists() else 0
+        if existing != size and room.f_bavail * room.f_frsize < size:
             # Pages are taken as users are written; a write past the file system's room would kill the process.
-            raise OSError(f"{path.parent} has {free} bytes free, a user table of {slots} slots needs {size}")
+            raise OSError(f"{path.parent} has {room.f_bavail * room.f_frsize} bytes free, a user table of "
+                          f"{slots} slots needs {size}")
         self._table = self._open(path, slots, slot_bytes, size)
         self._slot_of: dict[int, int] = {}
         self.clear()

@@ -154,3 +154,20 @@ def test_a_reader_in_another_process_sees_whole_states_while_the_owner_writes(ro
     assert len(seen) > 10  # read while it wrote, not only at the end
     assert peers.read(0, "u0").last_event_time == rounds  # type: ignore[union-attr]
     peers.close()
+
+
+def test_a_worker_without_room_for_its_table_passes_every_request_on(root: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from core.settings import Settings
+    from stream.partitions import Ownership
+    from stream.worker import own_user_table
+
+    ownership = Ownership(0, 2, root)
+    settings = Settings(data_dir=root)
+    table = own_user_table(settings, ownership)
+    assert table is not None and table.path == table_path(root, 0)
+    table.close()
+    assert own_user_table(settings.model_copy(update={"user_table_slots": 0}), ownership) is None
+    huge = settings.model_copy(update={"user_table_slots": 16_000_000, "user_table_slot_bytes": 1_048_576})
+    assert own_user_table(huge, ownership) is None
+    assert "no shared user table" in caplog.text and "passed on" in caplog.text
