@@ -163,7 +163,8 @@ class Metrics:
         self.user_table_refused = Counter(
             "streamrec_user_table_refused_total",
             "User states not written to the shared user table (their requests are passed on), by reason: "
-            "full or oversize (STREAMREC_USER_TABLE_SLOTS, STREAMREC_USER_TABLE_SLOT_BYTES).",
+            "full or oversize (STREAMREC_USER_TABLE_SLOTS, STREAMREC_USER_TABLE_SLOT_BYTES), or error (the "
+            "write failed and the table was emptied).",
             ["reason"], registry=registry,
         )
         self.requests_failed = Counter(

@@ -117,7 +117,7 @@ class Services:
             metrics.requests_failed.labels(path)
         for answered in ("here", "passed_on"):
             metrics.peer_user_requests.labels(answered)
-        for reason in ("full", "oversize"):
+        for reason in ("full", "oversize", "error"):
             metrics.user_table_refused.labels(reason)
         metrics.model_info.info({"version": model.version})
         metrics.model_loaded_timestamp.set(time.time())

@@ -226,12 +226,12 @@ class OwnTable:
                     refused["full"] += 1
                     continue
             head = table.heads[slot]
-            sequence = int(head[0]) + 1
-            head[0] = sequence  # odd: being written
+            writing = (int(head[0]) + 1) | 1
+            head[0] = writing  # odd: being written
             table.records[slot, :len(record)] = np.frombuffer(record, np.uint8)
             head[1] = len(record)
             head[2] = zlib.crc32(record)
-            head[0] = sequence + 1
+            head[0] = writing + 1
             if key not in self._slot_of:
                 table.keys[slot] = key  # published only once its record is whole
                 self._slot_of[key] = slot
@@ -251,7 +251,7 @@ class OwnTable:
     def _empty(self, slot: int) -> None:
         """Make ``slot``'s record unreadable; the key keeps the slot (probes pass over it)."""
         head = self._table.heads[slot]
-        head[0] = int(head[0]) + 2
+        head[0] = (int(head[0]) + 2) & ~1
         head[1] = 0
 
     def close(self) -> None:

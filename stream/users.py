@@ -25,6 +25,7 @@ is applied. ``applied_count`` counts applied events (for exactness checks).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ from stream.kafka import Delivery
 from stream.services import Services
 from stream.store import Point
 
+log = logging.getLogger(__name__)
 QUERY_PREFIX = "q:"  # sequence entries that are searches point into the queries collection
 USER_CHUNK = 64  # users per user-tower call when recomputing a batch's vectors
 
@@ -185,7 +187,16 @@ def _share(services: Services, states: list[UserState], vectors: np.ndarray, has
     table = services.user_table
     assert table is not None
     serving = services.serving
-    refused = table.publish(serving.collections.users, serving.model.version, states, vectors, has_vector)
+    try:
+        refused = table.publish(serving.collections.users, serving.model.version, states, vectors, has_vector)
+    except Exception:  # the batch is stored; the table only saves its readers a hop
+        # Some of these users may now be older in the table than in the store: empty it,
+        # and the other processes pass their requests on until the users are written again.
+        log.exception("writing %d users to the shared user table failed; emptied it", len(states))
+        table.clear()
+        services.metrics.user_table_refused.labels("error").inc(len(states))
+        services.metrics.user_table_users.set(table.users)
+        return
     for reason, count in refused.items():
         if count:
             services.metrics.user_table_refused.labels(reason).inc(count)

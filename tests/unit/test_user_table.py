@@ -171,3 +171,37 @@ def test_a_worker_without_room_for_its_table_passes_every_request_on(root: Path,
     huge = settings.model_copy(update={"user_table_slots": 16_000_000, "user_table_slot_bytes": 1_048_576})
     assert own_user_table(huge, ownership) is None
     assert "no shared user table" in caplog.text and "passed on" in caplog.text
+
+
+def test_a_failed_write_empties_the_table_and_the_batch_goes_on(root: Path) -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from exporter.metrics import Metrics
+    from stream.users import UserState, _share
+
+    class Failing(OwnTable):
+        def publish(self, *args: object, **kwargs: object) -> dict[str, int]:
+            if self.fail:
+                raise ValueError("disk on fire")
+            return super().publish(*args, **kwargs)  # type: ignore[arg-type]
+
+    table = Failing(table_path(root, 0), 64, 1024)
+    table.fail = False
+    metrics = Metrics(CollectorRegistry())
+    services = SimpleNamespace(user_table=table, metrics=metrics,
+                               serving=SimpleNamespace(collections=SimpleNamespace(users="users"),
+                                                       model=SimpleNamespace(version="v1")))
+    peers = PeerTables(root, 1, 2)
+    vectors, has = np.ones((1, DIM), np.float32), np.ones(1, bool)
+    _share(services, [UserState("u1", items=["a"])], vectors, has)  # type: ignore[arg-type]
+    assert peers.read(0, "u1") is not None and metrics.user_table_users._value.get() == 1
+    table.fail = True
+    _share(services, [UserState("u1", items=["a", "b"])], vectors, has)  # type: ignore[arg-type]
+    # Not the older state: nothing, so the request is passed on to the owner's store.
+    assert peers.read(0, "u1") is None
+    assert metrics.registry.get_sample_value("streamrec_user_table_refused_total", {"reason": "error"}) == 1
+    assert metrics.user_table_users._value.get() == 0
+    table.close()
+    peers.close()
