@@ -288,7 +288,7 @@ def run_faust_probe(role: str, topic: str, expected: int, result_path: Path) -> 
     from stream.app import cap_fetch_wait, faust_options
 
     settings = load_settings()
-    # The same consumer options as the worker (fetch-wait cap included), so only the work differs.
+    # The same consumer options as the worker's click consumer (its fetch wait included), so only the work differs.
     cap_fetch_wait(settings.ingest_fetch_max_wait_ms)
     app = faust.App(f"{settings.app_id}-{role}", **faust_options(settings))
     source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",

@@ -61,15 +61,22 @@ class Settings(BaseSettings):
     # The embedded broker answers a fetch when its wait runs out, not when data
     # arrives, so these waits are latency, and every idle fetch costs CPU in the
     # worker and the broker (docs/performance.md, fetch waits). Apache Kafka
-    # answers as soon as data arrives: there, raise both to a few hundred ms.
+    # answers as soon as data arrives: there, raise all three to a few hundred ms.
     fetch_max_wait_ms: int = Field(
         5, ge=1, le=10_000,
         description="Longest wait of a fetch with no data on rec.requests (request latency).",
     )
     ingest_fetch_max_wait_ms: int = Field(
         10, ge=1, le=10_000,
-        description="Longest wait of a fetch with no data on the event topics (clicks, searches, "
-                    "catalogue, photos): adds up to this much to freshness.",
+        description="Longest wait of a fetch with no data on events.clicks: adds up to this much to freshness.",
+    )
+    catalog_fetch_max_wait_ms: int = Field(
+        50, ge=1, le=10_000,
+        description="Longest wait of a fetch with no data on catalog.items, events.images and events.searches "
+                    "(one consumer): adds up to this much before a new item, a photo or a search is applied. "
+                    "Each wait is a fetch of every partition of the three topics, the embedded broker's "
+                    "costliest: at 10 ms the broker took 0.34-0.38 of a core beside 2 idle-but-for-HTTP "
+                    "worker processes, at 50 ms 0.24 (docs/performance.md, \"Idle fetches of the catalogue\").",
     )
 
     app_id: str = Field("streamrec", min_length=1, description="Consumer group / app id.")

@@ -108,7 +108,7 @@ async def topic_partitions(settings: Settings) -> int:
 def create_app(settings: Settings, services: Services, ownership: Ownership = SINGLE,
                *, partitions: int = 0) -> faust.App:
     """The app of one worker process; ``partitions`` (of the user-keyed topics) is needed with N > 1."""
-    cap_fetch_wait(settings.ingest_fetch_max_wait_ms)
+    cap_fetch_wait(settings.catalog_fetch_max_wait_ms)  # Faust's consumer: the catalogue, photos and searches
     # The catalogue and photos are read whole by every process: each under a group of its own.
     app = faust.App(ownership.group(settings.app_id), **faust_options(settings))
     topics = Topics.declare(app, settings)
