@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import mmap
 import os
 import struct
@@ -47,8 +46,6 @@ from typing import Protocol
 import numpy as np
 
 from core.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = 0x5352555345525431  # "SRUSERT1"
