@@ -205,3 +205,42 @@ def test_a_failed_write_empties_the_table_and_the_batch_goes_on(root: Path) -> N
     assert metrics.user_table_users._value.get() == 0
     table.close()
     peers.close()
+
+
+def test_a_user_read_from_the_table_is_answered_as_from_the_owners_store(world, root: Path) -> None:  # type: ignore[no-untyped-def]
+    """The real path: a click batch writes the table, and a request given the table's user ranks,
+    scores and explains exactly as one that reads the user from the store; a user of another
+    model version is refused (the request is passed on)."""
+    import dataclasses
+
+    from core.events import RecRequest
+    from stream.recommend import UserElsewhere, recommend
+    from stream.users import apply_interactions
+
+    world.catalogue()
+    services = world.services
+    services.user_table = OwnTable(table_path(root, 0), 64, 4096)
+    peers = PeerTables(root, 1, 2)
+    try:
+        apply_interactions(services, [world.click("u1", "tent-1", "purchase"), world.click("u1", "shoe-2"),
+                                      world.click("u2", "book-1")])
+        shared = peers.read(0, "u1")
+        assert shared is not None and shared.items == world.stored_user("u1")["payload"]["items"]
+        assert shared.version == services.model.version and shared.collection == services.collections.users
+        np.testing.assert_array_equal(shared.vector, world.stored_user("u1")["vectors"]["user"])
+        request = RecRequest(request_id="r1", user_id="u1", k=5)
+        from_store = recommend(services, request, path="test")
+        from_table = recommend(services, request, path="test", user=shared)
+        assert from_table.items and not {"tent-1", "shoe-2"} & {item.item_id for item in from_table.items}
+        assert [(i.item_id, i.score, i.reason) for i in from_table.items] == \
+            [(i.item_id, i.score, i.reason) for i in from_store.items]
+        # It is the table's state that is served: an item in its history leaves the answer.
+        first = from_store.items[0].item_id
+        altered = dataclasses.replace(shared, items=[*shared.items, first])
+        assert first not in {i.item_id for i in recommend(services, request, path="test", user=altered).items}
+        with pytest.raises(UserElsewhere, match="this process serves"):
+            recommend(services, request, path="test", user=dataclasses.replace(shared, version="another"))
+    finally:
+        peers.close()
+        services.user_table.close()
+        services.user_table = None
