@@ -50,7 +50,7 @@ from stream.item_vectors import (
 )
 from stream.services import Services, check_encoders
 from stream.store import Point
-from stream.users import UserState, user_vectors
+from stream.users import SHARE_CHUNK, UserState, share_users, user_vectors
 from stream.versions import (
     Collections,
     ServingState,
@@ -326,7 +326,20 @@ async def hot_swap(services: Services, version: str | None = None) -> bool:
         services.store = journal.store  # type: ignore[assignment]
     log.warning("now serving model %s (%s); %d points caught up under the write lock",
                 state.model.version, state.collections.items, last)
+    if services.user_table is not None:
+        await _reshare_users(services)
     return True
+
+
+async def _reshare_users(services: Services) -> None:
+    """Write every user to the shared user table again, with the new version's vector: the other
+    processes answer them here from now on, not only after each one's next click. A chunk at a time
+    under the write lock, between click batches: the table has one writer."""
+    ids = await asyncio.to_thread(lambda: list(services.store.scroll_ids(services.collections.users)))
+    for start in range(0, len(ids), SHARE_CHUNK):
+        async with services.write_lock:
+            await asyncio.to_thread(share_users, services, ids[start:start + SHARE_CHUNK])
+    log.info("%d users shared again for model %s", len(ids), services.model.version)
 
 
 def _merge(journal: Journal, changed: Collections) -> None:

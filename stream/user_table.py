@@ -8,8 +8,9 @@ every user it applies into a table of its own in shared memory (a file under
 read it: a request for a user another process owns is answered where it
 landed, from the state its owner applied last. A user the table does not hold
 (not applied since its owner started, a full table, a state too large for a
-slot, another model version) is passed on to the owner as before, so the
-table only ever saves the hop; it never decides what is served.
+slot, another model version: after a hot swap the owner writes its users
+again, ``stream.swap``) is passed on to the owner as before, so the table only
+ever saves the hop; it never decides what is served.
 
 Layout: a header (magic, slot count, slot size, retired flag), the slots' keys
 (``int64``, 0 = empty; open addressing, linear probing), each slot's head

@@ -41,6 +41,7 @@ from stream.store import Point
 log = logging.getLogger(__name__)
 QUERY_PREFIX = "q:"  # sequence entries that are searches point into the queries collection
 USER_CHUNK = 64  # users per user-tower call when recomputing a batch's vectors
+SHARE_CHUNK = 1024  # users read from the store and written to the shared user table at a time
 
 
 @dataclass
@@ -203,7 +204,22 @@ def _share(services: Services, states: list[UserState], vectors: np.ndarray, has
     services.metrics.user_table_users.set(table.users)
 
 
-def share_stored_users(services: Services, chunk: int = 1024) -> int:
+def share_users(services: Services, user_ids: list[str]) -> None:
+    """Write ``user_ids`` to this process's shared user table as its store holds them now.
+
+    The caller is the table's one writer: at start-up before any batch, else under ``services.write_lock``.
+    """
+    users = services.collections.users
+    hits = services.store.retrieve(users, user_ids, with_vectors=["user"])
+    states = [UserState.from_payload(uid, hit.payload) for uid, hit in hits.items()]
+    vectors = [hit.vectors.get("user") for hit in hits.values()]
+    dim = services.model.fused_dim
+    matrix = np.stack([np.zeros(dim, np.float32) if v is None else np.asarray(v, np.float32) for v in vectors]) \
+        if vectors else np.zeros((0, dim), np.float32)
+    _share(services, states, matrix, np.array([v is not None for v in vectors], bool))
+
+
+def share_stored_users(services: Services, chunk: int = SHARE_CHUNK) -> int:
     """Write every user this process holds in its store to its (emptied) shared user table, until the
     table is full: at start-up, so that the other processes answer them from the first request.
     Returns how many it wrote."""
@@ -212,14 +228,7 @@ def share_stored_users(services: Services, chunk: int = 1024) -> int:
         return 0
     ids = services.store.scroll_ids(services.collections.users)
     while batch := list(itertools.islice(ids, chunk)):
-        hits = services.store.retrieve(services.collections.users, batch, with_vectors=["user"])
-        states = [UserState.from_payload(uid, hit.payload) for uid, hit in hits.items()]
-        vectors = [hit.vectors.get("user") for hit in hits.values()]
-        has_vector = np.array([v is not None for v in vectors], bool)
-        dim = services.model.fused_dim
-        matrix = np.stack([np.zeros(dim, np.float32) if v is None else np.asarray(v, np.float32) for v in vectors]) \
-            if vectors else np.zeros((0, dim), np.float32)
-        _share(services, states, matrix, has_vector)
+        share_users(services, batch)
         if table.users >= table.capacity:
             break
     return table.users

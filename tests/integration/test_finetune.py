@@ -33,6 +33,7 @@ from stream.recommend import recommend
 from stream.services import Services
 from stream.store import Hit
 from stream.swap import hot_swap, listen_for_updates, reconcile
+from stream.user_table import OwnTable, PeerTables, remove_tables, table_path
 from stream.users import UserState, user_vectors
 from stream.versions import read_pointer, version_collections
 from tests.integration.helpers import publish, read_topic
@@ -228,6 +229,8 @@ def test_worker_hot_swaps_without_failed_requests_and_refuses_a_corrupt_model(
     registry = registry_with(base_artefact, fine_settings.models_path, models_dir / "towers")
     base_version = registry.current_version()
     services = Services.open(fine_settings, CollectorRegistry())
+    # As process 0 of 2 would: its users go to a shared table the other process reads.
+    services.user_table = OwnTable(table_path(fine_settings.data_dir, 0), 1024, 4096)
     try:
         assert services.model.version == base_version
         base_collections = services.collections
@@ -279,6 +282,17 @@ def test_worker_hot_swaps_without_failed_requests_and_refuses_a_corrupt_model(
         # along, each with the vector the new model computes from the stored sequence ...
         rebuilt = assert_users_follow_the_served_model(services, base_collections.users)
         assert len(rebuilt) == 50
+        # The shared user table holds every user again with the new version's vector, so the other
+        # process answers them at once rather than passing them on until their next click.
+        tables = PeerTables(fine_settings.data_dir, 1, 2)
+        try:
+            shared = {user_id: tables.read(0, user_id) for user_id in rebuilt}
+        finally:
+            tables.close()
+        assert {u: s and (s.version, s.collection) for u, s in shared.items()} == \
+            {u: (new_version, services.collections.users) for u in rebuilt}
+        for user_id, hit in rebuilt.items():
+            np.testing.assert_array_equal(shared[user_id].vector, hit.vectors["user"])  # type: ignore[union-attr]
         previous = stored_users(services, base_collections.users)  # kept until the next swap
         for user_id, hit in rebuilt.items():  # ... which is not the vector the base model computed
             assert not np.allclose(hit.vectors["user"], previous[user_id].vectors["user"], atol=1e-3), user_id
@@ -299,6 +313,7 @@ def test_worker_hot_swaps_without_failed_requests_and_refuses_a_corrupt_model(
         assert services.metrics.registry.get_sample_value("streamrec_model_swaps_total", {"outcome": "refused"}) == 1
     finally:
         services.close()
+        remove_tables(fine_settings.data_dir, 1)
 
 
 def test_a_worker_down_during_a_promotion_rebuilds_items_and_users_when_it_starts(
