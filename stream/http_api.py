@@ -77,8 +77,7 @@ class Peers:
         self.partitions = partitions
         self._sessions: dict[int, aiohttp.ClientSession] = {}
         # The users each other process applied, as it applied them last (stream.user_table).
-        self.tables = None if ownership.root is None else \
-            PeerTables(ownership.root, ownership.index, ownership.count)
+        self.tables = None if ownership.root is None else PeerTables(ownership.root)
 
     def user(self, index: int, user_id: str) -> TableUser | None:
         """``user_id`` from process ``index``'s shared user table; None where that table does not hold it."""

@@ -165,14 +165,15 @@ class OwnTable:
     def _open(path: Path, slots: int, slot_bytes: int, size: int) -> _Mapped:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size == size:
+            existing = os.fstat(fd).st_size
+            if existing == size:
                 table = _Mapped(path, fd, size)
                 if int(table.header["magic"][0]) == MAGIC and (table.slots, table.slot_bytes) == (slots, slot_bytes):
                     return table
                 table.close()
-            if os.fstat(fd).st_size:
+            if existing:
                 # Another geometry (or not a table): readers that mapped it must move to the new file.
-                if os.fstat(fd).st_size >= HEADER.itemsize:
+                if existing >= HEADER.itemsize:
                     os.pwrite(fd, struct.pack("<Q", 1), HEADER.fields["retired"][1])
                 os.close(fd)
                 fd = -1
@@ -259,8 +260,8 @@ class OwnTable:
 class PeerTables:
     """The tables of the other processes, read-only, opened on first use."""
 
-    def __init__(self, root: Path, index: int, count: int) -> None:
-        self._root, self._index, self._count = root, index, count
+    def __init__(self, root: Path) -> None:
+        self._root = root  # the data dir of the worker whose processes' tables these are
         self._tables: dict[int, _Mapped] = {}
 
     def _table(self, owner: int) -> _Mapped | None:

@@ -284,7 +284,7 @@ def test_worker_hot_swaps_without_failed_requests_and_refuses_a_corrupt_model(
         assert len(rebuilt) == 50
         # The shared user table holds every user again with the new version's vector, so the other
         # process answers them at once rather than passing them on until their next click.
-        tables = PeerTables(fine_settings.data_dir, 1, 2)
+        tables = PeerTables(fine_settings.data_dir)
         try:
             shared = {user_id: tables.read(0, user_id) for user_id in rebuilt}
         finally:

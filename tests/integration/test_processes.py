@@ -234,7 +234,7 @@ def test_a_killed_process_is_restarted_and_nothing_is_lost_or_applied_twice(four
         # The restarted process emptied its shared user table, refilled it from its store and went
         # on writing: the other process reads each user as its owner holds it now.
         sequences = _expected_sequences(events, settings.user_sequence_length)
-        tables = PeerTables(settings.data_dir, 0, 2)
+        tables = PeerTables(settings.data_dir)
         try:
             shared = {user: tables.read(Ownership(0, 2).owner_of(user.encode(), PARTITIONS), user) for user in users}
         finally:

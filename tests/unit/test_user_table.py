@@ -48,7 +48,7 @@ def _publish(table: OwnTable, states: list[State], vectors: np.ndarray | None = 
 
 
 def test_a_peer_reads_what_the_owner_wrote_last(root: Path) -> None:
-    own, peers = _own(root), PeerTables(root, 1, 2)
+    own, peers = _own(root), PeerTables(root)
     assert peers.read(0, "u1") is None
     _publish(own, [State("u1", ["a", "q:e1"], 10.5), State("u2", ["b"], 3.0)])
     user = peers.read(0, "u1")
@@ -71,7 +71,7 @@ def test_a_peer_reads_what_the_owner_wrote_last(root: Path) -> None:
 
 
 def test_a_full_table_and_an_oversize_state_refuse_and_their_users_are_passed_on(root: Path) -> None:
-    own, peers = _own(root, slots=16, slot_bytes=256), PeerTables(root, 1, 2)
+    own, peers = _own(root, slots=16, slot_bytes=256), PeerTables(root)
     users = [State(f"user-{n}", ["i"]) for n in range(40)]
     refused = _publish(own, users)
     assert refused == {"full": 40 - int(16 * MAX_LOAD), "oversize": 0}
@@ -86,7 +86,7 @@ def test_a_full_table_and_an_oversize_state_refuse_and_their_users_are_passed_on
 
 
 def test_a_slot_being_written_or_damaged_is_not_read(root: Path) -> None:
-    own, peers = _own(root), PeerTables(root, 1, 2)
+    own, peers = _own(root), PeerTables(root)
     _publish(own, [State("u1", ["a"])])
     slot = own._slot_of[user_key("u1")]
     table = own._table
@@ -100,7 +100,7 @@ def test_a_slot_being_written_or_damaged_is_not_read(root: Path) -> None:
 
 
 def test_a_restarted_owner_empties_its_table_under_its_readers(root: Path) -> None:
-    own, peers = _own(root), PeerTables(root, 1, 2)
+    own, peers = _own(root), PeerTables(root)
     _publish(own, [State("u1", ["a"])])
     assert peers.read(0, "u1") is not None
     restarted = _own(root)  # same file, same mapping for the reader
@@ -137,7 +137,7 @@ def test_a_reader_in_another_process_sees_whole_states_while_the_owner_writes(ro
     writer = context.Process(target=_writer, args=(root, rounds, started))
     writer.start()
     assert started.wait(30)
-    peers = PeerTables(root, 1, 2)
+    peers = PeerTables(root)
     seen: set[float] = set()
     deadline = time.monotonic() + 60
     while writer.is_alive() and time.monotonic() < deadline:
@@ -193,7 +193,7 @@ def test_a_failed_write_empties_the_table_and_the_batch_goes_on(root: Path) -> N
     services = SimpleNamespace(user_table=table, metrics=metrics,
                                serving=SimpleNamespace(collections=SimpleNamespace(users="users"),
                                                        model=SimpleNamespace(version="v1")))
-    peers = PeerTables(root, 1, 2)
+    peers = PeerTables(root)
     vectors, has = np.ones((1, DIM), np.float32), np.ones(1, bool)
     _share(services, [UserState("u1", items=["a"])], vectors, has)  # type: ignore[arg-type]
     assert peers.read(0, "u1") is not None and metrics.user_table_users._value.get() == 1
@@ -220,7 +220,7 @@ def test_a_user_read_from_the_table_is_answered_as_from_the_owners_store(world, 
     world.catalogue()
     services = world.services
     services.user_table = OwnTable(table_path(root, 0), 64, 4096)
-    peers = PeerTables(root, 1, 2)
+    peers = PeerTables(root)
     try:
         apply_interactions(services, [world.click("u1", "tent-1", "purchase"), world.click("u1", "shoe-2"),
                                       world.click("u2", "book-1")])
