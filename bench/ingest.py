@@ -62,6 +62,7 @@ from core.events import ClickEvent
 from core.settings import Settings, load_settings
 from stream.broker import ensure_topics
 from stream.store import CollectionSpec, Point, VectorStore, open_store
+from stream.worker import faust_worker
 
 ACTIONS = ("view", "click", "add_to_cart", "purchase")
 ACTION_WEIGHTS = (4, 8, 2, 1)
@@ -308,7 +309,8 @@ def run_faust_probe(role: str, topic: str, expected: int, result_path: Path) -> 
                 clicks_per_user[json.loads(value)["user_id"]] += 1
                 progress.add(1)
     sys.argv = [sys.argv[0], "worker"]  # faust's Worker reads argv
-    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+    # Logging as in a worker process (no debug records built), so that the comparison is fair.
+    faust_worker(app, "warning").execute_from_commandline()
 
 
 def measure_probe(settings: Settings, role: str, topic: str, expected: int, folder: Path) -> Rate:

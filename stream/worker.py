@@ -19,12 +19,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.errors import ConfigError
 from core.settings import Settings
 from stream.broker import ensure_topics, wait_for_broker
 from stream.partitions import Ownership, check_layout
 from stream.user_table import OwnTable, remove_tables, table_path
+
+if TYPE_CHECKING:
+    import faust
 
 log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # waits before restarting a child that keeps dying
@@ -84,8 +88,6 @@ def run_worker(settings: Settings, *, loglevel: str = "info", processes: int = 1
 
 def run_process(settings: Settings, ownership: Ownership, *, loglevel: str) -> None:
     """One worker process: the agents of the partitions it owns, and HTTP."""
-    import faust
-
     from stream.app import create_app, topic_partitions
     from stream.services import Services
     from stream.swap import reconcile
@@ -107,11 +109,27 @@ def run_process(settings: Settings, ownership: Ownership, *, loglevel: str) -> N
         shared = share_stored_users(services)
         log.info("process %d shares %d stored users with its peers", ownership.index, shared)
     app = create_app(own, services, ownership, partitions=partitions)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = faust_worker(app, loglevel)
     try:
         worker.execute_from_commandline()
     finally:
         services.close()
+
+
+def faust_worker(app: faust.App, loglevel: str) -> faust.Worker:
+    """Faust's worker for ``app``, without its terminal spinner.
+
+    At a log level of warning or above the spinner sets the root logger to DEBUG
+    so that it turns on every record: every library's debug call (aiokafka logs
+    each frame it reads and each message it sends) then built a record no
+    handler kept, 1-4% of a worker's event loop in profiles under load
+    (docs/performance.md). The root logger stays at ``loglevel``.
+    """
+    import faust
+
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.spinner = None
+    return worker
 
 
 def own_user_table(settings: Settings, ownership: Ownership) -> OwnTable | None:
