@@ -122,7 +122,7 @@ def faust_worker(app: faust.App, loglevel: str) -> faust.Worker:
     At a log level of warning or above the spinner sets the root logger to DEBUG
     so that it turns on every record: every library's debug call (aiokafka logs
     each frame it reads and each message it sends) then built a record no
-    handler kept, 1-4% of a worker's event loop in profiles under load
+    handler kept: up to 3.6% of a worker's event loop in profiles under load
     (docs/performance.md). The root logger stays at ``loglevel``.
     """
     import faust
