@@ -1,6 +1,6 @@
 """What each modality is worth: the retrieval towers trained with and without text and photos.
 
-Two test sets, one trained model per variant:
+Three views, one trained model per variant:
 
 - all users: leave-one-out on the interactions of the items kept for training
   (items[-1] the test target, items[:-1] the input, full ranking over those
@@ -14,12 +14,21 @@ Two test sets, one trained model per variant:
   second view, against the held-out items listed by then only. Only content
   can place such an item.
 
+A third view prices what the cold view rewards: all users again, their
+targets ranked against the training items plus the held-out items listed by
+each test interaction (known by content alone). A model that ranks every new
+item first wins the cold view and loses here; one that places new items as
+their content deserves loses little.
+
 Variants: behaviour (item id + category attributes), + text, + image, all
 three. Content baselines on the cold split, with no training: text-only and
 image-only similarity (recency-weighted mean of the history's vectors, as the
 rule model pools), and the rule model's own item vectors (text of title,
 category and description plus the projected photo), which is what a worker
-serves before any model is trained.
+serves before any model is trained; besides, the items in order of listing,
+newest first (no content, no user: what the split itself rewards), and
+random order.
+
 """
 from __future__ import annotations
 
@@ -119,11 +128,35 @@ def variant_catalogue(data: InteractionData, content: ContentVectors, use_text: 
 def rank_metrics(users: np.ndarray, items: np.ndarray, histories: list[np.ndarray], targets: np.ndarray,
                  candidates: np.ndarray) -> dict[str, float]:
     """HR/NDCG@10 of dot-product scores: users (U, d), items (N+1, d), candidates (N+1,) or (U, N+1) bool."""
-    scores = users @ items.T  # (U, N+1)
+    return score_metrics(users @ items.T, histories, targets, candidates)
+
+
+def score_metrics(scores: np.ndarray, histories: list[np.ndarray], targets: np.ndarray,
+                  candidates: np.ndarray) -> dict[str, float]:
+    """HR/NDCG@10 of scores (U, N+1), changed in place: history and non-candidates excluded."""
     exclude_history(scores, histories)
     scores[~np.broadcast_to(candidates, scores.shape)] = -np.inf
     metrics = ranking_metrics(target_ranks(scores, targets), (K,))
     return {name: float(value) for name, value in metrics.items()}
+
+
+def with_new_items(data: InteractionData, split: ColdSplit, users: np.ndarray, times: np.ndarray,
+                   listed_warm: np.ndarray) -> np.ndarray:
+    """(U, N+1) bool: the training items plus the held-out items listed by each user's test time,
+    less the held-out items that user interacted with before it (history, had it been kept)."""
+    assert data.timestamps is not None
+    candidates = listed_warm[None, :] | (split.cold[None, :] & (split.listed_at[None, :] <= times[:, None]))
+    for row, (user, time) in enumerate(zip(users, times)):
+        sequence, stamps = data.sequences[user], data.timestamps[user]
+        seen = sequence[(stamps <= time) & split.cold[sequence]]
+        candidates[row, seen] = False
+    return candidates
+
+
+def newest_first_metrics(split: ColdSplit, candidates: np.ndarray) -> dict[str, float]:
+    """HR/NDCG@10 of the cold cases with the candidates in order of listing, newest first."""
+    scores = np.tile(np.where(np.isfinite(split.listed_at), split.listed_at, -np.inf), (len(split.targets), 1))
+    return score_metrics(scores, split.histories, split.targets, candidates)
 
 
 def random_metrics(histories: list[np.ndarray], candidates: np.ndarray) -> dict[str, float]:
@@ -188,6 +221,9 @@ def run_ablation(data: InteractionData, content: ContentVectors, config: TowerCo
     every_item = np.ones(data.n_items + 1, dtype=bool)
     every_item[0] = False
     listed_cold, listed_new = split.listed(every_item), split.listed(split.cold)
+    assert split.warm.timestamps is not None
+    test_times = np.asarray([split.warm.timestamps[user][-1] for user in warm_split.users])
+    listed_with_new = with_new_items(data, split, warm_split.users, test_times, listed_warm)
     action = settings.train_action
     rows: dict[str, dict[str, Any]] = {}
     for name in variants:
@@ -205,11 +241,11 @@ def run_ablation(data: InteractionData, content: ContentVectors, config: TowerCo
             vectors = model.catalogue_vectors(train_catalogue)  # cold items: id row 0, content only
         items = vectors.numpy()
         test_inputs = warm_split.inputs("test")
-        all_users = rank_metrics(model_users(model, vectors, test_inputs, config.max_sequence, action), items,
-                                 test_inputs, warm_split.test, listed_warm)
+        test_users = model_users(model, vectors, test_inputs, config.max_sequence, action)
         cold_users = model_users(model, vectors, split.histories, config.max_sequence, action)
         rows[name] = {
-            "all_users": all_users,
+            "all_users": rank_metrics(test_users, items, test_inputs, warm_split.test, listed_warm),
+            "all_users_with_new": rank_metrics(test_users, items, test_inputs, warm_split.test, listed_with_new),
             "cold": rank_metrics(cold_users, items, split.histories, split.targets, listed_cold),
             "cold_among_new": rank_metrics(cold_users, items, split.histories, split.targets, listed_new),
             "best_epoch": report.best_epoch,
@@ -227,6 +263,8 @@ def run_ablation(data: InteractionData, content: ContentVectors, config: TowerCo
             "cold": rank_metrics(users, space, split.histories, split.targets, listed_cold),
             "cold_among_new": rank_metrics(users, space, split.histories, split.targets, listed_new),
         }
+    baselines["newest listed first"] = {"cold": newest_first_metrics(split, listed_cold),
+                                        "cold_among_new": newest_first_metrics(split, listed_new)}
     baselines["random"] = {"cold": random_metrics(split.histories, listed_cold),
                            "cold_among_new": random_metrics(split.histories, listed_new)}
     return {

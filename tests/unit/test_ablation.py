@@ -8,11 +8,13 @@ from model.training.ablation import (
     categories_only,
     cold_items,
     cold_split,
+    newest_first_metrics,
     random_metrics,
     rank_metrics,
     share_a_category,
+    with_new_items,
 )
-from model.training.data import InteractionData
+from model.training.data import InteractionData, leave_one_out
 
 
 def tiny() -> InteractionData:
@@ -69,3 +71,34 @@ def test_a_shared_year_is_not_a_shared_category() -> None:
     assert kept.tolist() == [[1, 0], [3, 0], [1, 0]]
     shared = share_a_category(kept, len(names))
     assert shared.tolist() == [[False, False, True], [False, False, False], [True, False, False]]
+
+
+def test_all_users_with_new_items_list_what_was_listed_and_not_yet_seen() -> None:
+    # Items 1, 2, 4 first seen at 1.0-1.5; item 3 at 5.0, the newest: held out.
+    sequences = [np.array([1, 2, 3, 4]), np.array([2, 1, 4]), np.array([4, 1, 2, 3])]
+    timestamps = [np.array([1.0, 2.0, 5.0, 6.0]), np.array([1.5, 2.5, 3.0]), np.array([1.2, 6.5, 7.0, 8.0])]
+    data = InteractionData("seen", ["a", "b", "c"], sequences, ["1", "2", "3", "4"], np.zeros((5, 1), np.int64), [],
+                           timestamps=timestamps)
+    split = cold_split(data, 0.25)
+    assert np.flatnonzero(split.cold).tolist() == [3]
+    warm = leave_one_out(split.warm)
+    times = np.asarray([split.warm.timestamps[user][-1] for user in warm.users])
+    assert warm.test.tolist() == [4, 4, 2] and times.tolist() == [6.0, 3.0, 7.0]
+    listed_warm = ~split.cold
+    listed_warm[0] = False
+    candidates = with_new_items(data, split, warm.users, times, listed_warm)
+    assert candidates.tolist() == [
+        [False, True, True, False, True],  # a rated item 3 at 5.0, before its test: history
+        [False, True, True, False, True],  # b's test at 3.0: item 3 not listed yet
+        [False, True, True, True, True],  # c rates item 3 only after its test: a candidate
+    ]
+
+
+def test_newest_listed_first_ranks_by_listing_time() -> None:
+    split = cold_split(tiny(), 0.5)  # cases: a at 4.0 (target 4), b at 3.5 (target 3)
+    every = np.array([False, True, True, True, True])
+    result = newest_first_metrics(split, split.listed(every))
+    # a: history [1, 2] excluded, 4 (listed 4.0) before 3 (3.5): rank 1. b: 4 unlisted, 3 newest: rank 1.
+    assert result["hr@10"] == pytest.approx(1.0) and result["ndcg@10"] == pytest.approx(1.0)
+    later = cold_split(tiny(), 0.25)  # item 4 alone held out; a's case: 4 against 3 and 4
+    assert newest_first_metrics(later, later.listed(every))["ndcg@10"] == pytest.approx(1.0)
