@@ -12,13 +12,11 @@ Three views, one trained model per variant:
   item listed by then (an item is listed from its first interaction; held-out
   ones are known by content alone: id row 0), history excluded, and, as a
   second view, against the held-out items listed by then only. Only content
-  can place such an item.
-
-A third view prices what the cold view rewards: all users again, their
-targets ranked against the training items plus the held-out items listed by
-each test interaction (known by content alone). A model that ranks every new
-item first wins the cold view and loses here; one that places new items as
-their content deserves loses little.
+  can place such an item;
+- all users with the new items listed: the all-users targets ranked against
+  the training items plus the held-out items listed by each test interaction
+  (known by content alone). It prices what the cold view rewards: a model
+  that ranks every new item first wins the cold view and loses here.
 
 Variants: behaviour (item id + category attributes), + text, + image, all
 three. Content baselines on the cold split, with no training: text-only and
@@ -28,7 +26,6 @@ category and description plus the projected photo), which is what a worker
 serves before any model is trained; besides, the items in order of listing,
 newest first (no content, no user: what the split itself rewards), and
 random order.
-
 """
 from __future__ import annotations
 
@@ -80,9 +77,11 @@ class ColdSplit:
     times: np.ndarray  # (U,) time of each test interaction
     listed_at: np.ndarray  # (N+1,) first interaction time per item
 
-    def listed(self, among: np.ndarray) -> np.ndarray:
-        """(U, N+1) bool: the items of ``among`` already listed at each test interaction."""
-        return among[None, :] & (self.listed_at[None, :] <= self.times[:, None])
+    def listed(self, among: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
+        """(U, N+1) bool: the items of ``among`` already listed at each test interaction
+        (at ``times`` (U,) instead, where given)."""
+        times = self.times if times is None else times
+        return among[None, :] & (self.listed_at[None, :] <= times[:, None])
 
 
 def cold_items(data: InteractionData, share: float) -> np.ndarray:
@@ -145,7 +144,7 @@ def with_new_items(data: InteractionData, split: ColdSplit, users: np.ndarray, t
     """(U, N+1) bool: the training items plus the held-out items listed by each user's test time,
     less the held-out items that user interacted with before it (history, had it been kept)."""
     assert data.timestamps is not None
-    candidates = listed_warm[None, :] | (split.cold[None, :] & (split.listed_at[None, :] <= times[:, None]))
+    candidates = listed_warm[None, :] | split.listed(split.cold, times)
     for row, (user, time) in enumerate(zip(users, times)):
         sequence, stamps = data.sequences[user], data.timestamps[user]
         seen = sequence[(stamps <= time) & split.cold[sequence]]
@@ -155,7 +154,7 @@ def with_new_items(data: InteractionData, split: ColdSplit, users: np.ndarray, t
 
 def newest_first_metrics(split: ColdSplit, candidates: np.ndarray) -> dict[str, float]:
     """HR/NDCG@10 of the cold cases with the candidates in order of listing, newest first."""
-    scores = np.tile(np.where(np.isfinite(split.listed_at), split.listed_at, -np.inf), (len(split.targets), 1))
+    scores = np.tile(split.listed_at, (len(split.targets), 1))  # never listed (inf): never a candidate
     return score_metrics(scores, split.histories, split.targets, candidates)
 
 
